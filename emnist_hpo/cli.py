@@ -1,0 +1,145 @@
+"""Command line: ``python -m emnist_hpo <command>`` (also installed as ``emnist-hpo``).
+
+Every user error is one line on stderr and exit code 2; Ctrl-C exits 130 and
+SIGTERM 143, each after closing the current trial's run and saying how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import signal
+import sys
+from typing import Sequence
+
+from .errors import ConfigError, EmnistHpoError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM so the same clean-up as Ctrl-C runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _common_data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--split", required=True, help="byclass, bymerge, balanced, letters, digits or mnist")
+    p.add_argument("--epochs", type=_positive_int, default=None, help="max epochs per training run")
+    p.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="K",
+                   help="stratified subset of K training images (quick runs)")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share carved from train (0.2)")
+    p.add_argument("--data-dir", default=None, help="folder of NIST's gzip IDX files or gzip.zip (else EMNIST_DATA_DIR)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (else MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
+    p.add_argument("--seed", type=_positive_int, default=0, help="seeds sampling, data split and training")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="emnist-hpo", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    s = sub.add_parser("study", help="run or resume an Optuna study on one split")
+    _common_data(s)
+    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study ends with (20)")
+    s.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///mlruns/optuna.db; any SQLAlchemy URL)")
+    s.add_argument("--study-name", default=None, help="default emnist-<split>")
+    s.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (file or name)")
+    s.add_argument("--sampler", default=None, help="tpe, random, qmc, cmaes, nsga2 (tpe; nsga2 for two objectives)")
+    s.add_argument("--pruner", default="hyperband", help="hyperband, median, successive-halving, none")
+    s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
+    s.add_argument("--no-warm-start", action="store_true", help="do not enqueue the seed experiments first")
+    s.add_argument("--seed-experiments", default="two_conv,one_conv", help="experiments enqueued first")
+    s.add_argument("--early-stopping", type=int, default=3, help="per-trial patience in epochs (0 = off)")
+    s.add_argument("--no-final-fit", action="store_true",
+                   help="register the champion trial's own model instead of retraining it on train+validation")
+    s.add_argument("--no-register", action="store_true", help="do not register the champion")
+
+    u = sub.add_parser("ui", help="serve the MLflow UI and the Optuna dashboard on the studies' stores")
+    u.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///mlruns/optuna.db)")
+    u.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+    u.add_argument("--mlflow-port", type=_positive_int, default=5000)
+    u.add_argument("--dashboard-port", type=_positive_int, default=8080)
+    u.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    return parser
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .study import StudyOptions, run_study, summary_table
+
+    opts = StudyOptions(
+        split=args.split,
+        trials=args.trials,
+        epochs=args.epochs if args.epochs is not None else 10,
+        max_train_samples=args.max_train_samples,
+        val_fraction=args.val_fraction,
+        data_dir=args.data_dir,
+        storage=args.storage,
+        tracking_uri=args.tracking_uri,
+        study_name=args.study_name,
+        search_space=args.search_space,
+        sampler=args.sampler,
+        pruner=args.pruner,
+        seed=args.seed,
+        timeout=args.timeout,
+        objectives=tuple(o.strip() for o in args.objectives.split(",") if o.strip()),
+        warm_start=not args.no_warm_start,
+        seed_experiments=tuple(n.strip() for n in args.seed_experiments.split(",") if n.strip()),
+        early_stopping_patience=args.early_stopping,
+        final_fit=not args.no_final_fit,
+        register=not args.no_register,
+        progress=not args.no_progress,
+    )
+    res = run_study(opts, log=lambda m: print(m, file=sys.stderr))
+    print(summary_table(res))
+    return 0
+
+
+def _ui(args: argparse.Namespace) -> int:
+    from .study import resolve_storage
+    from .tracking import resolve_tracking_uri
+    from .ui import serve
+
+    return serve(
+        storage=resolve_storage(args.storage),
+        tracking_uri=resolve_tracking_uri(args.tracking_uri),
+        mlflow_port=args.mlflow_port,
+        dashboard_port=args.dashboard_port,
+        host=args.host,
+    )
+
+
+COMMANDS = {"study": _study, "ui": _ui}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return COMMANDS[args.command](args)
+    except EmnistHpoError as exc:
+        print(f"emnist-hpo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt as exc:
+        code = 143 if isinstance(exc, Terminated) else 130
+        what = "terminated" if code == 143 else "interrupted"
+        print(f"emnist-hpo: {what}; finished trials are saved. Resume with: python -m emnist_hpo "
+              f"{shlex.join(argv)}", file=sys.stderr)
+        return code
+
+
+__all__ = ["main", "build_parser", "ConfigError"]

@@ -1,0 +1,153 @@
+"""The MLflow model registry: log a Keras model as a pyfunc, register it, move the ``champion`` alias.
+
+``mlflow.pyfunc.load_model("models:/emnist-<split>@champion").predict(x)`` with
+``x`` a uint8 array (N, 28, 28) of upright images (white ink on black, as in
+EMNIST) returns a DataFrame of class probabilities, one column per class in the
+mapping's order, named by character.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+from .errors import ConfigError, RegistryError
+from .tracking import Tracker
+
+CHAMPION_ALIAS = "champion"
+
+
+def model_name(split: str) -> str:
+    return f"emnist-{split}"
+
+
+class EmnistClassifier(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: uint8 images (N, 28, 28) -> class probabilities named by character."""
+
+    def load_context(self, context):
+        import keras
+
+        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
+        self.classes = json.loads(Path(context.artifacts["classes"]).read_text(encoding="utf-8"))
+
+    def predict(self, context, model_input, params=None):
+        x = as_images(model_input)
+        proba = self.model.predict(x, batch_size=1024, verbose=0)
+        return pd.DataFrame(np.asarray(proba, dtype=np.float64), columns=self.classes)
+
+
+def as_images(model_input: Any) -> np.ndarray:
+    """Accept (N, 28, 28) or (N, 784) uint8-range input (array or DataFrame); return uint8 (N, 28, 28)."""
+    x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
+    if x.ndim == 2 and x.shape[1] == 784:
+        x = x.reshape(-1, 28, 28)
+    if x.ndim == 2 and x.shape == (28, 28):
+        x = x[None]
+    if x.ndim != 3 or x.shape[1:] != (28, 28):
+        raise ConfigError(f"input must be images of shape (N, 28, 28) or (N, 784), got shape {x.shape}")
+    if x.dtype != np.uint8:
+        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 255):
+            raise ConfigError(f"pixel values must be in 0..255, got {np.nanmin(x)}..{np.nanmax(x)}")
+        x = x.astype(np.uint8)
+    return x
+
+
+def _requirements() -> list[str]:
+    reqs = []
+    for dist in ("keras", "mlflow", "numpy", "pandas"):
+        try:
+            reqs.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            pass
+    for tf in ("tensorflow-cpu", "tensorflow"):
+        try:
+            reqs.append(f"{tf}=={metadata.version(tf)}")
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    return reqs
+
+
+@dataclass
+class Registered:
+    name: str  # registered model name
+    version: str  # its new version
+    champion: bool  # whether the champion alias now points at it
+    previous_champion: str | None  # the version that held the alias before, if any
+    model_uri: str  # the logged model's URI
+
+
+def log_and_register(
+    tracker: Tracker,
+    run_id: str,
+    model,
+    classes: Sequence[str],
+    *,
+    split: str,
+    test_accuracy: float,
+    tags: Mapping[str, Any],
+    register: bool = True,
+) -> Registered | None:
+    """Log ``model`` as a pyfunc on ``run_id``; register it and promote it if it beats the champion."""
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    mlflow.set_registry_uri(tracker.tracking_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = Path(tmp) / "model.keras"
+        model.save(keras_path)
+        classes_path = Path(tmp) / "classes.json"
+        classes_path.write_text(json.dumps(list(classes)), encoding="utf-8")
+        example = np.zeros((2, 28, 28), dtype=np.uint8)
+        out = pd.DataFrame(np.full((2, len(classes)), 1.0 / len(classes)), columns=list(classes))
+        signature = infer_signature(example, out)
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=EmnistClassifier(),
+                artifacts={"keras_model": str(keras_path), "classes": str(classes_path)},
+                signature=signature,
+                pip_requirements=_requirements(),
+            )
+    if not register:
+        return None
+    name = model_name(split)
+    client = tracker.client
+    mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client.set_model_version_tag(name, mv.version, "test_accuracy", f"{test_accuracy:.6f}")
+    current = champion_version(tracker, split)
+    promote = current is None or test_accuracy > float(current.tags.get("test_accuracy", "-1"))
+    if promote:
+        client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
+    return Registered(name, str(mv.version), promote, current.version if current else None, info.model_uri)
+
+
+def champion_version(tracker: Tracker, split: str):
+    """The model version holding the ``champion`` alias, or None."""
+    try:
+        return tracker.client.get_model_version_by_alias(model_name(split), CHAMPION_ALIAS)
+    except Exception:  # noqa: BLE001 - no such model or alias
+        return None
+
+
+def load_champion(tracking_uri: str, split: str):
+    """Load ``models:/emnist-<split>@champion`` as a pyfunc, with a clear error if there is none."""
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    uri = f"models:/{model_name(split)}@{CHAMPION_ALIAS}"
+    try:
+        return mlflow.pyfunc.load_model(uri)
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(
+            f"no champion model for split {split!r} in {tracking_uri!r} ({uri}): run "
+            f"`python -m emnist_hpo study --split {split}` first ({' '.join(str(exc).split())[:200]})"
+        ) from None

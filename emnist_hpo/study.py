@@ -1,0 +1,470 @@
+"""The study loop: an Optuna study per split, every trial an MLflow run, the champion registered.
+
+:func:`run_study` is what ``python -m emnist_hpo study`` calls. Re-running the
+same command resumes: the study ends with ``trials`` finished (complete or
+pruned) trials, whatever earlier invocations left.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+from .config import (
+    DEFAULT_OPTUNA_STORAGE,
+    DataConfig,
+    ExperimentConfig,
+    TrainConfig,
+    load_experiment,
+)
+from .data import check_split
+from .dataset import PreparedData, prepare
+from .errors import ConfigError, StorageError
+from .objective import OBJECTIVES, SEED_ATTR, Objective, directions
+from .registry import Registered, log_and_register
+from .reports import evaluate
+from .search_space import SearchSpace
+from .tracking import TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker, redact
+from .training import TrainResult, predict_proba, train
+
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
+PRUNERS = ("hyperband", "median", "successive-halving", "none")
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class StudyOptions:
+    split: str  # EMNIST split
+    trials: int = 20  # finished (complete or pruned) trials the study should end with
+    epochs: int = 10  # max epochs per trial
+    max_train_samples: int | None = None  # stratified training subset for quick runs
+    val_fraction: float = 0.2  # validation share carved from train
+    data_dir: str | None = None  # NIST files; None: EMNIST_DATA_DIR, the emnist cache, download
+    storage: str | None = None  # Optuna storage URL (default sqlite:///mlruns/optuna.db)
+    tracking_uri: str | None = None  # MLflow store (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)
+    study_name: str | None = None  # default emnist-<split> (+ "-pareto" for multi-objective)
+    search_space: str = "search_spaces/default.yaml"  # YAML search space
+    sampler: str | None = None  # tpe | random | qmc | cmaes | nsga2 (default tpe, nsga2 for two objectives)
+    pruner: str = "hyperband"  # hyperband | median | successive-halving | none
+    seed: int = 0  # seeds the sampler, the data split and trial training
+    timeout: float | None = None  # stop starting new trials after this many seconds
+    objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params (Pareto front)
+    warm_start: bool = True  # enqueue the seed experiments as the first trials
+    seed_experiments: tuple[str, ...] = ("two_conv", "one_conv")  # experiments/<name>.yaml to enqueue
+    early_stopping_patience: int = 3  # per-trial early stopping on val_accuracy (0 = off)
+    final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
+    register: bool = True  # register the champion in the MLflow model registry
+    tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
+    progress: bool = True  # progress bar over trials
+    checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
+    worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
+
+    def validate(self) -> "StudyOptions":
+        check_split(self.split)
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be >= 1 (trials={self.trials})")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1 (epochs={self.epochs})")
+        if self.max_train_samples is not None and self.max_train_samples < 10:
+            raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1) (val_fraction={self.val_fraction})")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives) or self.objectives[0] != "accuracy":
+            raise ConfigError(
+                f"--objectives must be 'accuracy' or 'accuracy,params' (objectives={','.join(self.objectives)!r})"
+            )
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
+        if self.study_name is not None:
+            check_name(self.study_name, "--study-name")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        return f"emnist-{self.split}" + ("-pareto" if len(self.objectives) > 1 else "")
+
+
+def check_name(name: str, option: str) -> str:
+    """Names users give become run names and file names: letters, digits, '-', '_', '.' only."""
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+        raise ConfigError(
+            f"{option} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit ({option}={name!r})"
+        )
+    return name
+
+
+@dataclass
+class StudyResult:
+    study: optuna.Study
+    champion_trial: optuna.trial.FrozenTrial | None  # the trial whose config was crowned
+    val_accuracy: float | None  # the champion trial's best validation accuracy
+    test_accuracy: float | None  # the final model's test accuracy
+    params: int | None  # the final model's parameter count
+    registered: Registered | None
+    parent_run_id: str
+    seconds: float
+    pareto: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+
+def resolve_storage(url: str | None) -> str:
+    return url or os.environ.get("EMNIST_HPO_STORAGE") or DEFAULT_OPTUNA_STORAGE
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage on ``url``, failing within seconds with a clear message."""
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):
+        engine_kwargs["connect_args"] = {"connect_timeout": 5}
+    elif url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90)
+    except Exception as exc:  # noqa: BLE001
+        text = " ".join(str(exc).split())[:300]
+        raise StorageError(f"Optuna storage {redact(url)!r} cannot be used: {text}") from None
+
+
+def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
+    if name == "successive-halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
+    return optuna.pruners.NopPruner()
+
+
+def find_experiment(name: str) -> Path:
+    """``name`` as a path, or ``experiments/<name>.yaml`` in the working directory or the project."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    for root in (Path.cwd(), PROJECT_ROOT):
+        cand = root / "experiments" / f"{name}.yaml"
+        if cand.is_file():
+            return cand
+    raise ConfigError(f"experiment {name!r} not found (looked for {name} and experiments/{name}.yaml)")
+
+
+def find_search_space(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.is_absolute() and (PROJECT_ROOT / p).is_file():
+        return PROJECT_ROOT / p
+    named = PROJECT_ROOT / "search_spaces" / f"{path}.yaml"
+    if named.is_file():
+        return named
+    raise ConfigError(f"search space file not found: {path!r} (give a YAML path or a name in search_spaces/)")
+
+
+def base_config(opts: StudyOptions) -> ExperimentConfig:
+    cfg = ExperimentConfig(
+        name=opts.name,
+        train=TrainConfig(epochs=opts.epochs, seed=opts.seed, early_stopping_patience=opts.early_stopping_patience),
+        data=DataConfig(val_fraction=opts.val_fraction, max_train_samples=opts.max_train_samples, seed=opts.seed),
+    )
+    return cfg
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
+
+
+def _open_study(opts: StudyOptions, storage) -> optuna.Study:
+    multi = len(opts.objectives) > 1
+    sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"), opts.seed + 1000 * opts.worker, multi)
+    pruner = make_pruner(opts.pruner if not multi else "none", opts.epochs)
+    try:
+        existing = optuna.load_study(study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        existing = None
+    if existing is not None:
+        want = [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE
+                for d in directions(opts.objectives)]
+        if list(existing.directions) != want:
+            raise ConfigError(
+                f"study {opts.name!r} exists with {len(existing.directions)} objective(s); --objectives "
+                f"{','.join(opts.objectives)!r} does not match (use another --study-name)"
+            )
+        split = existing.user_attrs.get("split")
+        if split is not None and split != opts.split:
+            raise ConfigError(f"study {opts.name!r} was created for split {split!r}, not {opts.split!r}")
+        return existing
+    study = optuna.create_study(
+        study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner,
+        directions=directions(opts.objectives), load_if_exists=True,
+    )
+    study.set_user_attr("split", opts.split)
+    study.set_user_attr("objectives", list(opts.objectives))
+    return study
+
+
+def _enqueue_seeds(study: optuna.Study, space: SearchSpace, seeds: dict[str, ExperimentConfig]) -> list[str]:
+    done = []
+    for name, cfg in seeds.items():
+        params = space.params_for(cfg)
+        if params is None:
+            continue  # the seed lies outside this search space
+        study.enqueue_trial(params, user_attrs={SEED_ATTR: name}, skip_if_exists=True)
+        done.append(name)
+    return done
+
+
+class _Progress:
+    """tqdm bar over finished trials with the best value so far."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=min(initial, total), desc="trials", unit="trial", file=sys.stderr)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if self.bar is None or trial.state not in FINISHED:
+            return
+        self.bar.update(1)
+        try:
+            if len(study.directions) == 1:
+                self.bar.set_postfix(best=f"{study.best_value:.4f}", last=trial.state.name.lower())
+            else:
+                self.bar.set_postfix(pareto=len(study.best_trials), last=trial.state.name.lower())
+        except ValueError:
+            pass
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------- champion selection
+
+
+def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.FrozenTrial | None, list]:
+    """Single objective: the best trial. Two: the smallest Pareto model within ``tolerance`` of the best accuracy."""
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        return None, []
+    if len(study.directions) == 1:
+        return study.best_trial, []
+    front = sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
+    top = front[0].values[0]
+    ok = [t for t in front if t.values[0] >= top - tolerance]
+    return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
+
+
+def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> ExperimentConfig:
+    fixed = optuna.trial.FixedTrial(trial.params, number=trial.number)
+    if SEED_ATTR in trial.user_attrs:
+        fixed.set_user_attr(SEED_ATTR, trial.user_attrs[SEED_ATTR])
+    return objective.config_for(fixed)
+
+
+def final_model(
+    objective: Objective, trial: optuna.trial.FrozenTrial, data: PreparedData, final_fit: bool, checkpoint: Path
+) -> tuple[Any, ExperimentConfig, TrainResult | None]:
+    """The champion's model: retrained on train+validation (``final_fit``) or its trial's checkpoint."""
+    cfg = config_of(objective, trial)
+    if final_fit:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.epochs = int(trial.user_attrs.get("best_epoch") or cfg.train.epochs)
+        if cfg.train.schedule == "plateau":
+            cfg.train.schedule = "constant"  # no validation set to watch in a final fit
+        x, y = data.train_and_val()
+        result = train(cfg, x, y, None, None, data.num_classes)
+        return result.model, cfg, result
+    if checkpoint.is_file():
+        import keras
+
+        return keras.saving.load_model(checkpoint, compile=False, safe_mode=True), cfg, None
+    result = train(cfg, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes)
+    return result.model, cfg, result
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyResult:
+    """Run (or resume) the study of ``opts``; finish with the champion evaluated on test and registered."""
+    t_start = time.perf_counter()
+    opts.validate()
+    multi = len(opts.objectives) > 1
+    space = SearchSpace.load(find_search_space(opts.search_space))
+    seeds = {n: load_experiment(find_experiment(n)) for n in opts.seed_experiments} if opts.warm_start else {}
+    storage_url = resolve_storage(opts.storage)
+    storage = make_storage(storage_url)
+    tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
+    study = _open_study(opts, storage)
+    base = base_config(opts)
+    data = prepare(opts.split, opts.data_dir, base.data, progress=opts.progress)
+
+    parent = tracker.start_run(
+        f"study-{opts.name}",
+        {TAG_KIND: "study", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.storage": redact(storage_url),
+         "emnist_hpo.data_fingerprint": data.fingerprint()},
+    )
+    tracker.log_params(parent, {
+        "split": opts.split, "trials": opts.trials, "epochs": opts.epochs, "sampler": opts.sampler or "default",
+        "pruner": opts.pruner, "objectives": ",".join(opts.objectives), "search_space": opts.search_space,
+        "max_train_samples": opts.max_train_samples, "val_fraction": opts.val_fraction, "seed": opts.seed,
+        "train_size": len(data.x_train), "val_size": len(data.x_val), "test_size": len(data.x_test),
+        "data_source": data.source, "final_fit": opts.final_fit,
+    })
+    status = "FAILED"
+    try:
+        if opts.warm_start and not study.user_attrs.get("seeds_enqueued"):
+            names = _enqueue_seeds(study, space, seeds)
+            study.set_user_attr("seeds_enqueued", names)
+        checkpoint_dir = Path(opts.checkpoint_dir) / opts.name
+        objective = Objective(
+            space, base, data, objectives=opts.objectives,
+            hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name)],
+            seeds=seeds, checkpoint_dir=checkpoint_dir,
+        )
+        done = finished_count(study)
+        if done >= opts.trials:
+            log(f"study {opts.name!r} already has {done} finished trials (>= {opts.trials}); nothing to run")
+        elif done:
+            log(f"resuming study {opts.name!r}: {done} of {opts.trials} trials finished")
+        progress = _Progress(opts.trials, done, opts.progress)
+        deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+        stop = optuna.study.MaxTrialsCallback(opts.trials, states=FINISHED)
+        failures = 0
+        try:
+            while finished_count(study) < opts.trials:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    break
+                before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
+                study.optimize(
+                    objective, n_trials=opts.trials - finished_count(study), timeout=remaining,
+                    callbacks=[stop, progress], catch=(Exception,), gc_after_trial=True,
+                )
+                failures += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
+                if failures > max(3, opts.trials):
+                    log(f"stopping: {failures} trials failed (see their fail_reason in MLflow)")
+                    break
+        finally:
+            progress.close()
+
+        champion, front = pick_champion(study, opts.tolerance)
+        result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front)
+        if champion is not None:
+            _finalize(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, log)
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        tracker.end_run(parent, status)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _finalize(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, log) -> None:
+    study = result.study
+    val = float(champion.values[0])
+    log(f"champion: trial {champion.number} (val_accuracy {val:.4f}); "
+        + ("final fit on train+validation..." if opts.final_fit else "evaluating on test..."))
+    model, cfg, fit = final_model(objective, champion, data, opts.final_fit, checkpoint_dir / f"trial_{champion.number}.keras")
+    ev = evaluate(data.y_test, predict_proba(model, data.x_test), data.classes)
+    params = int(model.count_params())
+    run = tracker.start_run(
+        f"champion-trial-{champion.number}",
+        {TAG_KIND: "final", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.trial_number": champion.number},
+        parent_run_id=parent,
+    )
+    tracker.log_params(run, cfg.flat_params())
+    metrics = {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "val_accuracy": val, "params": params}
+    tracker.log_metrics(run, metrics)
+    tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
+    tags = {"split": opts.split, "study": opts.name, "trial": champion.number, "val_accuracy": f"{val:.6f}",
+            "params": params, "data_fingerprint": data.fingerprint(), "test_fingerprint": data.test_fingerprint(),
+            "final_fit": opts.final_fit}
+    reg = log_and_register(tracker, run, model, data.classes, split=opts.split, test_accuracy=ev.accuracy,
+                           tags=tags, register=opts.register)
+    tracker.end_run(run, "FINISHED")
+    tracker.log_metrics(parent, {"best_val_accuracy": val, "test_accuracy": ev.accuracy, "champion_params": params,
+                                 "finished_trials": finished_count(study)})
+    tracker.set_tags(parent, {"emnist_hpo.champion_trial": champion.number, "emnist_hpo.champion_run": run})
+    if front:
+        import pandas as pd
+
+        rows = [{"trial": t.number, "val_accuracy": t.values[0], "params": int(t.values[1])} for t in front]
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pd.DataFrame(rows).to_csv(Path(tmp) / "pareto_front.csv", index=False)
+            tracker.log_artifacts(parent, Path(tmp), "study")
+    result.val_accuracy, result.test_accuracy, result.params, result.registered = val, ev.accuracy, params, reg
+    study.set_user_attr("champion", {"trial": champion.number, "test_accuracy": ev.accuracy, "params": params})
+
+
+def summary_table(res: StudyResult) -> str:
+    """The end-of-study summary: best params, validation and test accuracy, parameters, time."""
+    lines = [f"study {res.study.study_name!r}: {finished_count(res.study)} finished trials"]
+    states = {}
+    for t in res.study.get_trials(deepcopy=False):
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    lines.append("  states: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(states.items())))
+    if res.champion_trial is None:
+        lines.append("  no trial completed: nothing to register")
+        return "\n".join(lines)
+    t = res.champion_trial
+    rows = [
+        ("champion trial", str(t.number) + (f" (seed {t.user_attrs[SEED_ATTR]})" if SEED_ATTR in t.user_attrs else "")),
+        ("validation accuracy", f"{res.val_accuracy:.4f}"),
+        ("test accuracy", f"{res.test_accuracy:.4f}" if res.test_accuracy is not None else "-"),
+        ("parameters", f"{res.params:,}" if res.params else "-"),
+        ("trial train time", f"{t.user_attrs.get('train_seconds', float('nan')):.1f} s"),
+        ("study wall time", f"{res.seconds:.1f} s"),
+    ]
+    if res.registered:
+        r = res.registered
+        rows.append(("registered", f"{r.name} v{r.version}" + (" -> @champion" if r.champion else
+                                                                " (champion kept: v" + str(r.previous_champion) + ")")))
+    if res.pareto:
+        rows.append(("pareto front", ", ".join(f"#{p.number}: {p.values[0]:.4f} / {int(p.values[1]):,}" for p in res.pareto[:8])))
+    w = max(len(k) for k, _ in rows)
+    lines += [f"  {k:<{w}}  {v}" for k, v in rows]
+    lines.append("  best params:")
+    lines += [f"    {k} = {v}" for k, v in sorted(t.params.items())]
+    return "\n".join(lines)

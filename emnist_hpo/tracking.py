@@ -1,0 +1,259 @@
+"""MLflow tracking: the store, runs, a Keras callback for per-epoch metrics, artifacts.
+
+Training code never imports this module; the objective calls it through
+:class:`TrialHooks` (lifecycle hooks, as in Keras Tuner) and it reaches Keras
+only as a callback (:class:`MlflowMetricsCallback`), as in MLflow's examples.
+All calls go through an explicit :class:`~mlflow.tracking.MlflowClient` (no
+global "active run"), so several trials, threads or processes never mix runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+from urllib.parse import urlparse
+
+import keras
+
+from .config import DEFAULT_ARTIFACT_ROOT, DEFAULT_TRACKING_URI
+from .errors import StorageError
+from .hooks import TrialHooks, TrialOutcome
+from .reports import Evaluation, plot_curves, write_evaluation
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+for _name in ("alembic", "mlflow", "urllib3"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+#: Tag keys used across the project.
+TAG_KIND = "emnist_hpo.kind"  # "study" | "trial" | "baseline" | "final" | "compare"
+TAG_SPLIT = "emnist_hpo.split"
+TAG_STUDY = "optuna.study_name"
+TAG_TRIAL = "optuna.trial_number"
+TAG_STATE = "optuna.trial_state"  # COMPLETE | PRUNED | FAIL
+TAG_REASON = "emnist_hpo.fail_reason"
+TAG_PARENT = "mlflow.parentRunId"
+
+_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlruns/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def local_artifact_root(tracking_uri: str) -> str | None:
+    """Artifact root for a local SQLite store: ``artifacts/`` beside the database file."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = Path(tracking_uri[len("sqlite:///"):])
+    if str(db) == "mlruns/mlflow.db":
+        return Path(DEFAULT_ARTIFACT_ROOT).resolve().as_uri()
+    return (db.parent / "artifacts").resolve().as_uri()
+
+
+def make_client(tracking_uri: str) -> "MlflowClient":
+    """An MLflow client on ``tracking_uri`` (tracking and registry), checked to answer within seconds."""
+    from mlflow.tracking import MlflowClient
+
+    if tracking_uri.startswith("sqlite:///"):
+        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("http", "https"):
+        _check_http(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    try:
+        client.search_experiments(max_results=1)
+    except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        raise StorageError(f"MLflow tracking store {redact(tracking_uri)!r} cannot be used: {_one_line(exc)}") from None
+    return client
+
+
+def _check_http(uri: str, timeout: float = 5.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
+    except urllib.error.HTTPError:
+        return  # it answered
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(
+            f"MLflow tracking server {redact(uri)!r} is unreachable ({_one_line(exc)}); start it or pass another "
+            f"--tracking-uri"
+        ) from None
+
+
+def redact(url: str) -> str:
+    """``url`` with any password replaced by ``***``."""
+    p = urlparse(url)
+    if p.password:
+        return url.replace(f":{p.password}@", ":***@", 1)
+    return url
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text[:300] + "...") if len(text) > 300 else text
+
+
+class Tracker:
+    """One MLflow experiment on one store: runs, params, metrics, artifacts."""
+
+    def __init__(self, tracking_uri: str | None, experiment_name: str):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.client = make_client(self.tracking_uri)
+        self.experiment_name = experiment_name
+        self.experiment_id = self._experiment(experiment_name)
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=local_artifact_root(self.tracking_uri))
+        except Exception:  # noqa: BLE001 - another worker created it first
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    # ------------------------------------------------------------------ runs
+    def start_run(self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
+        tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            tags[TAG_PARENT] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        return run.info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, _param_value(v)) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [
+            Metric(k, float(v), now, step or 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and math.isfinite(float(v))
+        ]
+        if items:
+            self.client.log_batch(run_id, metrics=items)
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(local_dir), artifact_path)
+
+    def log_evaluation(
+        self, run_id: str, ev: Evaluation, prefix: str, history: Mapping[str, list[float]] | None = None
+    ) -> None:
+        """Log an evaluation's files (and training curves) as artifacts under ``reports/``."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp)
+            write_evaluation(ev, out, prefix)
+            if history:
+                plot_curves(history, out / "training_curves.png")
+            self.log_artifacts(run_id, out, "reports")
+
+
+def _param_value(v: Any) -> str:
+    s = str(v)
+    return s if len(s) <= 6000 else s[:5997] + "..."
+
+
+def trial_status(state: str) -> str:
+    """MLflow run status for an Optuna trial state (PRUNED runs end KILLED, FAIL runs FAILED)."""
+    return _STATUS.get(state, "FAILED")
+
+
+class MlflowMetricsCallback(keras.callbacks.Callback):
+    """Logs every epoch's metrics (loss, accuracy, val_*, learning_rate, epoch_time) to one run."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        super().__init__()
+        self.tracker, self.run_id = tracker, run_id
+        self.seconds = 0.0  # time spent logging, for overhead accounting
+
+    def on_epoch_end(self, epoch, logs=None):
+        t0 = time.perf_counter()
+        self.tracker.log_metrics(self.run_id, logs or {}, step=epoch + 1)
+        self.seconds += time.perf_counter() - t0
+
+
+class MlflowTrialHooks(TrialHooks):
+    """Makes every trial a nested MLflow run of the study's parent run.
+
+    Params and per-epoch metrics always; for finished trials the validation
+    confusion matrix, per-class report and curves; pruned and failed trials end
+    with their state as a tag and the run's status (KILLED, FAILED).
+    """
+
+    def __init__(self, tracker: Tracker, parent_run_id: str, split: str, study_name: str):
+        self.tracker, self.parent_run_id = tracker, parent_run_id
+        self.split, self.study_name = split, study_name
+        self._runs: dict[int, tuple[str, float, MlflowMetricsCallback]] = {}
+
+    def on_trial_begin(self, trial, config):
+        t0 = time.perf_counter()
+        tags = {
+            TAG_KIND: "trial",
+            TAG_SPLIT: self.split,
+            TAG_STUDY: self.study_name,
+            TAG_TRIAL: trial.number,
+        }
+        seed = trial.user_attrs.get("seed_experiment")
+        if seed:
+            tags["emnist_hpo.seed_experiment"] = seed
+        run_id = self.tracker.start_run(f"trial-{trial.number}", tags, parent_run_id=self.parent_run_id)
+        trial.set_user_attr("mlflow_run_id", run_id)
+        params = {f"trial.{k}": v for k, v in trial.params.items()}
+        params.update(config.flat_params())
+        self.tracker.log_params(run_id, params)
+        cb = MlflowMetricsCallback(self.tracker, run_id)
+        self._runs[trial.number] = (run_id, time.perf_counter() - t0, cb)
+        return [cb]
+
+    def on_trial_end(self, trial, outcome: TrialOutcome):
+        if trial.number not in self._runs:
+            return
+        run_id, spent, cb = self._runs.pop(trial.number)
+        t0 = time.perf_counter()
+        tags: dict[str, Any] = {TAG_STATE: outcome.state}
+        if outcome.reason:
+            tags[TAG_REASON] = outcome.reason[:5000]
+        self.tracker.set_tags(run_id, tags)
+        r = outcome.result
+        if r is not None:
+            summary = {
+                "best_val_accuracy": r.best_val_accuracy,
+                "params": r.params,
+                "best_epoch": r.best_epoch,
+                "train_seconds": r.train_seconds,
+            }
+            if outcome.evaluation is not None:
+                summary["val_macro_f1"] = outcome.evaluation.macro_f1
+            self.tracker.log_metrics(run_id, summary)
+            if outcome.evaluation is not None:
+                self.tracker.log_evaluation(run_id, outcome.evaluation, "validation", r.history)
+        overhead = spent + cb.seconds + (time.perf_counter() - t0)
+        self.tracker.log_metrics(run_id, {"tracking_seconds": overhead})
+        trial.set_user_attr("tracking_seconds", round(overhead, 3))
+        self.tracker.end_run(run_id, trial_status(outcome.state))

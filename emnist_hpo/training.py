@@ -1,0 +1,170 @@
+"""Training as a plain function that tests, studies and baselines call alike.
+
+Nothing here knows about Optuna or MLflow: callers pass Keras callbacks (a
+pruning callback, a tracking callback) and read the returned
+:class:`TrainResult`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import keras
+import numpy as np
+
+from . import schedules
+from .config import ExperimentConfig
+from .models import build_model, count_params
+
+
+@dataclass
+class TrainResult:
+    model: keras.Model  # the trained model (best weights when early stopping restored them)
+    history: dict[str, list[float]]  # per-epoch loss, accuracy, val_loss, val_accuracy, learning_rate, epoch_time
+    params: int  # parameter count of the model
+    best_epoch: int  # 1-based epoch of the best val_accuracy
+    best_val_accuracy: float  # the best epoch's validation accuracy
+    train_seconds: float  # wall time of fit()
+    stopped_reason: str | None = None  # "nan" when the loss diverged, "early_stopping", or None
+    epoch_times: list[float] = field(default_factory=list)  # seconds per epoch
+
+    @property
+    def epochs_run(self) -> int:
+        return len(self.epoch_times)
+
+
+class EpochStats(keras.callbacks.Callback):
+    """Adds ``learning_rate`` and ``epoch_time`` to each epoch's logs (place it first)."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None:
+            return
+        logs["epoch_time"] = time.perf_counter() - self._t0
+        logs["learning_rate"] = current_learning_rate(self.model)
+
+
+class NanGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite batch loss and remembers it (``hit``)."""
+
+    hit = False
+
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.hit = True
+            self.model.stop_training = True
+
+
+def current_learning_rate(model: keras.Model) -> float:
+    opt = model.optimizer
+    lr = opt.learning_rate
+    if isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
+        lr = lr(opt.iterations)
+    return float(keras.ops.convert_to_numpy(lr))
+
+
+class SparseSmoothedCrossEntropy(keras.losses.Loss):
+    """Cross-entropy on integer labels with label smoothing (no one-hot copy of the labels)."""
+
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0, name: str = "smoothed_ce", **kw):
+        super().__init__(name=name, **kw)
+        self.num_classes = num_classes
+        self.label_smoothing = label_smoothing
+
+    def call(self, y_true, y_pred):
+        y = keras.ops.one_hot(keras.ops.cast(keras.ops.reshape(y_true, (-1,)), "int32"), self.num_classes)
+        return keras.losses.categorical_crossentropy(y, y_pred, label_smoothing=self.label_smoothing)
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
+
+
+def compile_model(model: keras.Model, cfg: ExperimentConfig, num_classes: int, steps_per_epoch: int) -> None:
+    t = cfg.train
+    loss = (
+        SparseSmoothedCrossEntropy(num_classes, t.label_smoothing)
+        if t.label_smoothing > 0
+        else keras.losses.SparseCategoricalCrossentropy()
+    )
+    model.compile(
+        optimizer=schedules.optimizer(t, steps_per_epoch),
+        loss=loss,
+        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+    )
+
+
+def train(
+    cfg: ExperimentConfig,
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray | None,
+    y_val: np.ndarray | None,
+    num_classes: int,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
+    verbose: int = 0,
+) -> TrainResult:
+    """Build, compile and fit the model of ``cfg`` on uint8 images; return what happened.
+
+    With ``x_val`` None (a final fit on train+validation) it trains exactly
+    ``cfg.train.epochs`` epochs and reports training accuracy in place of validation.
+    """
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = build_model(cfg.model, num_classes)
+    steps = math.ceil(len(x_train) / cfg.train.batch_size)
+    compile_model(model, cfg, num_classes, steps)
+    has_val = x_val is not None
+    nan_guard = NanGuard()
+    cbs: list[keras.callbacks.Callback] = [EpochStats(), nan_guard]
+    if has_val:
+        cbs += schedules.callbacks(cfg.train)
+        if cfg.train.early_stopping_patience > 0:
+            cbs.append(
+                keras.callbacks.EarlyStopping(
+                    monitor="val_accuracy", mode="max", patience=cfg.train.early_stopping_patience,
+                    restore_best_weights=True,
+                )
+            )
+    cbs += list(callbacks)
+    t0 = time.perf_counter()
+    hist = model.fit(
+        x_train,
+        y_train,
+        batch_size=cfg.train.batch_size,
+        epochs=cfg.train.epochs,
+        validation_data=(x_val, y_val) if has_val else None,
+        callbacks=cbs,
+        verbose=verbose,
+        shuffle=True,
+    )
+    seconds = time.perf_counter() - t0
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    score = history.get("val_accuracy" if has_val else "accuracy", [float("nan")])
+    finite = [s if math.isfinite(s) else -1.0 for s in score]
+    best = int(np.argmax(finite)) if finite else 0
+    losses = history.get("loss", [])
+    reason = None
+    if nan_guard.hit or not all(math.isfinite(v) for v in losses):
+        reason = "nan"
+    elif has_val and len(losses) < cfg.train.epochs and cfg.train.early_stopping_patience > 0:
+        reason = "early_stopping"
+    return TrainResult(
+        model=model,
+        history=history,
+        params=count_params(model),
+        best_epoch=best + 1,
+        best_val_accuracy=float(score[best]) if score else float("nan"),
+        train_seconds=seconds,
+        stopped_reason=reason,
+        epoch_times=history.get("epoch_time", []),
+    )
+
+
+def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Class probabilities (N, C) for uint8 images (N, 28, 28)."""
+    return np.asarray(model.predict(x, batch_size=batch_size, verbose=0), dtype=np.float32)
