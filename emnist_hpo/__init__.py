@@ -12,4 +12,6 @@ _os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 _os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 _os.environ.setdefault("ABSL_MIN_LOG_LEVEL", "3")
 
+_os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 __version__ = "0.1.0"

@@ -1,5 +1,6 @@
 """The MLflow model registry: log a Keras model as a pyfunc, register it, move the ``champion`` alias.
 
+The model is logged "from code" (:mod:`emnist_hpo.pyfunc_model`), never pickled.
 ``mlflow.pyfunc.load_model("models:/emnist-<split>@champion").predict(x)`` with
 ``x`` a uint8 array (N, 28, 28) of upright images (white ink on black, as in
 EMNIST) returns a DataFrame of class probabilities, one column per class in the
@@ -20,7 +21,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
-from .errors import ConfigError, RegistryError
+from .errors import RegistryError
 from .tracking import Tracker
 
 CHAMPION_ALIAS = "champion"
@@ -28,37 +29,6 @@ CHAMPION_ALIAS = "champion"
 
 def model_name(split: str) -> str:
     return f"emnist-{split}"
-
-
-class EmnistClassifier(mlflow.pyfunc.PythonModel):
-    """pyfunc wrapper: uint8 images (N, 28, 28) -> class probabilities named by character."""
-
-    def load_context(self, context):
-        import keras
-
-        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
-        self.classes = json.loads(Path(context.artifacts["classes"]).read_text(encoding="utf-8"))
-
-    def predict(self, context, model_input, params=None):
-        x = as_images(model_input)
-        proba = self.model.predict(x, batch_size=1024, verbose=0)
-        return pd.DataFrame(np.asarray(proba, dtype=np.float64), columns=self.classes)
-
-
-def as_images(model_input: Any) -> np.ndarray:
-    """Accept (N, 28, 28) or (N, 784) uint8-range input (array or DataFrame); return uint8 (N, 28, 28)."""
-    x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
-    if x.ndim == 2 and x.shape[1] == 784:
-        x = x.reshape(-1, 28, 28)
-    if x.ndim == 2 and x.shape == (28, 28):
-        x = x[None]
-    if x.ndim != 3 or x.shape[1:] != (28, 28):
-        raise ConfigError(f"input must be images of shape (N, 28, 28) or (N, 784), got shape {x.shape}")
-    if x.dtype != np.uint8:
-        if x.size and (np.nanmin(x) < 0 or np.nanmax(x) > 255):
-            raise ConfigError(f"pixel values must be in 0..255, got {np.nanmin(x)}..{np.nanmax(x)}")
-        x = x.astype(np.uint8)
-    return x
 
 
 def _requirements() -> list[str]:
@@ -113,7 +83,7 @@ def log_and_register(
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=EmnistClassifier(),
+                python_model=str(Path(__file__).with_name("pyfunc_model.py")),
                 artifacts={"keras_model": str(keras_path), "classes": str(classes_path)},
                 signature=signature,
                 pip_requirements=_requirements(),

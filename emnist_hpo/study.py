@@ -36,6 +36,8 @@ from .search_space import SearchSpace
 from .tracking import TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker, redact
 from .training import TrainResult, predict_proba, train
 
+optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it better
+
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 PRUNERS = ("hyperband", "median", "successive-halving", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
