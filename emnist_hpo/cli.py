@@ -28,6 +28,38 @@ def _on_sigterm(signum, frame):
     raise Terminated()
 
 
+_TF_NOISE = ("All log messages before absl::InitializeLog()", "oneDNN custom operations", "cpu_feature_guard",
+             "This TensorFlow binary is optimized", "failed call to cuInit", "Unable to register cu",
+             "TF-TRT Warning", "computation placer already registered")
+
+
+def import_keras_quietly() -> None:
+    """Import Keras (and TensorFlow) with TensorFlow's C++ start-up notices filtered out of stderr.
+
+    TF_CPP_MIN_LOG_LEVEL does not silence the lines absl prints before its logging is
+    initialised, so fd 2 is captured during the import and only other lines are replayed.
+    """
+    import os
+    import tempfile
+
+    if "keras" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            import keras  # noqa: F401
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if line.strip() and not any(n in line for n in _TF_NOISE):
+                    print(line, file=sys.stderr)
+
+
 def _positive_int(text: str) -> int:
     try:
         return int(text)
@@ -67,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
+    s.add_argument("--workers", type=_positive_int, default=1,
+                   help="trials run at once, each worker a subprocess on the same study (1)")
+    s.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
+                   help="search engine (optuna); keras-tuner keeps its state in mlruns/keras_tuner/<study-name>")
+    s.add_argument("--tuner", choices=("hyperband", "bayesian"), default=None,
+                   help="Keras Tuner algorithm for --engine keras-tuner (hyperband)")
 
     u = sub.add_parser("ui", help="serve the MLflow UI and the Optuna dashboard on the studies' stores")
     u.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///mlruns/optuna.db)")
@@ -74,6 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mlflow-port", type=_positive_int, default=5000)
     u.add_argument("--dashboard-port", type=_positive_int, default=8080)
     u.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+
+    r = sub.add_parser("run", help="train, test and track one fixed experiment (experiments/<name>.yaml)")
+    r.add_argument("experiment", help="experiment YAML, or a name in experiments/ (lenet, svm, ...)")
+    _common_data(r)
+    r.set_defaults(val_fraction=None, seed=None)  # unset: the experiment's own values
+
+    c = sub.add_parser("compare", help="write the cross-split leaderboard (champions, baselines, published figures)")
+    c.add_argument("--output", default=None, help="folder for the report files (mlruns/compare)")
+    c.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+
+    p = sub.add_parser("predict", help="classify image files with a split's registered champion",
+                       description="Top-3 characters per image (PNG, JPEG, ...; dark ink on light paper or the "
+                                   "reverse). Exit code 2 if any image could not be classified; the others are "
+                                   "still answered.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each")
+    p.add_argument("--split", required=True, help="whose champion: byclass, bymerge, balanced, letters, digits, mnist")
+    p.add_argument("--json", action="store_true", help='print [{"image", "top": [{"char", "prob"}]}] (or "error")')
+    p.add_argument("--top", type=_positive_int, default=3, help="characters listed per image (3)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+
+    e = sub.add_parser("export", help="write a split's champion as a TFLite model and report its test accuracy")
+    e.add_argument("--split", required=True, help="byclass, bymerge, balanced, letters, digits or mnist")
+    e.add_argument("--format", choices=("tflite",), default="tflite", help="tflite (float32)")
+    e.add_argument("--int8", action="store_true", help="also write a full-integer int8 model (PATH-int8.tflite)")
+    e.add_argument("--output", default=None, metavar="PATH", help="the float file (emnist-<split>-v<version>.tflite)")
+    e.add_argument("--data-dir", default=None, help="NIST files for the test set and calibration (else EMNIST_DATA_DIR)")
+    e.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
     return parser
 
 
@@ -102,7 +167,15 @@ def _study(args: argparse.Namespace) -> int:
         final_fit=not args.no_final_fit,
         register=not args.no_register,
         progress=not args.no_progress,
+        workers=args.workers,
     )
+    if args.engine == "keras-tuner":
+        from .kt_engine import run_kt_study, summary_table as kt_summary
+
+        print(kt_summary(run_kt_study(opts, tuner=args.tuner or "hyperband", log=lambda m: print(m, file=sys.stderr))))
+        return 0
+    if args.tuner is not None:
+        raise ConfigError(f"--tuner applies to --engine keras-tuner (engine={args.engine!r}, tuner={args.tuner!r})")
     res = run_study(opts, log=lambda m: print(m, file=sys.stderr))
     print(summary_table(res))
     return 0
@@ -122,7 +195,52 @@ def _ui(args: argparse.Namespace) -> int:
     )
 
 
-COMMANDS = {"study": _study, "ui": _ui}
+def _run(args: argparse.Namespace) -> int:
+    from .experiment import run_experiment, summary_table
+
+    res = run_experiment(
+        args.experiment, args.split, epochs=args.epochs, max_train_samples=args.max_train_samples,
+        val_fraction=args.val_fraction, data_dir=args.data_dir, tracking_uri=args.tracking_uri, seed=args.seed,
+        progress=not args.no_progress, log=lambda m: print(m, file=sys.stderr),
+    )
+    print(summary_table(res))
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare, summary
+
+    res = run_compare(args.output, args.tracking_uri, log=lambda m: print(m, file=sys.stderr))
+    print(summary(res.comparison))
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Exit code 0 when every image was classified, 2 when any could not be (each says why)."""
+    from .predict import format_json, format_text, predict_images
+
+    results = predict_images(args.images, args.split, args.tracking_uri, top=args.top)
+    if args.json:
+        print(format_json(results))
+    else:
+        for line in format_text(results):
+            print(line)
+    for r in results:
+        if r.error is not None and not args.json:
+            print(f"emnist-hpo: error: {r.error}", file=sys.stderr)
+    return 2 if any(r.error is not None for r in results) else 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import export_tflite, summary_table
+
+    res = export_tflite(args.split, int8=args.int8, output=args.output, tracking_uri=args.tracking_uri,
+                        data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
+    print(summary_table(res))
+    return 0
+
+
+COMMANDS = {"study": _study, "ui": _ui, "run": _run, "compare": _compare, "predict": _predict, "export": _export}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        if args.command != "ui":
+            import_keras_quietly()
         return COMMANDS[args.command](args)
     except EmnistHpoError as exc:
         print(f"emnist-hpo: error: {' '.join(str(exc).split())}", file=sys.stderr)

@@ -105,6 +105,11 @@ class Objective:
             trial.set_user_attr("traceback", traceback.format_exc()[-2000:])
             self._end(trial, TrialOutcome("FAIL", cfg, reason=reason))
             raise
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: close the run (KILLED), then let Optuna mark it FAIL
+            reason = interrupt_reason(exc)
+            trial.set_user_attr("fail_reason", reason)
+            self._end(trial, TrialOutcome("FAIL", cfg, reason=reason))
+            raise
         self._record(trial, result)
         if result.stopped_reason == "nan":
             reason = "loss became NaN or inf"
@@ -153,6 +158,11 @@ class Objective:
     def _end(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
         for h in self.hooks:
             h.on_trial_end(trial, outcome)
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """``fail_reason`` of a trial stopped by Ctrl-C ("interrupted") or SIGTERM ("interrupted (terminated)")."""
+    return "interrupted (terminated)" if type(exc).__name__ == "Terminated" else "interrupted"
 
 
 def directions(objectives: Sequence[str]) -> list[str]:

@@ -7,11 +7,15 @@ Output: a DataFrame of class probabilities, one column per class, named by chara
 """
 
 import json
+import warnings
 from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
+
+# the input is checked below; MLflow's type-hint validation would only repeat it
+warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
 
 
 class EmnistClassifier(mlflow.pyfunc.PythonModel):

@@ -10,6 +10,8 @@ mapping's order, named by character.
 from __future__ import annotations
 
 import json
+import logging
+import warnings
 import tempfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -22,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import RegistryError
+from .coordination import pause_point
 from .tracking import Tracker
 
 CHAMPION_ALIAS = "champion"
@@ -80,7 +83,8 @@ def log_and_register(
         example = np.zeros((2, 28, 28), dtype=np.uint8)
         out = pd.DataFrame(np.full((2, len(classes)), 1.0 / len(classes)), columns=list(classes))
         signature = infer_signature(example, out)
-        with mlflow.start_run(run_id=run_id):
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # input-example and type-hint nags: the signature is explicit
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(Path(__file__).with_name("pyfunc_model.py")),
@@ -93,12 +97,37 @@ def log_and_register(
     name = model_name(split)
     client = tracker.client
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    pause_point("register")  # test hook: a kill here leaves a version that no alias points at
     client.set_model_version_tag(name, mv.version, "test_accuracy", f"{test_accuracy:.6f}")
     current = champion_version(tracker, split)
     promote = current is None or test_accuracy > float(current.tags.get("test_accuracy", "-1"))
     if promote:
+        _verify_version(tracker, name, str(mv.version), len(classes))  # the alias never points at a broken model
         client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     return Registered(name, str(mv.version), promote, current.version if current else None, info.model_uri)
+
+
+def _verify_version(tracker: Tracker, name: str, version: str, num_classes: int) -> None:
+    """Raise :class:`RegistryError` unless version ``version`` of ``name`` is READY, loads and predicts."""
+    mv = tracker.client.get_model_version(name, version)
+    if mv.status != "READY":
+        raise RegistryError(f"model version {name} v{version} is {mv.status}, not READY: champion alias not moved")
+    tf_log = logging.getLogger("tensorflow")
+    level = tf_log.level
+    try:
+        tf_log.setLevel(logging.ERROR)  # tf.function retracing notes: this load and predict are meant to be extra
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = mlflow.pyfunc.load_model(f"models:/{name}/{version}")
+            proba = np.asarray(model.predict(np.zeros((2, 28, 28), dtype=np.uint8)), dtype=np.float64)
+    except Exception as exc:  # noqa: BLE001
+        raise RegistryError(f"model version {name} v{version} does not load ({' '.join(str(exc).split())[:200]}): "
+                            "champion alias not moved") from None
+    finally:
+        tf_log.setLevel(level)
+    if proba.shape != (2, num_classes) or not np.isfinite(proba).all():
+        raise RegistryError(f"model version {name} v{version} predicts shape {proba.shape}, not (2, {num_classes}): "
+                            "champion alias not moved")
 
 
 def champion_version(tracker: Tracker, split: str):

@@ -8,8 +8,13 @@ pruned) trials, whatever earlier invocations left.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
+import warnings
 import math
 import os
+import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,20 +33,44 @@ from .config import (
 )
 from .data import check_split
 from .dataset import PreparedData, prepare
-from .errors import ConfigError, StorageError
-from .objective import OBJECTIVES, SEED_ATTR, Objective, directions
+from .concurrency import (
+    StudyLock,
+    claim_finalize,
+    claim_lease,
+    close_orphan_runs,
+    drop_claim,
+    fail_dead_trials,
+    finish_claim,
+    run_trials,
+)
+from .coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
+from .errors import ConfigError, EmnistHpoError, StorageError
+from .objective import OBJECTIVES, SEED_ATTR, Objective, directions, interrupt_reason
 from .registry import Registered, log_and_register
 from .reports import evaluate
 from .search_space import SearchSpace
-from .tracking import TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker, redact
+from .tracking import (
+    TAG_KIND,
+    TAG_SPLIT,
+    TAG_STUDY,
+    MlflowTrialHooks,
+    Tracker,
+    check_tracking_uri,
+    redact,
+    resolve_tracking_uri,
+)
 from .training import TrainResult, predict_proba, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it better
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 PRUNERS = ("hyperband", "median", "successive-halving", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+#: Optuna heartbeat of running trials: written every HEARTBEAT_S, stale (FAIL) after GRACE_S without one.
+#: Dead processes on this host are noticed at once through the trial's owner (see concurrency.py).
+HEARTBEAT_S, GRACE_S = 30, 120
 
 
 @dataclass
@@ -70,6 +99,7 @@ class StudyOptions:
     progress: bool = True  # progress bar over trials
     checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
+    workers: int = 1  # trials run at once on this machine, each in its own worker subprocess when > 1
 
     def validate(self) -> "StudyOptions":
         check_split(self.split)
@@ -90,6 +120,12 @@ class StudyOptions:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 (workers={self.workers})")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0 (seed={self.seed})")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})")
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
         if self.study_name is not None:
@@ -135,19 +171,36 @@ def resolve_storage(url: str | None) -> str:
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna RDB storage on ``url``, failing within seconds with a clear message."""
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    """An Optuna RDB storage on ``url``, failing within seconds with a clear message.
+
+    An SQLite file is shared by several processes: its connections wait up to
+    60 s for a lock, it is switched to write-ahead logging, and one process at a
+    time creates its schema.
+    """
+    check_sqlite_location(url, "Optuna storage", "--storage")
     engine_kwargs: dict[str, Any] = {}
     if url.startswith(("postgresql", "mysql")):
         engine_kwargs["connect_args"] = {"connect_timeout": 5}
     elif url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 60}
+    db = sqlite_file(url)
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=30, grace_period=90)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        with store_lock(url, "init"):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=GRACE_S)
+            if db is not None:
+                sqlite_wal(db)
+    except StorageError:
+        raise
     except Exception as exc:  # noqa: BLE001
         text = " ".join(str(exc).split())[:300]
-        raise StorageError(f"Optuna storage {redact(url)!r} cannot be used: {text}") from None
+        raise StorageError(
+            f"Optuna storage {redact(url)!r} cannot be used: {text} (give --storage sqlite:///PATH.db or a database "
+            "URL such as postgresql://USER@HOST/DB)"
+        ) from None
+    return storage
 
 
 def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
@@ -272,6 +325,12 @@ class _Progress:
         except ValueError:
             pass
 
+    def set(self, finished: int) -> None:
+        """Show ``finished`` trials (the count other processes reached)."""
+        if self.bar is not None and finished != self.bar.n:
+            self.bar.n = min(finished, self.bar.total)
+            self.bar.refresh()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -324,19 +383,59 @@ def final_model(
 # --------------------------------------------------------------------------- the loop
 
 
-def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyResult:
-    """Run (or resume) the study of ``opts``; finish with the champion evaluated on test and registered."""
-    t_start = time.perf_counter()
-    opts.validate()
-    multi = len(opts.objectives) > 1
+def _open(opts: StudyOptions, progress: bool):
+    """Everything a study process needs, failing on bad input before any store is written."""
     space = SearchSpace.load(find_search_space(opts.search_space))
     seeds = {n: load_experiment(find_experiment(n)) for n in opts.seed_experiments} if opts.warm_start else {}
+    base = base_config(opts)
+    data = prepare(opts.split, opts.data_dir, base.data, progress=progress)  # bad data: fail before any store is touched
     storage_url = resolve_storage(opts.storage)
+    check_tracking_uri(resolve_tracking_uri(opts.tracking_uri))  # an unusable tracking store: fail before Optuna's
     storage = make_storage(storage_url)
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
     study = _open_study(opts, storage)
-    base = base_config(opts)
-    data = prepare(opts.split, opts.data_dir, base.data, progress=opts.progress)
+    return space, seeds, base, data, storage_url, storage, tracker, study
+
+
+def _objective(opts, space, base, data, seeds, tracker, parent: str, checkpoint_dir: Path) -> Objective:
+    return Objective(
+        space, base, data, objectives=opts.objectives,
+        hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name)],
+        seeds=seeds, checkpoint_dir=checkpoint_dir,
+    )
+
+
+def _recover(study: optuna.Study, tracker: Tracker, log: Callable[[str], None]) -> None:
+    """Fail the trials of processes that died, close the MLflow runs they left RUNNING."""
+    failed = fail_dead_trials(study)
+    if failed:
+        log(f"trial(s) {', '.join(map(str, failed))} of a process that died are marked FAIL")
+    close_orphan_runs(study, tracker)
+
+
+def _after_interrupt(study: optuna.Study, tracker: Tracker, exc: BaseException) -> None:
+    """Ctrl-C or SIGTERM: this process's running trial FAIL ("interrupted"), its runs KILLED."""
+    try:
+        fail_dead_trials(study, mine=True, reason=interrupt_reason(exc))
+        close_orphan_runs(study, tracker, mine=True, status="KILLED")
+        close_orphan_runs(study, tracker)  # workers that had to be killed
+    except Exception:  # noqa: BLE001 - best effort: the next run recovers whatever is left
+        pass
+
+
+def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyResult:
+    """Run (or resume) the study of ``opts``; finish with the champion evaluated on test and registered.
+
+    Several processes may run the same study at once (``workers`` > 1 starts
+    them here; independent processes may share a PostgreSQL storage): the study
+    still ends with exactly ``trials`` finished trials, and only one process
+    finalizes the champion (see :mod:`emnist_hpo.concurrency`).
+    """
+    t_start = time.perf_counter()
+    opts.validate()
+    deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+    space, seeds, base, data, storage_url, storage, tracker, study = _open(opts, opts.progress)
+    lock = StudyLock(storage_url, storage, opts.name)
 
     parent = tracker.start_run(
         f"study-{opts.name}",
@@ -348,57 +447,172 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         "pruner": opts.pruner, "objectives": ",".join(opts.objectives), "search_space": opts.search_space,
         "max_train_samples": opts.max_train_samples, "val_fraction": opts.val_fraction, "seed": opts.seed,
         "train_size": len(data.x_train), "val_size": len(data.x_val), "test_size": len(data.x_test),
-        "data_source": data.source, "final_fit": opts.final_fit,
+        "data_source": data.source, "final_fit": opts.final_fit, "workers": opts.workers,
     })
     status = "FAILED"
     try:
-        if opts.warm_start and not study.user_attrs.get("seeds_enqueued"):
-            names = _enqueue_seeds(study, space, seeds)
-            study.set_user_attr("seeds_enqueued", names)
+        _recover(study, tracker, log)
+        if opts.warm_start:
+            with lock.held():  # one process enqueues the seeds
+                if not study.user_attrs.get("seeds_enqueued"):
+                    names = _enqueue_seeds(study, space, seeds)
+                    study.set_user_attr("seeds_enqueued", names)
         checkpoint_dir = Path(opts.checkpoint_dir) / opts.name
-        objective = Objective(
-            space, base, data, objectives=opts.objectives,
-            hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name)],
-            seeds=seeds, checkpoint_dir=checkpoint_dir,
-        )
+        objective = _objective(opts, space, base, data, seeds, tracker, parent, checkpoint_dir)
         done = finished_count(study)
         if done >= opts.trials:
             log(f"study {opts.name!r} already has {done} finished trials (>= {opts.trials}); nothing to run")
         elif done:
             log(f"resuming study {opts.name!r}: {done} of {opts.trials} trials finished")
         progress = _Progress(opts.trials, done, opts.progress)
-        deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
-        stop = optuna.study.MaxTrialsCallback(opts.trials, states=FINISHED)
-        failures = 0
         try:
-            while finished_count(study) < opts.trials:
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    break
-                before = len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))
-                study.optimize(
-                    objective, n_trials=opts.trials - finished_count(study), timeout=remaining,
-                    callbacks=[stop, progress], catch=(Exception,), gc_after_trial=True,
-                )
-                failures += len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,))) - before
-                if failures > max(3, opts.trials):
-                    log(f"stopping: {failures} trials failed (see their fail_reason in MLflow)")
-                    break
+            if opts.workers > 1 and done < opts.trials:
+                _run_workers(opts, parent, study, progress, log)
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            run_trials(study, objective, target=opts.trials, lock=lock, callbacks=[progress], timeout=remaining,
+                       max_failures=max(3, opts.trials), log=log)
         finally:
             progress.close()
+        _recover(study, tracker, log)
 
         champion, front = pick_champion(study, opts.tolerance)
         result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front)
         if champion is not None:
-            _finalize(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, log)
+            _finalize_once(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, lock, log)
         status = "FINISHED"
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         status = "KILLED"
+        _after_interrupt(study, tracker, exc)
         raise
     finally:
         tracker.end_run(parent, status)
     result.seconds = time.perf_counter() - t_start
     return result
+
+
+# --------------------------------------------------------------------------- worker processes
+
+_WORKER_CODE = (
+    "import sys; import emnist_hpo.cli as cli; getattr(cli, 'import_keras_quietly', lambda: None)(); "
+    "from emnist_hpo.study import worker_main; sys.exit(worker_main(sys.argv[1]))"
+)
+
+
+def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress: _Progress,
+                 log: Callable[[str], None]) -> None:
+    """Run the study's trials in ``opts.workers`` subprocesses (this process only watches) and wait for them.
+
+    Each worker is ``python -c`` of :func:`worker_main`: it opens the same
+    stores, nests its trial runs under this process's parent run, and never
+    finalizes. Its sampler is seeded ``seed + 1000 * index``. On Ctrl-C or
+    SIGTERM the workers get SIGTERM (each closes its trial as interrupted), and
+    SIGKILL if they are not gone within a minute.
+    """
+    env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)  # MLflow adds test-only checks under pytest
+    env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // opts.workers)))
+    procs: list[subprocess.Popen] = []
+    try:
+        for i in range(1, opts.workers + 1):
+            spec = {**dataclasses.asdict(opts), "worker": i, "workers": 1, "progress": False}
+            payload = json.dumps({"options": spec, "parent_run_id": parent})
+            procs.append(subprocess.Popen([sys.executable, "-c", _WORKER_CODE, payload], env=env,
+                                          stdin=subprocess.DEVNULL))
+        log(f"{opts.workers} worker processes on study {opts.name!r} (pids {', '.join(str(p.pid) for p in procs)})")
+        while any(p.poll() is None for p in procs):
+            progress.set(finished_count(study))
+            time.sleep(1.0)
+    except BaseException:
+        _stop_workers(procs)
+        raise
+    progress.set(finished_count(study))
+    for i, p in enumerate(procs, 1):
+        if p.returncode != 0:
+            log(f"worker {i} (pid {p.pid}) exited with code {p.returncode}; any trials left run here")
+
+
+def _stop_workers(procs: Sequence[subprocess.Popen], grace: float = 60.0) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+def worker_main(payload: str) -> int:
+    """Entry point of one worker subprocess of ``study --workers N``; returns its exit code."""
+
+    def interrupted(signum, frame):  # the first signal interrupts; later ones must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
+    spec = json.loads(payload)
+    opts = StudyOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()})
+
+    def log(message: str) -> None:
+        print(f"emnist-hpo worker {opts.worker}: {message}", file=sys.stderr, flush=True)
+
+    try:
+        run_worker(opts, spec["parent_run_id"], log)
+    except KeyboardInterrupt:
+        return 130
+    except EmnistHpoError as exc:
+        log(f"error: {' '.join(str(exc).split())}")
+        return exc.exit_code
+    return 0
+
+
+def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None] = print) -> int:
+    """Run trials of an existing study until it has ``opts.trials`` finished ones; return how many ran here."""
+    opts.validate()
+    space, seeds, base, data, storage_url, storage, tracker, study = _open(opts, False)
+    lock = StudyLock(storage_url, storage, opts.name)
+    objective = _objective(opts, space, base, data, seeds, tracker, parent_run_id,
+                           Path(opts.checkpoint_dir) / opts.name)
+    try:
+        return run_trials(study, objective, target=opts.trials, lock=lock, timeout=opts.timeout,
+                          max_failures=max(3, opts.trials), log=log)
+    except KeyboardInterrupt as exc:
+        _after_interrupt(study, tracker, exc)
+        raise
+
+
+# --------------------------------------------------------------------------- the champion
+
+
+def _finalize_once(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, lock, log) -> None:
+    """:func:`_finalize` unless another process has done it (or is doing it) for the same champion."""
+    study = result.study
+    key = {"trial": champion.number, "final_fit": opts.final_fit, "register": opts.register}
+    rec = claim_finalize(study, lock, key)
+    if rec is not None:
+        result.val_accuracy = float(champion.values[0])
+        if rec.get("state") == "done":
+            result.test_accuracy, result.params = rec.get("test_accuracy"), rec.get("params")
+            reg = rec.get("registered")
+            result.registered = Registered(**reg) if reg else None
+            log(f"champion trial {champion.number} is already finalized"
+                + (f" (registered as {reg['name']} v{reg['version']})" if reg else "") + "; nothing to redo")
+        else:
+            log(f"champion trial {champion.number} is being finalized by another process ({rec.get('owner')})")
+        return
+    try:
+        with claim_lease(study, key):
+            _finalize(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, log)
+    except BaseException:
+        drop_claim(study, key)
+        raise
+    reg = result.registered
+    finish_claim(study, key, test_accuracy=result.test_accuracy, params=result.params,
+                 registered=dataclasses.asdict(reg) if reg else None)
 
 
 def _finalize(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, log) -> None:
@@ -407,20 +621,25 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     log(f"champion: trial {champion.number} (val_accuracy {val:.4f}); "
         + ("final fit on train+validation..." if opts.final_fit else "evaluating on test..."))
     model, cfg, fit = final_model(objective, champion, data, opts.final_fit, checkpoint_dir / f"trial_{champion.number}.keras")
-    ev = evaluate(data.y_test, predict_proba(model, data.x_test), data.classes)
+    proba = predict_proba(model, data.x_test)
+    ev = evaluate(data.y_test, proba, data.classes)
     params = int(model.count_params())
     run = tracker.start_run(
         f"champion-trial-{champion.number}",
-        {TAG_KIND: "final", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.trial_number": champion.number},
+        {TAG_KIND: "final", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.trial_number": champion.number,
+         "emnist_hpo.engine": "optuna"},
         parent_run_id=parent,
     )
     tracker.log_params(run, cfg.flat_params())
     metrics = {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "val_accuracy": val, "params": params}
     tracker.log_metrics(run, metrics)
     tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
+    from .analysis import log_champion_analysis  # misclassified gallery, confused pairs, activation maps
+
+    log_champion_analysis(tracker, run, model, data.x_test, data.y_test, proba, data.classes, ev, log)
     tags = {"split": opts.split, "study": opts.name, "trial": champion.number, "val_accuracy": f"{val:.6f}",
             "params": params, "data_fingerprint": data.fingerprint(), "test_fingerprint": data.test_fingerprint(),
-            "final_fit": opts.final_fit}
+            "final_fit": opts.final_fit, "engine": "optuna"}
     reg = log_and_register(tracker, run, model, data.classes, split=opts.split, test_accuracy=ev.accuracy,
                            tags=tags, register=opts.register)
     tracker.end_run(run, "FINISHED")
@@ -438,6 +657,9 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
             tracker.log_artifacts(parent, Path(tmp), "study")
     result.val_accuracy, result.test_accuracy, result.params, result.registered = val, ev.accuracy, params, reg
     study.set_user_attr("champion", {"trial": champion.number, "test_accuracy": ev.accuracy, "params": params})
+    from .study_plots import log_study_plots  # Optuna's plots and the edge-of-space warning on the parent run
+
+    log_study_plots(study, objective.space, champion, tracker, parent, log)
 
 
 def summary_table(res: StudyResult) -> str:

@@ -21,6 +21,15 @@ from urllib.parse import urlparse
 import keras
 
 from .config import DEFAULT_ARTIFACT_ROOT, DEFAULT_TRACKING_URI
+from .coordination import (
+    OWNER_TAG,
+    check_sqlite_location,
+    current_owner,
+    pause_point,
+    sqlite_file,
+    sqlite_wal,
+    store_lock,
+)
 from .errors import StorageError
 from .hooks import TrialHooks, TrialOutcome
 from .reports import Evaluation, plot_curves, write_evaluation
@@ -39,6 +48,7 @@ TAG_TRIAL = "optuna.trial_number"
 TAG_STATE = "optuna.trial_state"  # COMPLETE | PRUNED | FAIL
 TAG_REASON = "emnist_hpo.fail_reason"
 TAG_PARENT = "mlflow.parentRunId"
+TAG_ENGINE = "emnist_hpo.engine"  # "optuna" | "keras-tuner": the search engine of a study's runs
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 
@@ -62,17 +72,36 @@ def make_client(tracking_uri: str) -> "MlflowClient":
     """An MLflow client on ``tracking_uri`` (tracking and registry), checked to answer within seconds."""
     from mlflow.tracking import MlflowClient
 
-    if tracking_uri.startswith("sqlite:///"):
-        Path(tracking_uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    check_tracking_uri(tracking_uri)
+    db = sqlite_file(tracking_uri)
+    try:
+        if db is not None:
+            # One process creates the schema (MLflow's migrations race otherwise); WAL lets readers and the
+            # writer of several processes work at once (MLflow's sessions already wait 20 s for a lock).
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with store_lock(tracking_uri, "init"):
+                client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+                client.search_experiments(max_results=1)
+                sqlite_wal(db)
+        else:
+            client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+            client.search_experiments(max_results=1)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
+        raise StorageError(
+            f"MLflow tracking store {redact(tracking_uri)!r} cannot be used: {_one_line(exc)} (give --tracking-uri "
+            "sqlite:///PATH.db, a database URL such as postgresql://HOST/DB, or http://HOST:PORT of an MLflow server)"
+        ) from None
+    return client
+
+
+def check_tracking_uri(tracking_uri: str) -> None:
+    """Fail fast, writing nothing, when ``tracking_uri`` is a server that does not answer or an unwritable file."""
     scheme = urlparse(tracking_uri).scheme
     if scheme in ("http", "https"):
         _check_http(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
-        raise StorageError(f"MLflow tracking store {redact(tracking_uri)!r} cannot be used: {_one_line(exc)}") from None
-    return client
+    check_sqlite_location(tracking_uri, "MLflow tracking store", "--tracking-uri")
 
 
 def _check_http(uri: str, timeout: float = 5.0) -> None:
@@ -127,6 +156,7 @@ class Tracker:
     # ------------------------------------------------------------------ runs
     def start_run(self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
         tags = {k: str(v) for k, v in (tags or {}).items()}
+        tags.setdefault(OWNER_TAG, current_owner())  # lets a later run close this one should this process die
         if parent_run_id:
             tags[TAG_PARENT] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
@@ -169,9 +199,13 @@ class Tracker:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
             write_evaluation(ev, out, prefix)
-            if history:
-                plot_curves(history, out / "training_curves.png")
             self.log_artifacts(run_id, out, "reports")
+            pause_point("artifacts")  # test hook: a kill here leaves the files half logged
+            if history:
+                curves = out / "curves"
+                curves.mkdir()
+                plot_curves(history, curves / "training_curves.png")
+                self.log_artifacts(run_id, curves, "reports")
 
 
 def _param_value(v: Any) -> str:
@@ -179,8 +213,10 @@ def _param_value(v: Any) -> str:
     return s if len(s) <= 6000 else s[:5997] + "..."
 
 
-def trial_status(state: str) -> str:
-    """MLflow run status for an Optuna trial state (PRUNED runs end KILLED, FAIL runs FAILED)."""
+def trial_status(state: str, reason: str | None = None) -> str:
+    """MLflow run status for an Optuna trial state (PRUNED runs end KILLED, FAIL runs FAILED, interrupted KILLED)."""
+    if reason and reason.startswith("interrupted"):
+        return "KILLED"
     return _STATUS.get(state, "FAILED")
 
 
@@ -196,6 +232,7 @@ class MlflowMetricsCallback(keras.callbacks.Callback):
         t0 = time.perf_counter()
         self.tracker.log_metrics(self.run_id, logs or {}, step=epoch + 1)
         self.seconds += time.perf_counter() - t0
+        pause_point("training")
 
 
 class MlflowTrialHooks(TrialHooks):
@@ -256,4 +293,4 @@ class MlflowTrialHooks(TrialHooks):
         overhead = spent + cb.seconds + (time.perf_counter() - t0)
         self.tracker.log_metrics(run_id, {"tracking_seconds": overhead})
         trial.set_user_attr("tracking_seconds", round(overhead, 3))
-        self.tracker.end_run(run_id, trial_status(outcome.state))
+        self.tracker.end_run(run_id, trial_status(outcome.state, outcome.reason))

@@ -501,11 +501,13 @@ def serve(*, storage: str = DEFAULT_OPTUNA_STORAGE, tracking_uri: str = DEFAULT_
             t0 = time.monotonic()
             for name, url in probes.items():
                 proc, log = children.get(name, (None, None))
+                left = max(1.0, startup_timeout - (time.monotonic() - t0))
                 try:
-                    wait_http(url, max(1.0, startup_timeout - (time.monotonic() - t0)), proc=proc)
+                    wait_http(url, left if proc is not None else min(left, 10.0), proc=proc)
                 except (TimeoutError, RuntimeError) as exc:
-                    tail = f"\n{_log_tail(log)}" if log is not None else ""
-                    raise StorageError(f"{name} did not start: {exc}{tail}") from None
+                    if proc is None:
+                        raise StorageError(f"MLflow server {redact(tracking_uri)} does not answer: {exc}") from None
+                    raise StorageError(f"{name} did not start: {exc}\n{_log_tail(log)}") from None
 
             print(f"MLflow UI:        {mlflow_url}", flush=True)
             print(f"Optuna dashboard: {dashboard_url}", flush=True)

@@ -1,0 +1,504 @@
+"""The cross-split leaderboard: champions, baselines and published figures, read from MLflow.
+
+:func:`run_compare` is what ``python -m emnist_hpo compare`` calls. For every
+split it takes
+
+* the champion: the model version holding alias ``champion`` of registered model
+  ``emnist-<split>`` (its run's test and validation accuracy, parameters, the
+  size of its ``.keras`` file, the training time and epochs of its trial);
+* every finished baseline run (``emnist_hpo.kind=baseline``) on the same test
+  data as the champion (equal ``test_fingerprint``; ``same_data`` says whether
+  training and validation data were also the same); without a champion, every
+  baseline of the split;
+* the published figures of :mod:`emnist_hpo.published`, with deltas;
+* a Pareto plot of validation accuracy against parameters over the split's
+  trials (those on the champion's data when there is one).
+
+It writes ``leaderboard.csv``, ``published.csv``, ``leaderboard.md`` and
+``compare.html`` (self-contained, plotly figures) into one folder and logs them
+to a run of MLflow experiment ``emnist-compare`` (``emnist_hpo.kind=compare``).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import pandas as pd
+
+from .data import SPLITS
+from .describe import describe_params
+from .errors import EmnistHpoError
+from .published import for_split
+from .registry import CHAMPION_ALIAS, model_name
+from .tracking import TAG_KIND, TAG_SPLIT, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, redact
+
+COMPARE_EXPERIMENT = "emnist-compare"
+DEFAULT_OUTPUT = "mlruns/compare"
+FILES = ("leaderboard.csv", "published.csv", "leaderboard.md", "compare.html")
+
+#: Leaderboard columns (accuracies are fractions; ``*_pp`` deltas are percentage points).
+COLUMNS = [
+    "split", "role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
+    "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "architecture",
+    "same_data", "data_fingerprint", "test_fingerprint", "run_id",
+]
+
+
+@dataclass
+class Comparison:
+    leaderboard: pd.DataFrame  # one row per champion or baseline run, COLUMNS
+    published: pd.DataFrame  # one row per published figure, with the champion's and the best run's deltas
+    trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # split -> trial points for the Pareto plot
+    left_out: dict[str, int] = field(default_factory=dict)  # split -> baselines on other test data
+
+
+@dataclass
+class CompareResult:
+    comparison: Comparison
+    output: Path  # the folder written
+    files: list[Path]
+    run_id: str  # the emnist-compare run
+
+
+# --------------------------------------------------------------------------- reading the store
+
+
+def _search(client, experiment_id: str, kind: str, extra: str = "") -> list:
+    query = f"tags.`{TAG_KIND}` = '{kind}'" + (f" and {extra}" if extra else "")
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=query, max_results=1000, page_token=token,
+                                  order_by=["attributes.start_time DESC"])
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def _metric(run, key: str) -> float | None:
+    v = run.data.metrics.get(key)
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+def _int(v: Any) -> int | None:
+    try:
+        return None if v is None else int(float(v))
+    except (TypeError, ValueError):
+        return None
+
+
+def _keras_bytes(client, source: str) -> int | None:
+    """Size of the ``.keras`` file inside a registered pyfunc model (its whole folder when there is none)."""
+    try:
+        from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+        if source.startswith("models:/m-"):
+            location = client.get_logged_model(source[len("models:/"):]).artifact_location
+        else:
+            location = source
+        repo = get_artifact_repository(location)
+        sizes: dict[str, int] = {}
+
+        def walk(path: str | None) -> None:
+            for f in repo.list_artifacts(path):
+                if f.is_dir:
+                    walk(f.path)
+                else:
+                    sizes[f.path] = int(f.file_size or 0)
+
+        walk(None)
+        keras = [s for p, s in sizes.items() if p.endswith(".keras")]
+        return keras[0] if keras else (sum(sizes.values()) or None)
+    except Exception:  # noqa: BLE001 - a missing or remote-only artifact leaves the cell empty
+        return None
+
+
+def _champion_row(client, split: str) -> dict[str, Any] | None:
+    try:
+        mv = client.get_model_version_by_alias(model_name(split), CHAMPION_ALIAS)
+    except Exception:  # noqa: BLE001 - no registered model or no alias
+        return None
+    run = client.get_run(mv.run_id)
+    tags = mv.tags or {}
+    study, trial = tags.get("study") or run.data.tags.get(TAG_STUDY), tags.get("trial") or run.data.tags.get(TAG_TRIAL)
+    trial_run = None
+    if study is not None and trial is not None:
+        found = _search(client, run.info.experiment_id, "trial",
+                        f"tags.`{TAG_STUDY}` = '{study}' and tags.`{TAG_TRIAL}` = '{trial}'")
+        trial_run = found[0] if found else None
+    final_fit = str(tags.get("final_fit", "True")) == "True"
+    epochs = _int(run.data.params.get("train.epochs")) if final_fit else None
+    if epochs is None and trial_run is not None:
+        epochs = len(client.get_metric_history(trial_run.info.run_id, "accuracy")) or None
+    val = _metric(run, "val_accuracy")
+    if val is None and tags.get("val_accuracy"):
+        val = float(tags["val_accuracy"])
+    return {
+        "split": split,
+        "role": "champion",
+        "name": f"{model_name(split)} v{mv.version} (study {study}, trial {trial})",
+        "test_accuracy": _metric(run, "test_accuracy"),
+        "val_accuracy": val,
+        "params": _int(_metric(run, "params") or tags.get("params")),
+        "model_size_bytes": _keras_bytes(client, mv.source),
+        "train_seconds": _metric(trial_run, "train_seconds") if trial_run is not None else None,
+        "epochs": epochs,
+        "architecture": describe_params(run.data.params),
+        "data_fingerprint": tags.get("data_fingerprint"),
+        "test_fingerprint": tags.get("test_fingerprint"),
+        "run_id": mv.run_id,
+    }
+
+
+def _baseline_row(run, split: str) -> dict[str, Any]:
+    t = run.data.tags
+    return {
+        "split": split,
+        "role": "baseline",
+        "name": t.get("emnist_hpo.experiment") or run.info.run_name,
+        "test_accuracy": _metric(run, "test_accuracy"),
+        "val_accuracy": _metric(run, "best_val_accuracy"),
+        "params": _int(_metric(run, "params")),
+        "model_size_bytes": _int(_metric(run, "model_size_bytes")),
+        "train_seconds": _metric(run, "train_seconds"),
+        "epochs": _int(_metric(run, "epochs_run")) or None,
+        "architecture": t.get("emnist_hpo.architecture") or describe_params(run.data.params),
+        "data_fingerprint": t.get("emnist_hpo.data_fingerprint"),
+        "test_fingerprint": t.get("emnist_hpo.test_fingerprint"),
+        "run_id": run.info.run_id,
+    }
+
+
+def _trial_points(client, experiment_id: str, fingerprint: str | None) -> pd.DataFrame:
+    """Trials with both ``best_val_accuracy`` and ``params`` (of studies on ``fingerprint`` when given)."""
+    studies = {r.info.run_id: r.data.tags.get("emnist_hpo.data_fingerprint") for r in _search(client, experiment_id, "study")}
+    rows = []
+    for r in _search(client, experiment_id, "trial"):
+        acc, params = _metric(r, "best_val_accuracy"), _metric(r, "params")
+        if acc is None or params is None:
+            continue
+        fp = studies.get(r.data.tags.get("mlflow.parentRunId", ""))
+        if fingerprint is not None and fp != fingerprint:
+            continue
+        rows.append({
+            "study": r.data.tags.get(TAG_STUDY), "trial": _int(r.data.tags.get(TAG_TRIAL)),
+            "state": r.data.tags.get(TAG_STATE, "?"), "val_accuracy": acc, "params": int(params),
+            "run_id": r.info.run_id,
+        })
+    df = pd.DataFrame(rows, columns=["study", "trial", "state", "val_accuracy", "params", "run_id"])
+    df["pareto"] = pareto_mask(df["params"].tolist(), df["val_accuracy"].tolist()) if len(df) else []
+    return df
+
+
+def pareto_mask(params: list[float], accuracy: list[float]) -> list[bool]:
+    """True for points no other point beats (fewer or equal parameters and higher accuracy, or vice versa)."""
+    order = sorted(range(len(params)), key=lambda i: (params[i], -accuracy[i]))
+    keep, best = [False] * len(params), -math.inf
+    for i in order:
+        if accuracy[i] > best:
+            keep[i], best = True, accuracy[i]
+    return keep
+
+
+def collect(client, splits: Iterable[str] = SPLITS) -> Comparison:
+    """Read champions, baselines, trials and published figures for ``splits`` from the store."""
+    rows: list[dict[str, Any]] = []
+    trials: dict[str, pd.DataFrame] = {}
+    left_out: dict[str, int] = {}
+    for split in splits:
+        exp = client.get_experiment_by_name(f"emnist-{split}")
+        champ = _champion_row(client, split)
+        baselines = []
+        if exp is not None:
+            for run in _search(client, exp.experiment_id, "baseline", "attributes.status = 'FINISHED'"):
+                if run.data.tags.get(TAG_SPLIT, split) == split:
+                    baselines.append(_baseline_row(run, split))
+        if champ is not None and champ["test_fingerprint"]:
+            keep = [b for b in baselines if b["test_fingerprint"] == champ["test_fingerprint"]]
+            if len(keep) < len(baselines):
+                left_out[split] = len(baselines) - len(keep)
+            baselines = keep
+        for b in baselines:
+            b["same_data"] = None if champ is None else b["data_fingerprint"] == champ["data_fingerprint"]
+        if champ is not None:
+            champ["same_data"] = True
+            rows.append(champ)
+        rows.extend(sorted(baselines, key=lambda b: -(b["test_accuracy"] or 0)))
+        if exp is not None:
+            pts = _trial_points(client, exp.experiment_id, champ["data_fingerprint"] if champ else None)
+            if len(pts):
+                trials[split] = pts
+    board = pd.DataFrame(rows, columns=COLUMNS)
+    for col in ("params", "model_size_bytes", "epochs"):
+        board[col] = board[col].astype("Int64")
+    for col in ("test_accuracy", "val_accuracy", "train_seconds"):
+        board[col] = board[col].astype("float64")
+    _add_deltas(board)
+    return Comparison(board, _published_table(board), trials, left_out)
+
+
+def _pp(a: float | None, b: float | None) -> float | None:
+    """``a - b`` in percentage points, both fractions."""
+    if a is None or b is None or (isinstance(a, float) and math.isnan(a)) or (isinstance(b, float) and math.isnan(b)):
+        return None
+    return round(100.0 * (a - b), 3)
+
+
+def _add_deltas(board: pd.DataFrame) -> None:
+    for i, r in board.iterrows():
+        champ = board[(board["split"] == r["split"]) & (board["role"] == "champion")]
+        champ_acc = champ["test_accuracy"].iloc[0] if len(champ) else None
+        research = for_split(r["split"], "research")
+        best = for_split(r["split"])
+        board.at[i, "delta_vs_champion_pp"] = _pp(r["test_accuracy"], champ_acc) if r["role"] != "champion" else None
+        board.at[i, "delta_vs_research_pp"] = _pp(r["test_accuracy"], research[0].accuracy / 100) if research else None
+        board.at[i, "delta_vs_best_published_pp"] = _pp(r["test_accuracy"], best[0].accuracy / 100) if best else None
+
+
+def _published_table(board: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for split in SPLITS:
+        sub = board[board["split"] == split]
+        champ = sub[sub["role"] == "champion"]["test_accuracy"]
+        champ_acc = float(champ.iloc[0]) if len(champ) and pd.notna(champ.iloc[0]) else None
+        best_idx = sub["test_accuracy"].astype(float).idxmax() if sub["test_accuracy"].notna().any() else None
+        best_acc = float(sub.at[best_idx, "test_accuracy"]) if best_idx is not None else None
+        for p in for_split(split):
+            rows.append({
+                "split": split, "kind": p.kind, "model": p.model, "published_accuracy_pct": p.accuracy,
+                "champion_test_accuracy": champ_acc, "champion_delta_pp": _pp(champ_acc, p.accuracy / 100),
+                "best_run": sub.at[best_idx, "name"] if best_idx is not None else None,
+                "best_run_test_accuracy": best_acc, "best_run_delta_pp": _pp(best_acc, p.accuracy / 100),
+                "source": p.source, "note": p.note,
+            })
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- writing the report
+
+
+def _fmt(v: Any, col: str) -> str:
+    if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    if col in ("test_accuracy", "val_accuracy", "champion_test_accuracy", "best_run_test_accuracy"):
+        return f"{100 * float(v):.2f}%"
+    if col.endswith("_pp"):
+        return f"{float(v):+.2f}"
+    if col == "published_accuracy_pct":
+        return f"{float(v):.2f}%"
+    if col in ("params", "epochs"):
+        return f"{int(v):,}"
+    if col == "model_size_bytes":
+        return f"{float(v) / 1e6:.2f} MB"
+    if col == "train_seconds":
+        return f"{float(v):.1f} s"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    return str(v)
+
+
+def _markdown_table(df: pd.DataFrame, cols: list[str]) -> str:
+    def cell(v: Any, c: str) -> str:
+        return _fmt(v, c).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r[c], c) for c in cols) + " |" for _, r in df.iterrows()]
+    return "\n".join(lines)
+
+
+_SHOWN = ["role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
+          "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "same_data",
+          "architecture"]
+_PUB_SHOWN = ["kind", "model", "published_accuracy_pct", "champion_test_accuracy", "champion_delta_pp",
+              "best_run", "best_run_test_accuracy", "best_run_delta_pp", "source"]
+
+
+def to_markdown(c: Comparison, store: str) -> str:
+    out = ["# EMNIST cross-split leaderboard", "",
+           f"Store: `{store}`. Accuracies are test accuracies unless named otherwise; deltas are percentage points. "
+           "Published figures are on the official NIST test sets: runs on a sample or subset are not directly "
+           "comparable with them.", ""]
+    for split in SPLITS:
+        sub = c.leaderboard[c.leaderboard["split"] == split]
+        pub = c.published[c.published["split"] == split] if len(c.published) else c.published
+        if not len(sub) and not len(pub):
+            continue
+        out += [f"## {split}", ""]
+        if len(sub):
+            out += [_markdown_table(sub, _SHOWN), ""]
+        else:
+            out += ["No champion or baseline run yet.", ""]
+        if c.left_out.get(split):
+            out += [f"{c.left_out[split]} baseline run(s) on other test data left out.", ""]
+        if len(pub):
+            out += ["Published:", "", _markdown_table(pub, _PUB_SHOWN), ""]
+    return "\n".join(out)
+
+
+def pareto_figure(split: str, pts: pd.DataFrame, board: pd.DataFrame):
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for state, sub in pts.groupby("state"):
+        fig.add_trace(go.Scatter(
+            x=sub["params"], y=sub["val_accuracy"], mode="markers", name=f"trials ({state.lower()})",
+            text=[f"{s} #{t}" for s, t in zip(sub["study"], sub["trial"])],
+            hovertemplate="%{text}<br>params %{x:,}<br>val accuracy %{y:.4f}<extra></extra>",
+            marker={"size": 8, "opacity": 0.75},
+        ))
+    front = pts[pts["pareto"]].sort_values("params")
+    fig.add_trace(go.Scatter(x=front["params"], y=front["val_accuracy"], mode="lines+markers", name="Pareto front",
+                             line={"shape": "hv", "color": "crimson"}, marker={"color": "crimson", "size": 9}))
+    sub = board[board["split"] == split]
+    for role, symbol in (("champion", "star"), ("baseline", "diamond")):
+        rows = sub[(sub["role"] == role) & sub["params"].notna() & sub["val_accuracy"].notna()]
+        if len(rows):
+            fig.add_trace(go.Scatter(
+                x=rows["params"], y=rows["val_accuracy"], mode="markers+text", name=role + "s" if role == "baseline" else role,
+                text=rows["name"] if role == "baseline" else ["champion"] * len(rows), textposition="top center",
+                marker={"symbol": symbol, "size": 14 if role == "champion" else 11},
+            ))
+    fig.update_layout(
+        title=f"{split}: validation accuracy against parameters ({len(pts)} trials, {int(pts['pareto'].sum())} on the front)",
+        xaxis={"title": "parameters (classical baselines: stored numbers)", "type": "log"},
+        yaxis={"title": "validation accuracy"}, height=480, template="plotly_white",
+    )
+    return fig
+
+
+def _top(split: str, kind: str | None = None) -> float | None:
+    rows = for_split(split, kind)
+    return rows[0].accuracy if rows else None
+
+
+def overview_figure(c: Comparison):
+    import plotly.graph_objects as go
+
+    board = c.leaderboard
+    splits = [s for s in SPLITS if (board["split"] == s).any()]
+
+    def best(split: str, role: str) -> float | None:
+        v = board[(board["split"] == split) & (board["role"] == role)]["test_accuracy"].dropna()
+        return 100 * float(v.max()) if len(v) else None
+
+    fig = go.Figure()
+    for name, ys in (
+        ("champion", [best(s, "champion") for s in splits]),
+        ("best baseline", [best(s, "baseline") for s in splits]),
+        ("research", [_top(s, "research") for s in splits]),
+        ("best published", [_top(s) for s in splits]),
+    ):
+        fig.add_trace(go.Bar(name=name, x=splits, y=ys, text=[f"{y:.2f}" if y is not None else "" for y in ys]))
+    fig.update_layout(barmode="group", title="test accuracy per split (%)", yaxis={"title": "test accuracy (%)"},
+                      height=420, template="plotly_white")
+    return fig
+
+
+def to_html(c: Comparison, store: str) -> str:
+    """A self-contained page (plotly.js embedded once, so it renders offline and inside the MLflow UI)."""
+    import plotly.io as pio
+
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>EMNIST leaderboard</title>",
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:last-child{text-align:left}</style>",
+        "</head><body><h1>EMNIST cross-split leaderboard</h1>",
+        f"<p>Store <code>{html.escape(store)}</code>, written {_dt.datetime.now().isoformat(timespec='seconds')}. "
+        "Accuracies are test accuracies unless named otherwise; deltas are percentage points. Published figures are "
+        "on the official NIST test sets: runs on a sample or subset are not directly comparable with them.</p>",
+        pio.to_html(overview_figure(c), full_html=False, include_plotlyjs=True),
+    ]
+    for split in SPLITS:
+        sub = c.leaderboard[c.leaderboard["split"] == split]
+        pub = c.published[c.published["split"] == split] if len(c.published) else c.published
+        if not len(sub) and not len(pub):
+            continue
+        parts.append(f"<h2>{split}</h2>")
+        if len(sub):
+            parts.append(_html_table(sub, _SHOWN))
+        else:
+            parts.append("<p>No champion or baseline run yet.</p>")
+        if c.left_out.get(split):
+            parts.append(f"<p>{c.left_out[split]} baseline run(s) on other test data left out.</p>")
+        if len(pub):
+            parts.append("<h3>published</h3>" + _html_table(pub, _PUB_SHOWN))
+        if split in c.trials:
+            parts.append(pio.to_html(pareto_figure(split, c.trials[split], c.leaderboard), full_html=False,
+                                     include_plotlyjs=False))
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def _html_table(df: pd.DataFrame, cols: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(_fmt(r[c], c))}</td>" for c in cols) + "</tr>" for _, r in df.iterrows()
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(c: Comparison, output: Path, store: str) -> list[Path]:
+    """Write the four report files into ``output`` (created if needed); nothing is written elsewhere."""
+    output.mkdir(parents=True, exist_ok=True)
+    paths = [output / name for name in FILES]
+    c.leaderboard.to_csv(paths[0], index=False)
+    c.published.to_csv(paths[1], index=False)
+    paths[2].write_text(to_markdown(c, store), encoding="utf-8")
+    paths[3].write_text(to_html(c, store), encoding="utf-8")
+    return paths
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def run_compare(output: str | None = None, tracking_uri: str | None = None,
+                log: Callable[[str], None] = print) -> CompareResult:
+    """Build the leaderboard from the store, write it into ``output`` and log it to an ``emnist-compare`` run."""
+    tracker = Tracker(tracking_uri, COMPARE_EXPERIMENT)
+    store = redact(tracker.tracking_uri)
+    import mlflow
+
+    mlflow.set_tracking_uri(tracker.tracking_uri)  # artifact repositories of mlflow-artifacts:/ URIs need it
+    c = collect(tracker.client)
+    if not len(c.leaderboard):
+        raise EmnistHpoError(
+            f"nothing to compare in {store!r}: no champion and no baseline run on any split; run "
+            f"`python -m emnist_hpo study --split <split>` or `python -m emnist_hpo run <experiment> --split <split>` first"
+        )
+    out = Path(output or DEFAULT_OUTPUT)
+    files = write_report(c, out, store)
+    run = tracker.start_run("compare", {TAG_KIND: "compare"})
+    try:
+        metrics: dict[str, float] = {"rows": len(c.leaderboard)}
+        for _, r in c.leaderboard[c.leaderboard["role"] == "champion"].iterrows():
+            if r["test_accuracy"] is not None and pd.notna(r["test_accuracy"]):
+                metrics[f"{r['split']}.champion_test_accuracy"] = float(r["test_accuracy"])
+        tracker.log_metrics(run, metrics)
+        tracker.log_params(run, {"splits": ",".join(sorted(set(c.leaderboard["split"]))), "output": str(out)})
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # only the report files, whatever else the folder holds
+            for p in files:
+                (Path(tmp) / p.name).write_bytes(p.read_bytes())
+            tracker.log_artifacts(run, Path(tmp), "compare")
+        tracker.end_run(run, "FINISHED")
+    except BaseException:
+        tracker.end_run(run, "FAILED")
+        raise
+    log(f"compare: {len(c.leaderboard)} rows over {c.leaderboard['split'].nunique()} split(s) -> {out}/ "
+        f"(MLflow run {run} in {COMPARE_EXPERIMENT})")
+    return CompareResult(c, out, files, run)
+
+
+def summary(c: Comparison) -> str:
+    """The leaderboard printed by the command: one line per row."""
+    lines = []
+    for _, r in c.leaderboard.iterrows():
+        lines.append(f"  {r['split']:<9} {r['role']:<9} {_fmt(r['test_accuracy'], 'test_accuracy'):>7}  "
+                     f"{_fmt(r['params'], 'params'):>11}  {r['name']}")
+    return "\n".join(["  split     role        test       params  name"] + lines)

@@ -1,0 +1,227 @@
+"""Coordination between processes that share a study: who owns what, and locks through the stores.
+
+Several processes may work on one study: ``study --workers N`` on one machine,
+or independent ``study`` commands on several machines sharing a PostgreSQL
+storage and an MLflow server. Two tools keep them from stepping on each other:
+
+* **Owners.** Every trial (Optuna user attribute ``owner``) and every MLflow
+  run (tag ``emnist_hpo.owner``) records ``host:pid:start`` of the process that
+  runs it. On the same host, :func:`owner_alive` tells a live owner from a dead
+  one (``kill -9``, a crash, a reboot; the start time guards against a reused
+  pid), so the next invocation fails a dead process's trial at once instead of
+  waiting for Optuna's heartbeat grace period. Owners on other hosts are
+  unknown (``None``); their trials go stale through the heartbeat.
+* **Locks.** :func:`store_lock` is a mutex among all processes using one store:
+  an exclusive ``flock`` on ``<db>.lock`` beside an SQLite file, a session-level
+  advisory lock (``pg_advisory_lock``) on PostgreSQL, ``GET_LOCK`` on MySQL. The
+  lock dies with its holder (the kernel drops a dead process's flock, the server
+  a closed session's advisory lock), so a ``kill -9`` never leaves it held.
+
+:data:`PAUSE_ENV` is a test hook: ``EMNIST_HPO_TEST_PAUSE_AT=<phase>[#<n>]``
+makes :func:`pause_point` print one line and sleep at the n-th time (default 1)
+the process reaches ``phase`` (``training``, ``artifacts``, ``register``), so a
+test can kill the process at a known moment. Unset, :func:`pause_point` does
+nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StorageError
+
+#: Optuna trial user attribute and MLflow run tag naming the process that runs it.
+OWNER_ATTR = "owner"
+OWNER_TAG = "emnist_hpo.owner"
+#: Test hook: ``<phase>[#<n>]`` pauses the process at the n-th ``pause_point(phase)``.
+PAUSE_ENV = "EMNIST_HPO_TEST_PAUSE_AT"
+#: Seconds :func:`store_lock` waits for another process before giving up.
+LOCK_TIMEOUT_S = 600.0
+#: First key of every advisory lock this project takes on PostgreSQL ("EMNI").
+_PG_LOCK_SPACE = 0x454D4E49
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (clock ticks since boot), or None where /proc is unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22 of proc(5), counted after "pid (comm)"
+
+
+def current_owner() -> str:
+    """``host:pid:start`` of this process."""
+    pid = os.getpid()
+    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or 0}"
+
+
+def owner_alive(owner: str | None) -> bool | None:
+    """True or False for an owner on this host; None when it runs elsewhere (or ``owner`` is unknown)."""
+    if not owner:
+        return None
+    try:
+        host, pid_text, start = owner.rsplit(":", 2)
+        pid = int(pid_text)
+    except ValueError:
+        return None
+    if host != socket.gethostname():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, but someone else's
+    now = _start_time(pid)
+    if start not in ("0", "") and now is not None and now != start:
+        return False  # the pid was reused by a newer process
+    return True
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of an SQLite URL (None for other URLs and in-memory databases)."""
+    if not url.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        db = make_url(url).database
+    except Exception:  # noqa: BLE001 - not a URL: not a file either
+        return None
+    if not db or db == ":memory:" or db.startswith("file:"):
+        return None
+    return Path(db)
+
+
+def check_sqlite_location(url: str, what: str, option: str) -> None:
+    """Raise :class:`StorageError` unless the SQLite file of ``url`` exists or can be created; writes nothing."""
+    path = sqlite_file(url)
+    if path is None:
+        return
+    if path.exists():
+        if not path.is_file():
+            raise StorageError(f"{what} {url!r} is not usable: {path} is not a file (give {option} sqlite:///PATH.db)")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise StorageError(f"{what} {url!r} is not usable: {path} is not readable and writable")
+        return
+    parent = path.parent if str(path.parent) else Path(".")
+    probe = parent
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(
+            f"{what} {url!r} cannot be created: {probe} is not a writable folder (give {option} a path you can write)"
+        )
+
+
+def sqlite_wal(db: Path) -> None:
+    """Switch an SQLite database to write-ahead logging, under which readers and the one writer never block
+    each other (a property of the file: once is enough for every later connection)."""
+    import sqlite3
+
+    conn = sqlite3.connect(str(db), timeout=60)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def store_lock(url: str, name: str, engine=None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
+    """Hold an exclusive lock named ``name`` among all processes using the store at ``url``.
+
+    ``engine`` (a SQLAlchemy engine on ``url``) is reused for database locks when
+    given. Stores without a lock mechanism (in-memory, journal files) get none:
+    only one process can use them anyway. Raises :class:`StorageError` after
+    ``timeout`` seconds. Not re-entrant: never nest two locks on one store.
+    """
+    db = sqlite_file(url)
+    if db is not None:
+        with _file_lock(Path(f"{db}.lock"), timeout):
+            yield
+        return
+    dialect = url.split(":", 1)[0].split("+", 1)[0]
+    if dialect not in ("postgresql", "mysql"):
+        yield
+        return
+    import sqlalchemy
+
+    own = engine is None
+    if own:
+        connect_args = {"connect_timeout": 5}
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=connect_args)
+    key = zlib.crc32(name.encode()) - (1 << 31)  # a signed 32-bit key
+    try:
+        with engine.connect() as conn:
+            if dialect == "postgresql":
+                conn.execute(sqlalchemy.text(f"SET lock_timeout = '{int(timeout * 1000)}ms'"))
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:a, :b)"), {"a": _PG_LOCK_SPACE, "b": key})
+                conn.commit()
+            else:
+                got = conn.execute(sqlalchemy.text("SELECT GET_LOCK(:n, :t)"),
+                                   {"n": f"emnist_hpo:{name}"[:64], "t": int(timeout)}).scalar()
+                if got != 1:
+                    raise StorageError(f"could not take the lock {name!r} on {url.split('@')[-1]} in {timeout:g} s")
+            try:
+                yield
+            finally:
+                if dialect == "postgresql":
+                    conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:a, :b)"), {"a": _PG_LOCK_SPACE, "b": key})
+                    conn.commit()
+                else:
+                    conn.execute(sqlalchemy.text("SELECT RELEASE_LOCK(:n)"), {"n": f"emnist_hpo:{name}"[:64]})
+    finally:
+        if own:
+            engine.dispose()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path, timeout: float) -> Iterator[None]:
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StorageError(f"{path} stayed locked by another process for {timeout:g} s") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+_pause_counts: dict[str, int] = {}
+
+
+def pause_point(phase: str) -> None:
+    """Test hook: sleep here if :data:`PAUSE_ENV` names ``phase`` (see the module docstring)."""
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    want, _, nth = spec.partition("#")
+    if want != phase:
+        return
+    _pause_counts[phase] = _pause_counts.get(phase, 0) + 1
+    if _pause_counts[phase] != int(nth or 1):
+        return
+    print(f"emnist-hpo: test pause at {phase} (pid {os.getpid()})", file=sys.stderr, flush=True)
+    time.sleep(3600)

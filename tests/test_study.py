@@ -1,0 +1,199 @@
+"""End-to-end studies on the real EMNIST sample, checked through Optuna's storage and MLflow's client."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emnist_hpo.data import load_split
+from emnist_hpo.study import StudyOptions, run_study
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, sample_dir):
+    """A private working directory, stores and parse cache for one module's studies."""
+    root = tmp_path_factory.mktemp("study")
+    old = {k: os.environ.get(k) for k in ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR")}
+    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("EMNIST_DATA_DIR", None)
+    yield {
+        "root": root,
+        "storage": f"sqlite:///{root}/optuna.db",
+        "tracking": f"sqlite:///{root}/mlflow.db",
+        "data": str(sample_dir),
+        "ckpt": str(root / "ckpt"),
+    }
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _opts(env, **kw) -> StudyOptions:
+    base = dict(
+        trials=2, epochs=1, max_train_samples=2000, data_dir=env["data"], storage=env["storage"],
+        tracking_uri=env["tracking"], progress=False, checkpoint_dir=env["ckpt"],
+    )
+    base.update(kw)
+    return StudyOptions(**base)
+
+
+@pytest.fixture(scope="module")
+def letters(env):
+    """A 2-trial letters study (the two seed experiments, warm-started)."""
+    return run_study(_opts(env, split="letters"), log=lambda m: None)
+
+
+def _runs(env, split: str, kind: str):
+    client = MlflowClient(env["tracking"])
+    exp = client.get_experiment_by_name(f"emnist-{split}")
+    assert exp is not None, f"no MLflow experiment emnist-{split}"
+    return client, client.search_runs([exp.experiment_id], f"tags.`emnist_hpo.kind` = '{kind}'", max_results=1000)
+
+
+def test_letters_study_records_every_trial_in_optuna(env, letters):
+    study = optuna.load_study(study_name="emnist-letters", storage=env["storage"])
+    finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
+    assert len(finished) == 2
+    # warm start: the research's seed architectures run first, exactly as their experiment files say
+    assert {t.user_attrs.get("seed_experiment") for t in study.trials} == {"two_conv", "one_conv"}
+    two_conv = next(t for t in study.trials if t.user_attrs.get("seed_experiment") == "two_conv")
+    assert two_conv.user_attrs["params"] == 926_298  # conv64-3x3/pool/conv64-3x3/pool/512/128 on 26 classes
+    for t in finished:
+        assert t.user_attrs["epoch_time"] > 0 and t.user_attrs["mlflow_run_id"]
+
+
+def test_every_trial_is_a_nested_mlflow_run_with_metrics_and_reports(env, letters):
+    client, parents = _runs(env, "letters", "study")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    parent = parents[0]
+    _, trials = _runs(env, "letters", "trial")
+    assert len(trials) == 2
+    for run in trials:
+        assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert run.info.status == "FINISHED" and run.data.tags["optuna.trial_state"] == "COMPLETE"
+        assert run.data.params["train.epochs"] == "1" and "trial.learning_rate" in run.data.params
+        for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+            history = client.get_metric_history(run.info.run_id, key)
+            assert [m.step for m in history] == [1], key
+        files = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
+        assert {
+            "reports/validation_confusion_matrix.png", "reports/validation_confusion_matrix.csv",
+            "reports/validation_per_class.csv", "reports/training_curves.png",
+        } <= files
+        local = Path(client.download_artifacts(run.info.run_id, "reports/validation_per_class.csv", str(env["root"])))
+        per_class = local.read_text().splitlines()
+        assert per_class[0].startswith("class,precision,recall,f1,support")
+        assert len(per_class) == 27 and per_class[1].startswith("A/a,")  # classes named by character
+
+
+def test_champion_is_registered_and_predicts_real_images(env, letters, sample_dir):
+    assert letters.registered is not None and letters.registered.champion
+    _, finals = _runs(env, "letters", "final")
+    assert len(finals) == 1
+    assert abs(finals[0].data.metrics["test_accuracy"] - letters.test_accuracy) < 1e-9
+    mlflow.set_tracking_uri(env["tracking"])
+    model = mlflow.pyfunc.load_model("models:/emnist-letters@champion")
+    test = load_split("letters", sample_dir)
+    x, y = test.x_test[:600], test.y_test[:600]
+    proba = model.predict(x)
+    assert list(proba.columns) == list(test.classes)
+    assert np.allclose(proba.to_numpy().sum(axis=1), 1.0, atol=1e-4)
+    accuracy = float((proba.to_numpy().argmax(axis=1) == y).mean())
+    assert accuracy > 4 / 26, f"champion barely beats chance: {accuracy:.3f}"
+
+
+def test_a_worse_model_does_not_take_the_champion_alias(env, letters):
+    client = MlflowClient(env["tracking"])
+    before = client.get_model_version_by_alias("emnist-letters", "champion").version
+    # one epoch on 200 images: registered as a new version, champion only if it really tests better
+    res = run_study(_opts(env, split="letters", study_name="letters-tiny", trials=1, max_train_samples=200,
+                          warm_start=False, seed=3), log=lambda m: None)
+    assert res.registered is not None and res.registered.version != before
+    if res.test_accuracy < letters.test_accuracy:
+        assert not res.registered.champion
+        assert client.get_model_version_by_alias("emnist-letters", "champion").version == before
+
+
+def test_byclass_multi_objective_reports_a_pareto_front(env):
+    res = run_study(
+        _opts(env, split="byclass", objectives=("accuracy", "params"), warm_start=False, sampler="random",
+              search_space="small", max_train_samples=3000),
+        log=lambda m: None,
+    )
+    assert res.study.study_name == "emnist-byclass-pareto"
+    assert len(res.study.directions) == 2 and 1 <= len(res.pareto) <= 2
+    assert res.champion_trial.number in {t.number for t in res.pareto}
+    client, parents = _runs(env, "byclass", "study")
+    files = {a.path for a in client.list_artifacts(parents[0].info.run_id, "study")}
+    assert "study/pareto_front.csv" in files
+    assert client.get_model_version_by_alias("emnist-byclass", "champion") is not None
+
+
+def _cli(args, cwd, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "emnist_hpo", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
+    """Defaults need nothing running; re-running the same command resumes and runs only the missing trials."""
+    args = ["study", "--split", "digits", "--trials", "1", "--epochs", "1", "--max-train-samples", "1000",
+            "--no-warm-start", "--no-progress", "--no-final-fit"]
+    first = _cli(args, tmp_path, {"EMNIST_DATA_DIR": str(sample_dir)})
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "mlruns" / "optuna.db").is_file() and (tmp_path / "mlruns" / "mlflow.db").is_file()
+    assert "test accuracy" in first.stdout
+    second = _cli([*args[:4], "2", *args[5:]], tmp_path, {"EMNIST_DATA_DIR": str(sample_dir)})
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming study 'emnist-digits': 1 of 2" in second.stderr
+    study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert len(study.trials) == 2
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("emnist-digits")
+    assert exp.artifact_location.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+    trials = client.search_runs([exp.experiment_id], "tags.`emnist_hpo.kind` = 'trial'")
+    assert sorted(r.data.tags["optuna.trial_number"] for r in trials) == ["0", "1"]
+    third = _cli(args[:4] + ["2"] + args[5:], tmp_path, {"EMNIST_DATA_DIR": str(sample_dir)})
+    assert third.returncode == 0 and "already has 2 finished trials" in third.stderr
+    assert len(optuna.load_study(study_name="emnist-digits",
+                                 storage=f"sqlite:///{tmp_path}/mlruns/optuna.db").trials) == 2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--split", "klingon"], "unknown split 'klingon'; allowed: byclass, bymerge"),
+        (["--split", "digits", "--trials", "0"], "--trials must be >= 1 (trials=0)"),
+        (["--split", "digits", "--epochs", "0"], "--epochs must be >= 1 (epochs=0)"),
+        (["--split", "digits", "--sampler", "grid"], "--sampler must be one of tpe, random, qmc, cmaes, nsga2"),
+        (["--split", "digits", "--pruner", "always"], "--pruner must be one of hyperband"),
+        (["--split", "digits", "--objectives", "params"], "--objectives must be 'accuracy' or 'accuracy,params'"),
+        (["--split", "digits", "--data-dir", "/nonexistent/emnist"], "/nonexistent/emnist"),
+        (["--split", "digits", "--search-space", "nope.yaml"], "search space file not found: 'nope.yaml'"),
+        (["--split", "digits", "--study-name", "../../etc"], "--study-name must be 1-128 letters"),
+    ],
+)
+def test_cli_bad_input_is_one_line_exit_2_and_records_nothing(tmp_path, monkeypatch, capsys, args, needle):
+    from emnist_hpo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["study", *args, "--no-progress"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], lines
+    assert lines[0].startswith("emnist-hpo: error: ")
+    assert not (tmp_path / "mlruns").exists()
