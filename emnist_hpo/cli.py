@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
+    s.add_argument("--finalists", type=_positive_int, default=5,
+                   help="top-k trials re-trained on other folds before crowning the best mean (0 = off)")
+    s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist (3)")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="trials run at once, each worker a subprocess on the same study (1)")
     s.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
@@ -166,6 +169,8 @@ def _study(args: argparse.Namespace) -> int:
         early_stopping_patience=args.early_stopping,
         final_fit=not args.no_final_fit,
         register=not args.no_register,
+        finalists=args.finalists,
+        folds=args.folds,
         progress=not args.no_progress,
         workers=args.workers,
     )

@@ -318,26 +318,35 @@ _PUB_SHOWN = ["kind", "model", "published_accuracy_pct", "champion_test_accuracy
               "best_run", "best_run_test_accuracy", "best_run_delta_pp", "source"]
 
 
-def to_markdown(c: Comparison, store: str) -> str:
-    out = ["# EMNIST cross-split leaderboard", "",
-           f"Store: `{store}`. Accuracies are test accuracies unless named otherwise; deltas are percentage points. "
-           "Published figures are on the official NIST test sets: runs on a sample or subset are not directly "
-           "comparable with them.", ""]
+_ALL_PUB = ["split", "kind", "model", "published_accuracy_pct", "source", "note"]
+
+
+def _sections(c: Comparison):
+    """``(split, leaderboard rows, published rows)`` for each split with at least one run."""
     for split in SPLITS:
         sub = c.leaderboard[c.leaderboard["split"] == split]
-        pub = c.published[c.published["split"] == split] if len(c.published) else c.published
-        if not len(sub) and not len(pub):
-            continue
-        out += [f"## {split}", ""]
         if len(sub):
-            out += [_markdown_table(sub, _SHOWN), ""]
-        else:
-            out += ["No champion or baseline run yet.", ""]
+            pub = c.published[c.published["split"] == split] if len(c.published) else c.published
+            yield split, sub, pub
+
+
+def to_markdown(c: Comparison, store: str) -> str:
+    out = ["# EMNIST cross-split leaderboard", "", f"Store: `{store}`. {_INTRO}", ""]
+    for split, sub, pub in _sections(c):
+        out += [f"## {split}", "", _markdown_table(sub, _SHOWN), ""]
         if c.left_out.get(split):
             out += [f"{c.left_out[split]} baseline run(s) on other test data left out.", ""]
         if len(pub):
             out += ["Published:", "", _markdown_table(pub, _PUB_SHOWN), ""]
+    if len(c.published):
+        out += ["## Published figures, all splits", "", _markdown_table(c.published, _ALL_PUB), ""]
     return "\n".join(out)
+
+
+_INTRO = ("Accuracies are test accuracies unless named otherwise; deltas are percentage points. Published figures "
+          "are on the official NIST test sets: runs on a sample or subset are not directly comparable with them. "
+          "same_data: trained and validated on the champion's data (baselines are shown only when tested on the "
+          "champion's test set).")
 
 
 def pareto_figure(split: str, pts: pd.DataFrame, board: pd.DataFrame):
@@ -409,20 +418,11 @@ def to_html(c: Comparison, store: str) -> str:
         "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}td:last-child{text-align:left}</style>",
         "</head><body><h1>EMNIST cross-split leaderboard</h1>",
         f"<p>Store <code>{html.escape(store)}</code>, written {_dt.datetime.now().isoformat(timespec='seconds')}. "
-        "Accuracies are test accuracies unless named otherwise; deltas are percentage points. Published figures are "
-        "on the official NIST test sets: runs on a sample or subset are not directly comparable with them.</p>",
+        f"{html.escape(_INTRO)}</p>",
         pio.to_html(overview_figure(c), full_html=False, include_plotlyjs=True),
     ]
-    for split in SPLITS:
-        sub = c.leaderboard[c.leaderboard["split"] == split]
-        pub = c.published[c.published["split"] == split] if len(c.published) else c.published
-        if not len(sub) and not len(pub):
-            continue
-        parts.append(f"<h2>{split}</h2>")
-        if len(sub):
-            parts.append(_html_table(sub, _SHOWN))
-        else:
-            parts.append("<p>No champion or baseline run yet.</p>")
+    for split, sub, pub in _sections(c):
+        parts += [f"<h2>{split}</h2>", _html_table(sub, _SHOWN)]
         if c.left_out.get(split):
             parts.append(f"<p>{c.left_out[split]} baseline run(s) on other test data left out.</p>")
         if len(pub):
@@ -430,6 +430,8 @@ def to_html(c: Comparison, store: str) -> str:
         if split in c.trials:
             parts.append(pio.to_html(pareto_figure(split, c.trials[split], c.leaderboard), full_html=False,
                                      include_plotlyjs=False))
+    if len(c.published):
+        parts.append("<h2>Published figures, all splits</h2>" + _html_table(c.published, _ALL_PUB))
     parts.append("</body></html>")
     return "\n".join(parts)
 

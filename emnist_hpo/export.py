@@ -104,8 +104,8 @@ def download_champion(tracking_uri: str, split: str, dst: Path):
             f"no champion model for split {split!r} in {tracking_uri!r} (models:/{name}@{CHAMPION_ALIAS}): run "
             f"`python -m emnist_hpo study --split {split}` first"
         ) from None
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst),
-                                                     tracking_uri=tracking_uri))
+    source = client.get_model_version_download_uri(name, mv.version)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
     artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
     if "keras_model" not in artifacts:
         raise RegistryError(f"{name} v{mv.version} has no 'keras_model' artifact (not logged by this project?)")

@@ -9,6 +9,7 @@ answered; the command then exits with code 2.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -37,7 +38,9 @@ def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = 
     """Top-``top`` characters for every image in ``paths`` by the split's champion (or ``model``)."""
     split = check_split(split)
     if model is None:
-        model = load_champion(resolve_tracking_uri(tracking_uri), split)
+        with warnings.catch_warnings():  # MLflow's type-hint advice about the pyfunc (its input is checked there)
+            warnings.filterwarnings("ignore", message=".*type hints.*")
+            model = load_champion(resolve_tracking_uri(tracking_uri), split)
     results = [Prediction(str(p)) for p in paths]
     ok, images = [], []
     for i, path in enumerate(paths):

@@ -49,6 +49,7 @@ from .objective import OBJECTIVES, SEED_ATTR, Objective, directions, interrupt_r
 from .registry import Registered, log_and_register
 from .reports import evaluate
 from .search_space import SearchSpace
+from .selection import Finalist, choose, finalists_of, reevaluate
 from .tracking import (
     TAG_KIND,
     TAG_SPLIT,
@@ -96,6 +97,8 @@ class StudyOptions:
     final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
     register: bool = True  # register the champion in the MLflow model registry
     tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
+    finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
+    folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
     progress: bool = True  # progress bar over trials
     checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
@@ -107,6 +110,10 @@ class StudyOptions:
             raise ConfigError(f"--trials must be >= 1 (trials={self.trials})")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be >= 1 (epochs={self.epochs})")
+        if self.finalists < 0:
+            raise ConfigError(f"--finalists must be >= 0 (finalists={self.finalists})")
+        if self.folds < 1:
+            raise ConfigError(f"--folds must be >= 1 (folds={self.folds})")
         if self.max_train_samples is not None and self.max_train_samples < 10:
             raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
         if not 0 < self.val_fraction < 1:
@@ -161,6 +168,11 @@ class StudyResult:
     parent_run_id: str
     seconds: float
     pareto: list[optuna.trial.FrozenTrial] = field(default_factory=list)
+    finalists: list[Finalist] = field(default_factory=list)  # re-evaluated top-k, when --finalists > 0
+
+    @property
+    def chosen(self) -> Finalist | None:
+        return next((f for f in self.finalists if self.champion_trial and f.trial == self.champion_trial.number), None)
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -352,6 +364,15 @@ def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.F
     return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
 
 
+def _reevaluate(opts: StudyOptions, study: optuna.Study, objective: Objective, data: PreparedData, log):
+    """Re-train the top ``opts.finalists`` trials on ``opts.folds`` folds; crown the best mean."""
+    candidates = finalists_of(study, opts.finalists)
+    log(f"re-evaluating {len(candidates)} finalist(s) on {opts.folds} fold(s) each...")
+    finalists = reevaluate(objective, candidates, data, opts.folds, opts.seed, config_of, log)
+    chosen = choose(finalists, len(study.directions) > 1, opts.tolerance)
+    return next(t for t in candidates if t.number == chosen.trial), finalists
+
+
 def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> ExperimentConfig:
     fixed = optuna.trial.FixedTrial(trial.params, number=trial.number)
     if SEED_ATTR in trial.user_attrs:
@@ -476,7 +497,10 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         _recover(study, tracker, log)
 
         champion, front = pick_champion(study, opts.tolerance)
-        result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front)
+        finalists: list[Finalist] = []
+        if champion is not None and opts.finalists > 0:
+            champion, finalists = _reevaluate(opts, study, objective, data, log)
+        result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front, finalists)
         if champion is not None:
             _finalize_once(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, lock, log)
         status = "FINISHED"
@@ -646,6 +670,8 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     tracker.log_metrics(parent, {"best_val_accuracy": val, "test_accuracy": ev.accuracy, "champion_params": params,
                                  "finished_trials": finished_count(study)})
     tracker.set_tags(parent, {"emnist_hpo.champion_trial": champion.number, "emnist_hpo.champion_run": run})
+    if result.finalists:
+        _log_finalists(tracker, parent, run, result.finalists, champion.number, ev.accuracy)
     if front:
         import pandas as pd
 
@@ -662,6 +688,28 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     log_study_plots(study, objective.space, champion, tracker, parent, log)
 
 
+def _log_finalists(tracker, parent: str, final_run: str, finalists: list[Finalist], chosen: int, test: float) -> None:
+    """Each finalist's re-evaluated mean and spread, the optimism of its single score, the final test accuracy."""
+    import tempfile
+
+    import pandas as pd
+
+    metrics: dict[str, float] = {}
+    for f in finalists:
+        metrics.update({f"finalist_{f.trial}_mean": f.mean, f"finalist_{f.trial}_std": f.std,
+                        f"finalist_{f.trial}_optimism": f.optimism})
+    top = max(finalists, key=lambda f: f.original)  # the trial a single validation score would have crowned
+    c = next(f for f in finalists if f.trial == chosen)
+    metrics.update({"champion_reeval_mean": c.mean, "champion_reeval_std": c.std, "champion_optimism": c.optimism,
+                    "best_single_score_optimism": top.optimism, "val_to_test_gap": c.mean - test})
+    tracker.log_metrics(parent, metrics)
+    tracker.log_metrics(final_run, {"reeval_mean": c.mean, "reeval_std": c.std, "val_to_test_gap": c.mean - test})
+    tracker.set_tags(parent, {"emnist_hpo.single_score_pick": top.trial})
+    with tempfile.TemporaryDirectory() as tmp:
+        pd.DataFrame([f.row() for f in finalists]).to_csv(Path(tmp) / "finalists.csv", index=False, float_format="%.5f")
+        tracker.log_artifacts(parent, Path(tmp), "study")
+
+
 def summary_table(res: StudyResult) -> str:
     """The end-of-study summary: best params, validation and test accuracy, parameters, time."""
     lines = [f"study {res.study.study_name!r}: {finished_count(res.study)} finished trials"]
@@ -676,6 +724,8 @@ def summary_table(res: StudyResult) -> str:
     rows = [
         ("champion trial", str(t.number) + (f" (seed {t.user_attrs[SEED_ATTR]})" if SEED_ATTR in t.user_attrs else "")),
         ("validation accuracy", f"{res.val_accuracy:.4f}"),
+        *([("re-evaluated val", f"{res.chosen.mean:.4f} +/- {res.chosen.std:.4f} over {len(res.chosen.scores)} folds "
+            f"(optimism of its single score {res.chosen.optimism:+.4f})")] if res.chosen else []),
         ("test accuracy", f"{res.test_accuracy:.4f}" if res.test_accuracy is not None else "-"),
         ("parameters", f"{res.params:,}" if res.params else "-"),
         ("trial train time", f"{t.user_attrs.get('train_seconds', float('nan')):.1f} s"),

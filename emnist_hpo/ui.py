@@ -496,8 +496,9 @@ def serve(*, storage: str = DEFAULT_OPTUNA_STORAGE, tracking_uri: str = DEFAULT_
             children["Optuna dashboard"] = (start_dashboard(
                 storage, host=host, port=dashboard_port, log_file=dashboard_log), dashboard_log)
 
-            probes = {"MLflow UI": f"{mlflow_url}/health",
-                      "Optuna dashboard": f"http://{_url_host(host)}:{dashboard_port}/api/studies"}
+            # The dashboard first: it starts (or fails) in a couple of seconds, MLflow in several.
+            probes = {"Optuna dashboard": f"http://{_url_host(host)}:{dashboard_port}/api/studies",
+                      "MLflow UI": f"{mlflow_url}/health"}
             t0 = time.monotonic()
             for name, url in probes.items():
                 proc, log = children.get(name, (None, None))
@@ -522,8 +523,8 @@ def serve(*, storage: str = DEFAULT_OPTUNA_STORAGE, tracking_uri: str = DEFAULT_
         except KeyboardInterrupt:
             return 0
         finally:
-            # Signals stay converted while stopping, so a second Ctrl-C cannot
-            # leave a child behind half-way: it is ignored until both are gone.
+            # A second Ctrl-C (or SIGTERM) while stopping is ignored, so it cannot
+            # leave a child behind half-way: both process groups are always stopped.
             with _ignoring_interrupts():
                 for proc, _ in children.values():
                     stop_process(proc)

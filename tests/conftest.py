@@ -102,3 +102,33 @@ class NistFactory:
 def nist(tmp_path: Path) -> NistFactory:
     """Factory of synthetic NIST-format folders and zips under tmp_path."""
     return NistFactory(tmp_path / "nist")
+
+
+@pytest.fixture(scope="session")
+def digits_champion(tmp_path_factory, sample_dir):
+    """A digits champion registered in a private MLflow store by a quick real study (shared by the test files).
+
+    Returns a dict: ``tracking`` (its MLflow URI), ``data`` (the sample folder), ``cache`` (parse cache),
+    ``result`` (the :class:`StudyResult`).
+    """
+    import os
+
+    from emnist_hpo.study import StudyOptions, run_study
+
+    root = tmp_path_factory.mktemp("digits_champion")
+    cache, old = str(root / "cache"), os.environ.get("EMNIST_HPO_CACHE")
+    os.environ["EMNIST_HPO_CACHE"] = cache
+    try:
+        opts = StudyOptions(
+            split="digits", trials=1, epochs=2, max_train_samples=4000, data_dir=str(sample_dir),
+            storage=f"sqlite:///{root}/optuna.db", tracking_uri=f"sqlite:///{root}/mlflow.db", progress=False,
+            checkpoint_dir=str(root / "ckpt"), finalists=0,
+        )
+        result = run_study(opts, log=lambda m: None)
+    finally:
+        if old is None:
+            os.environ.pop("EMNIST_HPO_CACHE", None)
+        else:
+            os.environ["EMNIST_HPO_CACHE"] = old
+    assert result.registered is not None and result.registered.champion
+    return {"tracking": opts.tracking_uri, "data": str(sample_dir), "cache": cache, "result": result}

@@ -29,7 +29,10 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from test_ui import ServeProcess, free_port  # the same `serve` subprocess helper
+try:  # the same `serve` subprocess helper as test_ui's (tests/ on sys.path, or tests/ a package)
+    from test_ui import ServeProcess, free_port
+except ImportError:  # pragma: no cover
+    from tests.test_ui import ServeProcess, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-results" / "browser"

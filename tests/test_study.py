@@ -44,7 +44,7 @@ def env(tmp_path_factory, sample_dir):
 def _opts(env, **kw) -> StudyOptions:
     base = dict(
         trials=2, epochs=1, max_train_samples=2000, data_dir=env["data"], storage=env["storage"],
-        tracking_uri=env["tracking"], progress=False, checkpoint_dir=env["ckpt"],
+        tracking_uri=env["tracking"], progress=False, checkpoint_dir=env["ckpt"], finalists=0,
     )
     base.update(kw)
     return StudyOptions(**base)
@@ -142,6 +142,26 @@ def test_byclass_multi_objective_reports_a_pareto_front(env):
     assert client.get_model_version_by_alias("emnist-byclass", "champion") is not None
 
 
+def test_finalists_are_reevaluated_and_the_best_mean_is_crowned(env):
+    """Issue 7: the top-k trials are re-trained on other folds; the champion is the best mean, with its spread."""
+    res = run_study(_opts(env, split="digits", study_name="digits-finalists", trials=3, warm_start=False,
+                          search_space="small", max_train_samples=1500, finalists=2, folds=2, seed=5),
+                    log=lambda m: None)
+    assert len(res.finalists) == 2
+    for f in res.finalists:
+        assert len(f.scores) == 2 and all(0 < s <= 1 for s in f.scores)
+    assert res.chosen is not None and res.chosen.mean == max(f.mean for f in res.finalists)
+    client, parents = _runs(env, "digits", "study")
+    parent = next(p for p in parents if p.data.tags["optuna.study_name"] == "digits-finalists")
+    m = parent.data.metrics
+    assert m["champion_reeval_mean"] == pytest.approx(res.chosen.mean)
+    assert m["champion_optimism"] == pytest.approx(res.chosen.original - res.chosen.mean)
+    assert m["test_accuracy"] == pytest.approx(res.test_accuracy)
+    assert {f"finalist_{f.trial}_std" for f in res.finalists} <= set(m)
+    files = {a.path for a in client.list_artifacts(parent.info.run_id, "study")}
+    assert "study/finalists.csv" in files
+
+
 def _cli(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -185,6 +205,7 @@ def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
         (["--split", "digits", "--data-dir", "/nonexistent/emnist"], "/nonexistent/emnist"),
         (["--split", "digits", "--search-space", "nope.yaml"], "search space file not found: 'nope.yaml'"),
         (["--split", "digits", "--study-name", "../../etc"], "--study-name must be 1-128 letters"),
+        (["--split", "digits", "--folds", "0"], "--folds must be >= 1 (folds=0)"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2_and_records_nothing(tmp_path, monkeypatch, capsys, args, needle):

@@ -1,0 +1,210 @@
+"""`python -m emnist_hpo compare` on a store filled by real quick runs, and the study's Optuna plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from emnist_hpo.cli import main
+from emnist_hpo.compare import FILES, pareto_mask
+from emnist_hpo.published import PUBLISHED, for_split
+from emnist_hpo.search_space import SearchSpace
+from emnist_hpo.study_plots import edge_params, edge_warning
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, sample_dir):
+    """A letters study (2 trials), baselines on letters and digits, then ``compare --output``."""
+    root = tmp_path_factory.mktemp("compare")
+    old_env = {k: os.environ.get(k) for k in ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR")}
+    old_cwd = os.getcwd()
+    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("EMNIST_DATA_DIR", None)
+    os.chdir(root)
+    env = {"root": root, "tracking": f"sqlite:///{root}/mlflow.db", "storage": f"sqlite:///{root}/optuna.db",
+           "data": str(sample_dir), "out": root / "report"}
+    common = ["--data-dir", env["data"], "--tracking-uri", env["tracking"], "--no-progress"]
+    try:
+        assert main(["study", "--split", "letters", "--trials", "2", "--epochs", "1", "--max-train-samples", "1500",
+                     "--storage", env["storage"], *common]) == 0
+        # same data as the study
+        assert main(["run", "lenet", "--split", "letters", "--epochs", "1", "--max-train-samples", "1500", *common]) == 0
+        # same test set, other training data
+        assert main(["run", "knn", "--split", "letters", "--max-train-samples", "2000", *common]) == 0
+        # a split without a champion
+        assert main(["run", "knn", "--split", "digits", "--max-train-samples", "1500", *common]) == 0
+        assert main(["compare", "--output", str(env["out"]), "--tracking-uri", env["tracking"]]) == 0
+        yield env
+    finally:
+        os.chdir(old_cwd)
+        for k, v in old_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _client(store) -> MlflowClient:
+    return MlflowClient(store["tracking"], registry_uri=store["tracking"])
+
+
+def _runs(client, split: str, query: str):
+    exp = client.get_experiment_by_name(f"emnist-{split}")
+    return client.search_runs([exp.experiment_id], query, max_results=1000)
+
+
+def _baseline(client, split: str, name: str):
+    (run,) = _runs(client, split, f"tags.`emnist_hpo.kind` = 'baseline' and tags.`emnist_hpo.experiment` = '{name}'")
+    return run
+
+
+@pytest.fixture(scope="module")
+def board(store) -> pd.DataFrame:
+    return pd.read_csv(store["out"] / "leaderboard.csv")
+
+
+def test_report_files_are_written_only_into_the_output_folder(store):
+    assert sorted(p.name for p in store["out"].iterdir()) == sorted(FILES)
+    assert not (store["root"] / "mlruns" / "compare").exists()  # the default folder was not used
+
+
+def test_leaderboard_rows_per_split(board):
+    assert set(board["split"]) == {"letters", "digits"}
+    letters = board[board["split"] == "letters"]
+    assert list(letters["role"]) == ["champion", "baseline", "baseline"]
+    assert set(letters[letters["role"] == "baseline"]["name"]) == {"lenet", "knn"}
+    digits = board[board["split"] == "digits"]
+    assert list(digits["role"]) == ["baseline"] and list(digits["name"]) == ["knn"]
+    for col in ("test_accuracy", "val_accuracy", "params", "model_size_bytes", "train_seconds", "architecture",
+                "delta_vs_research_pp", "same_data", "run_id"):
+        assert col in board.columns
+
+
+def test_champion_row_matches_the_registry_and_its_runs(store, board):
+    client = _client(store)
+    mv = client.get_model_version_by_alias("emnist-letters", "champion")
+    final = client.get_run(mv.run_id)
+    row = board[(board["split"] == "letters") & (board["role"] == "champion")].iloc[0]
+    assert row["run_id"] == mv.run_id
+    assert row["test_accuracy"] == pytest.approx(final.data.metrics["test_accuracy"])
+    assert row["val_accuracy"] == pytest.approx(final.data.metrics["val_accuracy"])
+    assert row["params"] == int(final.data.metrics["params"])
+    assert row["epochs"] == int(final.data.params["train.epochs"])
+    assert row["architecture"].startswith("conv ") and "dense" in row["architecture"]
+    trial = optuna.load_study(study_name="emnist-letters", storage=store["storage"]).trials[int(mv.tags["trial"])]
+    assert row["train_seconds"] == pytest.approx(trial.user_attrs["train_seconds"], abs=1e-3)
+    assert row["model_size_bytes"] > 4 * row["params"]  # the .keras file holds float32 weights
+    research = for_split("letters", "research")[0].accuracy
+    assert row["delta_vs_research_pp"] == pytest.approx(100 * row["test_accuracy"] - research, abs=1e-3)
+
+
+def test_baseline_rows_match_their_runs_and_say_which_saw_the_same_data(store, board):
+    client = _client(store)
+    letters = board[board["split"] == "letters"].set_index("name")
+    champion = letters[letters["role"] == "champion"].iloc[0]
+    for name, same in (("lenet", True), ("knn", False)):
+        run = _baseline(client, "letters", name)
+        row = letters.loc[name]
+        assert row["run_id"] == run.info.run_id
+        assert row["test_accuracy"] == pytest.approx(run.data.metrics["test_accuracy"])
+        assert row["val_accuracy"] == pytest.approx(run.data.metrics["best_val_accuracy"])
+        assert row["params"] == int(run.data.metrics["params"])
+        assert row["model_size_bytes"] == int(run.data.metrics["model_size_bytes"])
+        assert bool(row["same_data"]) is same
+        assert row["delta_vs_champion_pp"] == pytest.approx(100 * (row["test_accuracy"] - champion["test_accuracy"]),
+                                                            abs=1e-3)
+    digits_run = _baseline(client, "digits", "knn")
+    row = board[board["split"] == "digits"].iloc[0]
+    assert row["test_accuracy"] == pytest.approx(digits_run.data.metrics["test_accuracy"])
+    assert pd.isna(row["delta_vs_champion_pp"])  # no champion on digits
+
+
+def test_published_figures_have_sources_and_deltas(store, board):
+    pub = pd.read_csv(store["out"] / "published.csv")
+    assert len(pub) == len(PUBLISHED) and pub["source"].notna().all() and (pub["source"].str.len() > 10).all()
+    assert set(pub[pub["kind"] == "research"]["split"]) == {"balanced", "bymerge", "byclass", "letters", "digits",
+                                                            "mnist"}
+    champ = board[(board["split"] == "letters") & (board["role"] == "champion")].iloc[0]
+    for _, r in pub[pub["split"] == "letters"].iterrows():
+        assert r["champion_delta_pp"] == pytest.approx(100 * champ["test_accuracy"] - r["published_accuracy_pct"],
+                                                       abs=1e-3)
+    assert pub[pub["split"] == "balanced"]["champion_delta_pp"].isna().all()  # nothing ran on balanced
+    md = (store["out"] / "leaderboard.md").read_text()
+    assert "## letters" in md and "## digits" in md and "## balanced" not in md
+    assert md.count("| baseline |") == 3 and md.count("| champion |") == 1
+    assert "WaveMix" in md and "SpinalNet" in md
+
+
+def test_html_report_has_the_pareto_plot_of_the_trials(store):
+    client = _client(store)
+    trials = [r for r in _runs(client, "letters", "tags.`emnist_hpo.kind` = 'trial'")
+              if "best_val_accuracy" in r.data.metrics and "params" in r.data.metrics]
+    assert len(trials) == 2
+    page = (store["out"] / "compare.html").read_text()
+    assert f"letters: validation accuracy against parameters ({len(trials)} trials" in page
+    assert "digits: validation accuracy" not in page  # no trials on digits
+    assert page.count("Plotly.newPlot") == 2  # overview + one Pareto plot, plotly.js embedded once
+    assert "test accuracy per split" in page
+
+
+def test_comparison_is_logged_to_its_own_run(store):
+    client = _client(store)
+    exp = client.get_experiment_by_name("emnist-compare")
+    (run,) = client.search_runs([exp.experiment_id], "tags.`emnist_hpo.kind` = 'compare'")
+    assert run.info.status == "FINISHED"
+    assert {f.path for f in client.list_artifacts(run.info.run_id, "compare")} == {f"compare/{n}" for n in FILES}
+    champion = client.get_run(client.get_model_version_by_alias("emnist-letters", "champion").run_id)
+    assert run.data.metrics["letters.champion_test_accuracy"] == pytest.approx(champion.data.metrics["test_accuracy"])
+
+
+def test_study_parent_run_has_optuna_plots_and_the_edge_warning(store):
+    client = _client(store)
+    (parent,) = _runs(client, "letters", "tags.`emnist_hpo.kind` = 'study'")
+    files = {f.path for f in client.list_artifacts(parent.info.run_id, "study")}
+    assert "study/optuna_plots.html" in files
+    page = Path(client.download_artifacts(parent.info.run_id, "study/optuna_plots.html")).read_text()
+    for title in ("optimization history", "parameter importances", "parallel coordinates", "slice",
+                  "intermediate values"):
+        assert f"<h2>{title}</h2>" in page
+    assert page.count("Plotly.newPlot") >= 4
+    study = optuna.load_study(study_name="emnist-letters", storage=store["storage"])
+    space = SearchSpace.load(REPO / "search_spaces" / "default.yaml")
+    expected = edge_warning(space, study.best_trial)
+    assert parent.data.tags.get("emnist_hpo.edge_warning") == expected
+    if expected:
+        assert expected in page.replace("&#x27;", "'")
+
+
+def test_edge_warning_skips_limits_of_the_parameter_itself():
+    space = SearchSpace.load(REPO / "search_spaces" / "default.yaml")
+    params = {"conv_blocks": 1, "conv_dropout": 0.0, "dense_layers": 2, "learning_rate": 1e-2, "filters_0": 64,
+              "augment": 0.0}
+    assert set(space.edges(params)) >= {"conv_blocks", "conv_dropout", "dense_layers", "learning_rate"}
+    # no dropout and one block cannot be widened past; two dense layers and lr 1e-2 can
+    assert edge_params(space, params) == ["dense_layers", "learning_rate"]
+    trial = optuna.trial.create_trial(params={"conv_dropout": 0.1, "learning_rate": 1e-3}, distributions={
+        "conv_dropout": optuna.distributions.FloatDistribution(0, 0.4),
+        "learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True)}, value=0.5)
+    assert edge_warning(space, trial) is None
+
+
+def test_pareto_mask_keeps_only_undominated_points():
+    params = [100, 200, 300, 150, 300]
+    acc = [0.5, 0.7, 0.6, 0.5, 0.9]
+    assert pareto_mask(params, acc) == [True, True, False, False, True]
+
+
+def test_compare_on_an_empty_store_is_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compare", "--output", str(out), "--tracking-uri", f"sqlite:///{tmp_path}/empty.db"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("emnist-hpo: error: nothing to compare")
+    assert not out.exists()
