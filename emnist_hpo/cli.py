@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finalists", type=_positive_int, default=5,
                    help="top-k trials re-trained on other folds before crowning the best mean (0 = off)")
     s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist (3)")
+    s.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
+                   help="prune sampled models with more than N parameters before training")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="trials run at once, each worker a subprocess on the same study (1)")
     s.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
@@ -171,6 +173,7 @@ def _study(args: argparse.Namespace) -> int:
         register=not args.no_register,
         finalists=args.finalists,
         folds=args.folds,
+        max_params=args.max_params,
         progress=not args.no_progress,
         workers=args.workers,
     )

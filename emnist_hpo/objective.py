@@ -20,6 +20,7 @@ from .dataset import PreparedData
 from .hooks import TrialHooks, TrialOutcome
 from .reports import evaluate
 from .search_space import SearchSpace
+from .models import build_model, count_params
 from .training import TrainResult, predict_proba, train
 
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
@@ -59,12 +60,14 @@ class Objective:
         hooks: Sequence[TrialHooks] = (),
         seeds: Mapping[str, ExperimentConfig] | None = None,
         checkpoint_dir: Path | None = None,
+        max_params: int | None = None,
     ):
         self.space, self.base, self.data = space, base, data
         self.objectives = tuple(objectives)
         self.hooks = list(hooks)
         self.seeds = dict(seeds or {})
         self.checkpoint_dir = checkpoint_dir
+        self.max_params = max_params  # larger models are pruned before training (the research's "minimal CNN")
 
     @property
     def multi(self) -> bool:
@@ -89,6 +92,16 @@ class Objective:
         except Exception as exc:  # noqa: BLE001
             self._end(trial, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
             raise
+        if self.max_params is not None:
+            size = count_params(build_model(cfg.model, self.data.num_classes))
+            if size > self.max_params:
+                reason = f"model has {size:,} parameters > --max-params {self.max_params:,}"
+                trial.set_user_attr("params", size)
+                trial.set_user_attr("fail_reason", reason)
+                for h in self.hooks:
+                    h.on_trial_begin(trial, cfg)
+                self._end(trial, TrialOutcome("PRUNED", cfg, reason=reason))
+                raise optuna.TrialPruned(reason)
         callbacks: list[keras.callbacks.Callback] = []
         pruner = None
         if not self.multi:

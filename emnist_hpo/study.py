@@ -99,6 +99,7 @@ class StudyOptions:
     tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
     finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
     folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
+    max_params: int | None = None  # prune (before training) any sampled model with more parameters
     progress: bool = True  # progress bar over trials
     checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
@@ -114,6 +115,8 @@ class StudyOptions:
             raise ConfigError(f"--finalists must be >= 0 (finalists={self.finalists})")
         if self.folds < 1:
             raise ConfigError(f"--folds must be >= 1 (folds={self.folds})")
+        if self.max_params is not None and self.max_params < 1:
+            raise ConfigError(f"--max-params must be >= 1 (max_params={self.max_params})")
         if self.max_train_samples is not None and self.max_train_samples < 10:
             raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
         if not 0 < self.val_fraction < 1:
@@ -422,7 +425,7 @@ def _objective(opts, space, base, data, seeds, tracker, parent: str, checkpoint_
     return Objective(
         space, base, data, objectives=opts.objectives,
         hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name)],
-        seeds=seeds, checkpoint_dir=checkpoint_dir,
+        seeds=seeds, checkpoint_dir=checkpoint_dir, max_params=opts.max_params,
     )
 
 

@@ -162,6 +162,16 @@ def test_finalists_are_reevaluated_and_the_best_mean_is_crowned(env):
     assert "study/finalists.csv" in files
 
 
+def test_max_params_prunes_big_models_before_training(env):
+    res = run_study(_opts(env, split="mnist", trials=2, max_params=50_000), log=lambda m: None)
+    trials = res.study.trials
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"] and res.champion_trial is None
+    assert all("parameters > --max-params 50,000" in t.user_attrs["fail_reason"] for t in trials)
+    assert all("train_seconds" not in t.user_attrs for t in trials)  # never trained
+    client, runs = _runs(env, "mnist", "trial")
+    assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
+
+
 def _cli(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
