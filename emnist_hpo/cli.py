@@ -190,8 +190,7 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .study import resolve_storage
-    from .tracking import resolve_tracking_uri
+    from .config import resolve_storage, resolve_tracking_uri  # light: the UIs need no Keras
     from .ui import serve
 
     return serve(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as _dt
 import html
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -32,10 +33,20 @@ import pandas as pd
 
 from .data import SPLITS
 from .describe import describe_params
-from .errors import EmnistHpoError
+from .errors import ConfigError, EmnistHpoError
 from .published import for_split
 from .registry import CHAMPION_ALIAS, model_name
-from .tracking import TAG_KIND, TAG_SPLIT, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, redact
+from .tracking import (
+    TAG_KIND,
+    TAG_SPLIT,
+    TAG_STATE,
+    TAG_STUDY,
+    TAG_TRIAL,
+    Tracker,
+    make_client,
+    redact,
+    resolve_tracking_uri,
+)
 
 COMPARE_EXPERIMENT = "emnist-compare"
 DEFAULT_OUTPUT = "mlruns/compare"
@@ -461,19 +472,25 @@ def write_report(c: Comparison, output: Path, store: str) -> list[Path]:
 def run_compare(output: str | None = None, tracking_uri: str | None = None,
                 log: Callable[[str], None] = print) -> CompareResult:
     """Build the leaderboard from the store, write it into ``output`` and log it to an ``emnist-compare`` run."""
-    tracker = Tracker(tracking_uri, COMPARE_EXPERIMENT)
-    store = redact(tracker.tracking_uri)
+    uri = resolve_tracking_uri(tracking_uri)
+    store = redact(uri)
     import mlflow
 
-    mlflow.set_tracking_uri(tracker.tracking_uri)  # artifact repositories of mlflow-artifacts:/ URIs need it
-    c = collect(tracker.client)
+    mlflow.set_tracking_uri(uri)  # artifact repositories of mlflow-artifacts:/ URIs need it
+    c = collect(make_client(uri))
     if not len(c.leaderboard):
         raise EmnistHpoError(
             f"nothing to compare in {store!r}: no champion and no baseline run on any split; run "
             f"`python -m emnist_hpo study --split <split>` or `python -m emnist_hpo run <experiment> --split <split>` first"
         )
     out = Path(output or DEFAULT_OUTPUT)
-    files = write_report(c, out, store)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output must be a folder (output={str(out)!r} is a file)")
+    try:
+        files = write_report(c, out, store)
+    except OSError as exc:
+        raise ConfigError(f"--output folder {str(out)!r} cannot be written: {exc.strerror or exc}") from None
+    tracker = Tracker(uri, COMPARE_EXPERIMENT)
     run = tracker.start_run("compare", {TAG_KIND: "compare"})
     try:
         metrics: dict[str, float] = {"rows": len(c.leaderboard)}
@@ -482,15 +499,13 @@ def run_compare(output: str | None = None, tracking_uri: str | None = None,
                 metrics[f"{r['split']}.champion_test_accuracy"] = float(r["test_accuracy"])
         tracker.log_metrics(run, metrics)
         tracker.log_params(run, {"splits": ",".join(sorted(set(c.leaderboard["split"]))), "output": str(out)})
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:  # only the report files, whatever else the folder holds
             for p in files:
                 (Path(tmp) / p.name).write_bytes(p.read_bytes())
             tracker.log_artifacts(run, Path(tmp), "compare")
         tracker.end_run(run, "FINISHED")
-    except BaseException:
-        tracker.end_run(run, "FAILED")
+    except BaseException as exc:
+        tracker.end_run(run, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     log(f"compare: {len(c.leaderboard)} rows over {c.leaderboard['split'].nunique()} split(s) -> {out}/ "
         f"(MLflow run {run} in {COMPARE_EXPERIMENT})")

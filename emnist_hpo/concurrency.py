@@ -55,6 +55,8 @@ class _QuietTrialLog(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         msg = record.getMessage()
+        if msg.endswith("failed with value None."):
+            return False  # the line before said why
         if "failed with parameters" in msg:
             if "KeyboardInterrupt" in msg or "Terminated(" in msg:
                 return False
@@ -129,7 +131,8 @@ def fail_dead_trials(study: optuna.Study, *, mine: bool = False, reason: str | N
     return failed
 
 
-def close_orphan_runs(study: optuna.Study, tracker: Tracker, *, mine: bool = False, status: str = "FAILED") -> int:
+def close_orphan_runs(study: optuna.Study, tracker: Tracker, *, mine: bool = False, status: str = "FAILED",
+                      reason: str = "its process ended before the run closed") -> int:
     """Close the study's MLflow runs left RUNNING by dead processes (``mine``: by this process); return how many.
 
     A trial's run takes the final state of its trial once that trial is no
@@ -154,15 +157,15 @@ def close_orphan_runs(study: optuna.Study, tracker: Tracker, *, mine: bool = Fal
         if tags.get(TAG_KIND) == "trial":
             trial = trials.get(int(tags.get(TAG_TRIAL, "-1")))
             if trial is not None and trial.state != TrialState.RUNNING:
-                reason = trial.user_attrs.get("fail_reason")
-                new_status = trial_status(trial.state.name, reason)
-                new_tags = {TAG_STATE: trial.state.name, TAG_REASON: reason or "its process ended before the run closed"}
+                why = trial.user_attrs.get("fail_reason")
+                new_status = trial_status(trial.state.name, why)
+                new_tags = {TAG_STATE: trial.state.name, TAG_REASON: why or reason}
             elif dead:
-                new_status, new_tags = status, {TAG_REASON: "its process ended before the run closed"}
+                new_status, new_tags = status, {TAG_REASON: reason}
             else:
                 continue
         elif dead:
-            new_status, new_tags = status, {TAG_REASON: "its process ended before the run closed"}
+            new_status, new_tags = status, {TAG_REASON: reason}
         else:
             continue
         tracker.set_tags(run.info.run_id, new_tags)

@@ -9,6 +9,7 @@ the file and the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -26,11 +27,24 @@ DEFAULT_TRACKING_URI = "sqlite:///mlruns/mlflow.db"
 #: Where runs of the default local store keep their artifacts.
 DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 
+
+
+def resolve_storage(url: str | None = None) -> str:
+    """``url``, else ``EMNIST_HPO_STORAGE``, else the embedded default ``sqlite:///mlruns/optuna.db``."""
+    return url or os.environ.get("EMNIST_HPO_STORAGE") or DEFAULT_OPTUNA_STORAGE
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlruns/mlflow.db``."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
 MODEL_KINDS = ("cnn", "lstm", "random_forest", "svm", "knn")
 POOLS = ("max", "avg")
 PADDINGS = ("same", "valid")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "step", "exponential", "cosine", "warmup_cosine", "plateau")
+PRECISIONS = ("auto", "float32", "mixed_bfloat16")
 
 
 @dataclass
@@ -79,6 +93,10 @@ class TrainConfig:
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     early_stopping_patience: int = 0  # stop after this many epochs without val_accuracy gain (0 = off)
     seed: int = 0  # seeds Keras, NumPy and Python for the run
+    # Speed settings (benchmarks/README.md measures each against a plain Keras fit, speed and accuracy):
+    precision: str = "auto"  # float32 | mixed_bfloat16 | auto (bf16 compute, float32 weights, where the hardware has bf16 units)
+    jit_compile: bool | None = None  # XLA; None = Keras' "auto" (off for TensorFlow on CPU, where XLA measured 2-4x slower)
+    steps_per_execution: int = 1  # batches per compiled call; >1 saves per-batch Python work (batch callbacks see every k-th)
 
 
 @dataclass
@@ -127,6 +145,8 @@ class ExperimentConfig:
         _at_least(where, "train.early_stopping_patience", t.early_stopping_patience, 0)
         _fraction(where, "train.label_smoothing", t.label_smoothing, upper_open=True)
         _fraction(where, "train.momentum", t.momentum, upper_open=True)
+        _choice(where, "train.precision", t.precision, PRECISIONS)
+        _at_least(where, "train.steps_per_execution", t.steps_per_execution, 1)
         if not 0 < d.val_fraction < 1:
             raise ConfigError(f"{where}: data.val_fraction must be in (0, 1) (val_fraction={d.val_fraction})")
         if d.max_train_samples is not None:

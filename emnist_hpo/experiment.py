@@ -123,6 +123,8 @@ def run_experiment(
     classical = baselines.is_classical(cfg)
     if classical:
         baselines.make_estimator(cfg, where=str(file))  # bad options fail before any data is read
+        if epochs is not None:
+            log(f"note: --epochs does not apply to a {cfg.model.kind} model; ignored")
     tracker = Tracker(tracking_uri, f"emnist-{split}")
     data = prepare(split, data_dir, cfg.data, progress=progress)
     architecture = describe_model(cfg.model)

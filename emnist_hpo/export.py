@@ -231,7 +231,8 @@ def export_tflite(split: str, *, int8: bool = False, output: str | None = None, 
         log(f"converting {model_name(split)} v{version} to {kind}...")
         content = convert(tf, served, quantised, calibration)
         path.write_bytes(content)
-        acc = float((tflite_predict(tf, content, x).argmax(1) == y).mean())
+        with _quiet_stderr():  # "Created TensorFlow Lite XNNPACK delegate for CPU."
+            acc = float((tflite_predict(tf, content, x).argmax(1) == y).mean())
         rows.append(Exported(kind, str(path), len(content), acc))
     return ExportResult(split, version, rows, len(y))
 

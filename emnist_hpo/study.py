@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import TrialState
 
 from .config import (
-    DEFAULT_OPTUNA_STORAGE,
+    resolve_storage,
     DataConfig,
     ExperimentConfig,
     TrainConfig,
@@ -179,10 +179,6 @@ class StudyResult:
 
 
 # --------------------------------------------------------------------------- building blocks
-
-
-def resolve_storage(url: str | None) -> str:
-    return url or os.environ.get("EMNIST_HPO_STORAGE") or DEFAULT_OPTUNA_STORAGE
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -441,7 +437,7 @@ def _after_interrupt(study: optuna.Study, tracker: Tracker, exc: BaseException) 
     """Ctrl-C or SIGTERM: this process's running trial FAIL ("interrupted"), its runs KILLED."""
     try:
         fail_dead_trials(study, mine=True, reason=interrupt_reason(exc))
-        close_orphan_runs(study, tracker, mine=True, status="KILLED")
+        close_orphan_runs(study, tracker, mine=True, status="KILLED", reason=interrupt_reason(exc))
         close_orphan_runs(study, tracker)  # workers that had to be killed
     except Exception:  # noqa: BLE001 - best effort: the next run recovers whatever is left
         pass

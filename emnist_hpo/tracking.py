@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 
 import keras
 
-from .config import DEFAULT_ARTIFACT_ROOT, DEFAULT_TRACKING_URI
+from .config import DEFAULT_ARTIFACT_ROOT, resolve_tracking_uri
 from .coordination import (
     OWNER_TAG,
     check_sqlite_location,
@@ -37,8 +37,13 @@ from .reports import Evaluation, plot_curves, write_evaluation
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-for _name in ("alembic", "mlflow", "urllib3"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
+def quiet_loggers() -> None:
+    """MLflow configures its loggers at INFO on import (schema creation notices): keep them at WARNING."""
+    for name in ("alembic", "mlflow", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+quiet_loggers()
 
 #: Tag keys used across the project.
 TAG_KIND = "emnist_hpo.kind"  # "study" | "trial" | "baseline" | "final" | "compare"
@@ -51,11 +56,6 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_ENGINE = "emnist_hpo.engine"  # "optuna" | "keras-tuner": the search engine of a study's runs
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
-
-
-def resolve_tracking_uri(uri: str | None = None) -> str:
-    """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlruns/mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -72,6 +72,7 @@ def make_client(tracking_uri: str) -> "MlflowClient":
     """An MLflow client on ``tracking_uri`` (tracking and registry), checked to answer within seconds."""
     from mlflow.tracking import MlflowClient
 
+    quiet_loggers()
     check_tracking_uri(tracking_uri)
     db = sqlite_file(tracking_uri)
     try:

@@ -7,10 +7,14 @@ pruning callback, a tracking callback) and read the returned
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
+import os
 import time
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Iterator, Sequence
 
 import keras
 import numpy as np
@@ -30,6 +34,7 @@ class TrainResult:
     train_seconds: float  # wall time of fit()
     stopped_reason: str | None = None  # "nan" when the loss diverged, "early_stopping", or None
     epoch_times: list[float] = field(default_factory=list)  # seconds per epoch
+    precision: str = "float32"  # the dtype policy it trained under ("auto" resolved)
 
     @property
     def epochs_run(self) -> int:
@@ -85,6 +90,56 @@ class SparseSmoothedCrossEntropy(keras.losses.Loss):
         return {**super().get_config(), "num_classes": self.num_classes, "label_smoothing": self.label_smoothing}
 
 
+#: CPU flags of native bf16 dot products: AVX512-BF16 (AMD Zen 4+, Intel Cooper Lake+), AMX-BF16 (Intel Sapphire Rapids+).
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none, e.g. macOS or Windows)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """True where mixed_bfloat16 was measured faster than float32: TensorFlow's oneDNN on a CPU with bf16 units.
+
+    Elsewhere (JAX or torch backends, a GPU, oneDNN turned off, a CPU without AVX512-BF16/AMX) bf16 is
+    emulated or not measured, so ``precision: auto`` keeps float32 there.
+    """
+    if keras.backend.backend() != "tensorflow" or os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "0":
+        return False
+    import tensorflow as tf  # the backend is tensorflow: already imported by Keras
+
+    if tf.config.list_physical_devices("GPU"):
+        return False
+    return bool(cpu_flags() & set(BF16_CPU_FLAGS))
+
+
+def resolve_precision(precision: str) -> str:
+    """The Keras dtype policy of ``TrainConfig.precision``: ``auto`` is mixed_bfloat16 where :func:`native_bf16`."""
+    if precision != "auto":
+        return precision
+    return "mixed_bfloat16" if native_bf16() else "float32"
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str) -> Iterator[None]:
+    """Build layers under the Keras dtype policy ``name`` (a layer keeps the policy it was built with)."""
+    old = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(old)
+
+
 def compile_model(model: keras.Model, cfg: ExperimentConfig, num_classes: int, steps_per_epoch: int) -> None:
     t = cfg.train
     loss = (
@@ -96,6 +151,9 @@ def compile_model(model: keras.Model, cfg: ExperimentConfig, num_classes: int, s
         optimizer=schedules.optimizer(t, steps_per_epoch),
         loss=loss,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        jit_compile="auto" if t.jit_compile is None else t.jit_compile,
+        # the torch backend runs one batch per call only
+        steps_per_execution=1 if keras.backend.backend() == "torch" else t.steps_per_execution,
     )
 
 
@@ -115,7 +173,9 @@ def train(
     ``cfg.train.epochs`` epochs and reports training accuracy in place of validation.
     """
     keras.utils.set_random_seed(cfg.train.seed)
-    model = build_model(cfg.model, num_classes)
+    precision = resolve_precision(cfg.train.precision)
+    with dtype_policy(precision):
+        model = build_model(cfg.model, num_classes)
     steps = math.ceil(len(x_train) / cfg.train.batch_size)
     compile_model(model, cfg, num_classes, steps)
     has_val = x_val is not None
@@ -162,6 +222,7 @@ def train(
         train_seconds=seconds,
         stopped_reason=reason,
         epoch_times=history.get("epoch_time", []),
+        precision=precision,
     )
 
 

@@ -8,7 +8,7 @@ dashboard must list the study and show its two trials. Screenshots go to
 Chromium is Debian's (``apt-get install -y chromium``), driven over the Chrome
 DevTools Protocol with the small standard-library WebSocket client below (both
 UIs are React single-page apps, so the page is polled until the text appears).
-The stores are built here with MLflow and Optuna directly.
+The stores are those of a real 2-trial study on the letters sample.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-results" / "browser"
 EXPERIMENT = "emnist-letters"
-PARENT, CHILDREN = "study-letters", ("trial-0", "trial-1")
+PARENT, CHILDREN = "study-emnist-letters", ("trial-0", "trial-1")
 STUDY = "emnist-letters"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -199,40 +199,31 @@ def browser(tmp_path: Path):
 # --------------------------------------------------------------------------- stores and server
 
 
-def make_stores(root: Path) -> tuple[str, str, str, str]:
-    """MLflow: ``emnist-letters`` with a parent run and two nested runs; Optuna: a study with two trials.
+def make_stores(root: Path, sample_dir: Path) -> tuple[str, str, str, str]:
+    """A real 2-trial study on the letters sample, into fresh stores under ``root``.
 
     Returns ``(optuna_url, tracking_uri, experiment_id, parent_run_id)``.
     """
-    import optuna
     from mlflow.tracking import MlflowClient
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    artifacts = root / "mlruns" / "artifacts"
-    artifacts.mkdir(parents=True, exist_ok=True)
+    from emnist_hpo.study import StudyOptions, run_study
+
     optuna_url, tracking_uri = f"sqlite:///{root}/mlruns/optuna.db", f"sqlite:///{root}/mlruns/mlflow.db"
-
-    study = optuna.create_study(study_name=STUDY, storage=optuna_url, direction="maximize")
-    study.optimize(lambda t: 0.8 + t.suggest_float("dropout", 0.0, 0.5) / 10, n_trials=2)
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    exp_id = client.create_experiment(EXPERIMENT, artifact_location=artifacts.as_uri())
-    parent = client.create_run(exp_id, run_name=PARENT, tags={"optuna.study_name": STUDY})
-    for number, name in enumerate(CHILDREN):
-        child = client.create_run(exp_id, run_name=name, tags={"mlflow.parentRunId": parent.info.run_id,
-                                                               "optuna.trial_number": str(number)})
-        client.log_param(child.info.run_id, "dropout", 0.1 * (number + 1))
-        for epoch in range(3):
-            client.log_metric(child.info.run_id, "val_accuracy", 0.7 + 0.05 * epoch + 0.01 * number, step=epoch)
-        client.set_terminated(child.info.run_id)
-    client.set_terminated(parent.info.run_id)
-    return optuna_url, tracking_uri, exp_id, parent.info.run_id
+    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
+    res = run_study(StudyOptions(
+        split="letters", trials=2, epochs=1, max_train_samples=1000, data_dir=str(sample_dir), storage=optuna_url,
+        tracking_uri=tracking_uri, search_space="small", warm_start=False, finalists=0, progress=False,
+        checkpoint_dir=str(root / "ckpt"),
+    ), log=lambda m: None)
+    exp = MlflowClient(tracking_uri).get_experiment_by_name(EXPERIMENT)
+    return optuna_url, tracking_uri, exp.experiment_id, res.parent_run_id
 
 
 @pytest.fixture
-def served(tmp_path: Path):
-    """``serve`` on freshly built stores; yields (urls, experiment_id, parent_run_id); SIGINT afterwards."""
-    optuna_url, tracking_uri, exp_id, parent_id = make_stores(tmp_path)
+def served(tmp_path: Path, sample_dir: Path, monkeypatch: pytest.MonkeyPatch):
+    """``serve`` on the stores of a real 2-trial study; yields (urls, experiment_id, parent_run_id); SIGINT afterwards."""
+    monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path / "cache"))
+    optuna_url, tracking_uri, exp_id, parent_id = make_stores(tmp_path, sample_dir)
     server = ServeProcess(tmp_path, optuna_url, tracking_uri, free_port(), free_port())
     try:
         yield server.urls, exp_id, parent_id
@@ -263,9 +254,9 @@ def test_uis_show_experiment_nested_runs_and_study_trials(served, browser: DevTo
     assert text.index(PARENT) < text.index(CHILDREN[0]) and text.index(PARENT) < text.index(CHILDREN[1])
     browser.screenshot("mlflow-runs-expanded")
 
-    # The parent run's own page.
+    # The parent run's own page lists its child runs.
     browser.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs/{parent_id}")
-    browser.wait_for(shows(PARENT), f"the page of run {PARENT}")
+    browser.wait_for(shows(PARENT, "Child runs", *CHILDREN), f"the page of run {PARENT} with its child runs")
     browser.screenshot("mlflow-parent-run")
 
     # Optuna dashboard: the study list, then the study's trials.

@@ -208,3 +208,4 @@ def test_compare_on_an_empty_store_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("emnist-hpo: error: nothing to compare")
     assert not out.exists()
+    assert MlflowClient(f"sqlite:///{tmp_path}/empty.db").get_experiment_by_name("emnist-compare") is None

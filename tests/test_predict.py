@@ -158,7 +158,7 @@ def test_output_looks_like_emnist(digits, tmp_path):
         assert prep.image.dtype == np.uint8 and prep.image.shape == (28, 28) and prep.image.max() == 255
         ink = np.argwhere(255 - np.asarray(Image.open(path).convert("L")) > 60)
         (top, left), (bottom, right) = ink.min(0), ink.max(0) + 1
-        assert np.allclose(prep.box, (left, top, right, bottom), atol=4)
+        assert np.allclose(prep.box, (left, top, right, bottom), atol=0.05 * (bottom - top))  # faint edges aside
         assert drawn[0] <= prep.box[0] and prep.box[2] <= drawn[2]
         rows = np.flatnonzero(prep.image.max(1) > 30)
         cols = np.flatnonzero(prep.image.max(0) > 30)
