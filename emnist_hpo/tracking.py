@@ -97,11 +97,32 @@ def make_client(tracking_uri: str) -> "MlflowClient":
     return client
 
 
+_TRACKING_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks",
+                     "databricks-uc", "uc")
+
+
 def check_tracking_uri(tracking_uri: str) -> None:
     """Fail fast, writing nothing, when ``tracking_uri`` is a server that does not answer or an unwritable file."""
     scheme = urlparse(tracking_uri).scheme
+    dialect = scheme.split("+", 1)[0]
+    if dialect not in _TRACKING_SCHEMES:
+        raise StorageError(
+            f"--tracking-uri {redact(tracking_uri)!r} has an unsupported scheme {scheme!r}; allowed: sqlite:///PATH.db, "
+            "postgresql://, mysql://, mssql:// database URLs, http(s)://HOST:PORT of an MLflow server, or file:PATH"
+        )
     if scheme in ("http", "https"):
         _check_http(tracking_uri)
+    elif dialect in ("postgresql", "mysql"):
+        import sqlalchemy
+
+        try:
+            engine = sqlalchemy.create_engine(tracking_uri, poolclass=sqlalchemy.pool.NullPool,
+                                              connect_args={"connect_timeout": 5})
+            with engine.connect():
+                pass
+            engine.dispose()
+        except Exception as exc:  # noqa: BLE001
+            raise StorageError(f"MLflow tracking store {redact(tracking_uri)!r} is unreachable: {_one_line(exc)}") from None
     check_sqlite_location(tracking_uri, "MLflow tracking store", "--tracking-uri")
 
 

@@ -55,11 +55,16 @@ class EpochStats(keras.callbacks.Callback):
 
 
 class NanGuard(keras.callbacks.Callback):
-    """Stops training at the first non-finite batch loss and remembers it (``hit``)."""
+    """Stops training after the first epoch whose loss is not finite and remembers it (``hit``).
+
+    It looks once per epoch, not per batch: a batch-level hook makes Keras wait for every
+    step's loss, which stalls asynchronous backends (the running mean Keras reports as the
+    epoch's loss is NaN or inf as soon as any batch's was).
+    """
 
     hit = False
 
-    def on_train_batch_end(self, batch, logs=None):
+    def on_epoch_end(self, epoch, logs=None):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.hit = True

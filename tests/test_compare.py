@@ -209,3 +209,18 @@ def test_compare_on_an_empty_store_is_one_line_exit_2(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("emnist-hpo: error: nothing to compare")
     assert not out.exists()
     assert MlflowClient(f"sqlite:///{tmp_path}/empty.db").get_experiment_by_name("emnist-compare") is None
+
+
+def test_multi_objective_study_plots_show_the_pareto_front():
+    from emnist_hpo.study_plots import plots_html
+
+    study = optuna.create_study(study_name="two-objectives", directions=["maximize", "minimize"])
+    dists = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
+             "filters_0": optuna.distributions.CategoricalDistribution([8, 16, 32])}
+    for i, (lr, f, acc, n) in enumerate([(1e-3, 8, 0.80, 5e4), (3e-3, 16, 0.85, 1e5), (1e-4, 32, 0.70, 3e5),
+                                         (5e-3, 32, 0.88, 3e5)]):
+        study.add_trial(optuna.trial.create_trial(params={"learning_rate": lr, "filters_0": f},
+                                                  distributions=dists, values=[acc, n]))
+    page = plots_html(study)
+    assert "<h2>Pareto front</h2>" in page and "<h2>intermediate values</h2>" not in page
+    assert page.count("Plotly.newPlot") == 5  # history, importances, parallel coordinates, slice, Pareto front

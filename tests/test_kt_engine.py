@@ -109,6 +109,7 @@ def test_hyperband_study_is_logged_and_registered_like_optuna(store, monkeypatch
 def test_bayesian_from_the_command_line(store, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("EMNIST_HPO_CACHE", str(store["root"] / "cache"))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow exports the last store it was pointed at
     rc = main(["study", "--engine", "keras-tuner", "--tuner", "bayesian", "--split", "digits", "--trials", "1",
                "--epochs", "1", "--max-train-samples", "2000", "--data-dir", store["data"], "--no-progress",
                "--no-final-fit", "--no-register", "--no-warm-start"])
