@@ -38,7 +38,8 @@ import numpy as np  # noqa: E402
 
 from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_experiment  # noqa: E402
 from emnist_hpo.dataset import prepare  # noqa: E402
-from emnist_hpo.training import resolve_precision, train  # noqa: E402
+from emnist_hpo.models import build_model  # noqa: E402
+from emnist_hpo.training import compile_model, dtype_policy, resolve_precision, train  # noqa: E402
 
 #: The two models measured: the research's 2-conv seed and a small model typical of search_spaces/small.yaml.
 def models() -> dict[str, ModelConfig]:
@@ -84,14 +85,16 @@ class Variant:
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides; None for the Keras reference
     baseline: bool = False
     extra: Callable[[], list] | None = None  # extra callbacks
+    numpy_feed: bool = False  # fit on the NumPy arrays (Keras' array path) instead of the trainer's batches
     full_only: bool = False
     note: str = ""
 
 
 VARIANTS = [
     Variant("Keras fit, float32 /255 (reference)", baseline=True),
-    Variant("trainer before this change (float32, per-batch NaN check)", {"precision": "float32"},
-            extra=lambda: [PerBatchSync()]),
+    Variant("trainer before this change (float32, NumPy fed, per-batch NaN check)", {"precision": "float32"},
+            extra=lambda: [PerBatchSync()], numpy_feed=True),
+    Variant("float32, NumPy fed", {"precision": "float32"}, numpy_feed=True, full_only=True),
     Variant("float32", {"precision": "float32"}),
     Variant("float32 + XLA (jit_compile)", {"precision": "float32", "jit_compile": True}, full_only=True),
     Variant("float32 + steps_per_execution 8", {"precision": "float32", "steps_per_execution": 8}, full_only=True),
@@ -139,6 +142,16 @@ def run_trainer(m: ModelConfig, base_train: TrainConfig, v: Variant, data, epoch
     cfg.train.epochs, cfg.train.seed, cfg.train.early_stopping_patience = epochs, seed, 0
     cfg.validate()
     clock = EpochClock()
+    if v.numpy_feed:  # the trainer's model and compile settings, fed the way the trainer did before
+        keras.utils.set_random_seed(seed)
+        precision = resolve_precision(cfg.train.precision)
+        with dtype_policy(precision):
+            model = build_model(cfg.model, data.num_classes)
+        compile_model(model, cfg, data.num_classes, -(-len(data.x_train) // cfg.train.batch_size))
+        hist = model.fit(data.x_train, data.y_train, batch_size=cfg.train.batch_size, epochs=epochs,
+                         validation_data=(data.x_val, data.y_val), callbacks=[clock, *(v.extra() if v.extra else [])],
+                         verbose=0, shuffle=True)
+        return clock, float(hist.history["val_accuracy"][-1]), precision, cfg.train
     res = train(cfg, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes,
                 callbacks=[clock, *(v.extra() if v.extra else [])])
     return clock, float(res.history["val_accuracy"][-1]), res.precision, cfg.train

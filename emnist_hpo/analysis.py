@@ -109,7 +109,7 @@ def activation_maps(model: keras.Model, image: np.ndarray, label: str, out_dir: 
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for layer, fmap in zip(layers, outputs):
-        fmap = np.asarray(fmap)[0]
+        fmap = np.asarray(fmap)[0].astype(np.float32)  # mixed precision hands back bfloat16
         n = min(fmap.shape[-1], MAX_MAPS)
         cols = min(8, n + 1)
         rows = math.ceil((n + 1) / cols)

@@ -115,13 +115,30 @@ def download_champion(tracking_uri: str, split: str, dst: Path):
     return str(mv.version), keras_path, classes
 
 
+def _float32_policies(config):
+    """``config`` with every layer's dtype policy made float32 (a mixed_bfloat16 model computes in float32)."""
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy" or config.get("class_name") == "DTypePolicyMap":
+            return "float32"
+        return {k: _float32_policies(v) for k, v in config.items()}
+    if isinstance(config, list):
+        return [_float32_policies(v) for v in config]
+    return config
+
+
 def float_input(model):
-    """The same network with a float32 input of raw pixels 0..255 (quantisable: no uint8 -> float cast)."""
+    """The same network and weights, computing in float32, with a float32 input of raw pixels 0..255.
+
+    TFLite has no bfloat16 kernels, and a uint8 -> float cast at the input would not quantise.
+    """
     import keras
 
-    inp = keras.Input(model.input_shape[1:], dtype="float32", name="image")
+    config = _float32_policies(model.get_config())
+    plain = keras.Model.from_config(config)
+    plain.set_weights(model.get_weights())
+    inp = keras.Input(plain.input_shape[1:], dtype="float32", name="image")
     h = inp
-    for layer in model.layers[1:]:
+    for layer in plain.layers[1:]:
         h = layer(h)
     return keras.Model(inp, h, name=f"{model.name}_float_input")
 
@@ -215,9 +232,9 @@ def export_tflite(split: str, *, int8: bool = False, output: str | None = None, 
     x, y = data.x_test, data.y_test
     keras_acc = float((np.asarray(model.predict(x, batch_size=1024, verbose=0)).argmax(1) == y).mean())
     served = float_input(model)
-    probe = x[:64]
-    if not np.allclose(served.predict(probe.astype(np.float32), verbose=0), model.predict(probe, verbose=0),
-                       atol=1e-5):
+    probe = x[:256]
+    if (served.predict(probe.astype(np.float32), verbose=0).argmax(1)
+            != model.predict(probe, verbose=0).argmax(1)).mean() > 0.02:  # bfloat16 rounding aside
         raise ConfigError("cannot export: the champion is not a single chain of layers (its float-input copy "
                           "predicts differently)")
     out = Path(output) if output else default_output(split, version)

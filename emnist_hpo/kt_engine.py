@@ -58,7 +58,7 @@ from .reports import evaluate
 from .search_space import SearchSpace
 from .study import StudyOptions, base_config, find_experiment, find_search_space
 from .tracking import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker
-from .training import compile_model, predict_proba, train
+from .training import compile_model, dtype_policy, predict_proba, resolve_precision, train
 
 ENGINE = "keras-tuner"
 TUNERS = ("hyperband", "bayesian")
@@ -66,8 +66,6 @@ TUNERS = ("hyperband", "bayesian")
 DEFAULT_KT_DIR = "mlruns/keras_tuner"
 #: Hyperband's reduction factor (Keras Tuner's default).
 HYPERBAND_FACTOR = 3
-#: Keras Tuner's own hyperparameters (Hyperband's bookkeeping), never part of a config.
-_KT_KEYS = ("tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id")
 _META = "emnist_hpo.json"
 
 
@@ -90,7 +88,10 @@ class HpTrial:
         return value
 
     def suggest_categorical(self, name: str, choices) -> Any:
-        return self._keep(name, self.hp.Choice(name, list(choices)))
+        value = self.hp.Choice(name, list(choices))
+        # Keras Tuner may hand back True as 1: return the YAML's own value
+        return self._keep(name, next((c for c in choices if c == value and type(c) is type(value)),
+                                     next((c for c in choices if c == value), value)))
 
     def suggest_int(self, name: str, low: int, high: int, step: int = 1, log: bool = False) -> int:
         # Keras Tuner reads a step of a log range as a factor; the search space never combines them
@@ -124,7 +125,8 @@ class SpaceHyperModel(kt.HyperModel):
         from .models import build_model
 
         cfg, _ = self.config(hp)
-        model = build_model(cfg.model, self.num_classes)
+        with dtype_policy(resolve_precision(cfg.train.precision)):  # as train() builds it
+            model = build_model(cfg.model, self.num_classes)
         compile_model(model, cfg, self.num_classes, self.steps_per_epoch)
         return model
 
@@ -438,7 +440,9 @@ def _finalize(opts: StudyOptions, tuner: str, search: SpaceTuner, trial, tracker
         fit = train(cfg, x, y, None, None, data.num_classes)
         model = fit.model
     else:
-        model = search.load_model(trial)
+        with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed to predict
+            warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
+            model = search.load_model(trial)
     proba = predict_proba(model, data.x_test)
     ev = evaluate(data.y_test, proba, data.classes)
     params = int(model.count_params())

@@ -92,6 +92,9 @@ def log_and_register(
                 signature=signature,
                 pip_requirements=_requirements(),
             )
+    # Leaving the fluent block ended the run FINISHED; it is not finished until registered: should this process die
+    # before the caller ends it, the next run finds it RUNNING and closes it FAILED.
+    tracker.client.update_run(run_id, status="RUNNING")
     if not register:
         return None
     name = model_name(split)

@@ -69,19 +69,20 @@ def confused_pairs(cm: np.ndarray, classes: Sequence[str], top: int = 20) -> pd.
     return pd.DataFrame(rows, columns=["true", "predicted", "count", "share_of_true"])
 
 
-def write_evaluation(ev: Evaluation, out_dir: Path, prefix: str) -> list[Path]:
-    """Write ``<prefix>_confusion_matrix.{csv,png}``, ``<prefix>_per_class.csv`` and confused pairs."""
+def write_evaluation(ev: Evaluation, out_dir: Path, prefix: str, plots: bool = True) -> list[Path]:
+    """Write ``<prefix>_confusion_matrix.{csv,png}``, ``<prefix>_per_class.csv`` and confused pairs (no PNG: ``plots=False``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [
         out_dir / f"{prefix}_confusion_matrix.csv",
-        out_dir / f"{prefix}_confusion_matrix.png",
         out_dir / f"{prefix}_per_class.csv",
         out_dir / f"{prefix}_confused_pairs.csv",
     ]
     ev.confusion.to_csv(paths[0])
-    plot_confusion(ev.confusion, paths[1], title=f"{prefix} confusion matrix (accuracy {ev.accuracy:.2%})")
-    ev.per_class.to_csv(paths[2], index=False, float_format="%.4f")
-    ev.confused_pairs.to_csv(paths[3], index=False, float_format="%.4f")
+    ev.per_class.to_csv(paths[1], index=False, float_format="%.4f")
+    ev.confused_pairs.to_csv(paths[2], index=False, float_format="%.4f")
+    if plots:
+        paths.append(out_dir / f"{prefix}_confusion_matrix.png")
+        plot_confusion(ev.confusion, paths[-1], title=f"{prefix} confusion matrix (accuracy {ev.accuracy:.2%})")
     return paths
 
 

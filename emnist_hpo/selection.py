@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 from sklearn.model_selection import StratifiedKFold
 
-from .dataset import PreparedData
+from .dataset import PreparedData, Rows
 from .objective import Objective
 from .training import train
 
@@ -86,7 +86,7 @@ def reevaluate(
         for i, (tr, va) in enumerate(fold_idx):
             cfg = copy.deepcopy(base)
             cfg.train.seed = seed + 100_003 * (i + 1) + t.number
-            r = train(cfg, x_pool[tr], y_pool[tr], x_pool[va], y_pool[va], data.num_classes)
+            r = train(cfg, Rows(x_pool, tr), y_pool[tr], Rows(x_pool, va), y_pool[va], data.num_classes)  # no copies
             f.scores.append(r.best_val_accuracy)
             f.params = r.params
         log(f"finalist {rank + 1}/{len(trials)}: trial {t.number} original {f.original:.4f} -> "

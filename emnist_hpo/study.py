@@ -130,6 +130,8 @@ class StudyOptions:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
+        if self.worker < 0:
+            raise ConfigError(f"--worker-index must be >= 0 (worker_index={self.worker})")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (workers={self.workers})")
         if self.seed < 0:
@@ -293,6 +295,9 @@ def _open_study(opts: StudyOptions, storage) -> optuna.Study:
         split = existing.user_attrs.get("split")
         if split is not None and split != opts.split:
             raise ConfigError(f"study {opts.name!r} was created for split {split!r}, not {opts.split!r}")
+        # A resumed run must not replay the sampler's first draws: offset its seed by the trials already there.
+        existing.sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"),
+                                        opts.seed + 1000 * opts.worker + len(existing.get_trials(deepcopy=False)), multi)
         return existing
     study = optuna.create_study(
         study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner,
@@ -412,8 +417,8 @@ def _open(opts: StudyOptions, progress: bool):
     storage_url = resolve_storage(opts.storage)
     check_tracking_uri(resolve_tracking_uri(opts.tracking_uri))  # an unusable tracking store: fail before Optuna's
     storage = make_storage(storage_url)
+    study = _open_study(opts, storage)  # before the tracker: a study of another split must not create an experiment
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
-    study = _open_study(opts, storage)
     return space, seeds, base, data, storage_url, storage, tracker, study
 
 
@@ -527,7 +532,9 @@ def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress:
 
     Each worker is ``python -c`` of :func:`worker_main`: it opens the same
     stores, nests its trial runs under this process's parent run, and never
-    finalizes. Its sampler is seeded ``seed + 1000 * index``. On Ctrl-C or
+    finalizes. Worker ``i`` of a process with ``--worker-index k`` has index
+    ``100 * k + i`` and its sampler is seeded ``seed + 1000 * index`` (plus the
+    number of trials the study already has). On Ctrl-C or
     SIGTERM the workers get SIGTERM (each closes its trial as interrupted), and
     SIGKILL if they are not gone within a minute.
     """
@@ -537,7 +544,7 @@ def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress:
     procs: list[subprocess.Popen] = []
     try:
         for i in range(1, opts.workers + 1):
-            spec = {**dataclasses.asdict(opts), "worker": i, "workers": 1, "progress": False}
+            spec = {**dataclasses.asdict(opts), "worker": 100 * opts.worker + i, "workers": 1, "progress": False}
             payload = json.dumps({"options": spec, "parent_run_id": parent})
             procs.append(subprocess.Popen([sys.executable, "-c", _WORKER_CODE, payload], env=env,
                                           stdin=subprocess.DEVNULL))
@@ -657,6 +664,8 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     metrics = {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "val_accuracy": val, "params": params}
     tracker.log_metrics(run, metrics)
     tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
+    if champion.user_attrs.get("mlflow_run_id"):  # trial runs log CSVs only; the champion's gets its PNGs here
+        tracker.log_report_plots(champion.user_attrs["mlflow_run_id"])
     from .analysis import log_champion_analysis  # misclassified gallery, confused pairs, activation maps
 
     log_champion_analysis(tracker, run, model, data.x_test, data.y_test, proba, data.classes, ev, log)

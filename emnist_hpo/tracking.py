@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 from urllib.parse import urlparse
 
 import keras
+import numpy as np
 
 from .config import DEFAULT_ARTIFACT_ROOT, resolve_tracking_uri
 from .coordination import (
@@ -32,7 +33,7 @@ from .coordination import (
 )
 from .errors import StorageError
 from .hooks import TrialHooks, TrialOutcome
-from .reports import Evaluation, plot_curves, write_evaluation
+from .reports import Evaluation, plot_confusion, plot_curves, write_evaluation
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -132,8 +133,13 @@ def _check_http(uri: str, timeout: float = 5.0) -> None:
 
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).read()
-    except urllib.error.HTTPError:
-        return  # it answered
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            return  # an MLflow server behind authentication
+        raise StorageError(
+            f"{redact(uri)!r} answered HTTP {exc.code} to GET /health: not an MLflow tracking server; start one "
+            f"(mlflow server) or pass another --tracking-uri"
+        ) from None
     except Exception as exc:  # noqa: BLE001
         raise StorageError(
             f"MLflow tracking server {redact(uri)!r} is unreachable ({_one_line(exc)}); start it or pass another "
@@ -206,28 +212,69 @@ class Tracker:
         if items:
             self.client.log_batch(run_id, metrics=items)
 
-    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        from mlflow.entities import RunTag
+    def set_tags(self, run_id: str, tags: Mapping[str, Any], metrics: Mapping[str, float] | None = None) -> None:
+        """Set ``tags`` (and log step-0 ``metrics``) in one call to the store."""
+        from mlflow.entities import Metric, RunTag
 
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, 0) for k, v in (metrics or {}).items()
+                 if isinstance(v, (int, float)) and math.isfinite(float(v))]
+        self.client.log_batch(run_id, metrics=items, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_artifacts(self, run_id: str, local_dir: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
 
     def log_evaluation(
-        self, run_id: str, ev: Evaluation, prefix: str, history: Mapping[str, list[float]] | None = None
+        self, run_id: str, ev: Evaluation, prefix: str, history: Mapping[str, list[float]] | None = None,
+        plots: bool = True,
     ) -> None:
-        """Log an evaluation's files (and training curves) as artifacts under ``reports/``."""
+        """Log an evaluation's files (and training curves) as artifacts under ``reports/``; ``plots=False``: CSVs only."""
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp)
-            write_evaluation(ev, out, prefix)
-            self.log_artifacts(run_id, out, "reports")
-            pause_point("artifacts")  # test hook: a kill here leaves the files half logged
-            if history:
+            for i, path in enumerate(write_evaluation(ev, out, prefix, plots=plots)):
+                self.client.log_artifact(run_id, str(path), "reports")
+                if i == 0:
+                    pause_point("artifacts")  # test hook: a kill here leaves the reports half logged
+            if history and plots:
                 curves = out / "curves"
                 curves.mkdir()
                 plot_curves(history, curves / "training_curves.png")
                 self.log_artifacts(run_id, curves, "reports")
+
+
+    def log_report_plots(self, run_id: str, prefix: str = "validation") -> list[str]:
+        """Render the PNGs of a run whose reports were logged as CSV only: its confusion matrix and training curves.
+
+        Trial runs skip the plots (about a second of matplotlib each, most of a short trial's tracking
+        time); the study draws them for its champion trial alone, from what the run holds.
+        """
+        import pandas as pd
+
+        done: list[str] = []
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "png"
+            out.mkdir()
+            try:
+                local = self.client.download_artifacts(run_id, f"reports/{prefix}_confusion_matrix.csv", tmp)
+            except Exception:  # noqa: BLE001 - no report (a pruned trial): no plot
+                local = None
+            if local:
+                cm = pd.read_csv(local, index_col=0)
+                accuracy = float(np.trace(cm.to_numpy())) / max(1.0, float(cm.to_numpy().sum()))
+                plot_confusion(cm, out / f"{prefix}_confusion_matrix.png",
+                               title=f"{prefix} confusion matrix (accuracy {accuracy:.2%})")
+                done.append(f"{prefix}_confusion_matrix.png")
+            history = {}
+            for key in ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"):
+                points = sorted(self.client.get_metric_history(run_id, key), key=lambda m: m.step)
+                if points:
+                    history[key] = [m.value for m in points]
+            if history.get("loss"):
+                plot_curves(history, out / "training_curves.png")
+                done.append("training_curves.png")
+            if done:
+                self.log_artifacts(run_id, out, "reports")
+        return done
 
 
 def _param_value(v: Any) -> str:
@@ -261,8 +308,11 @@ class MlflowTrialHooks(TrialHooks):
     """Makes every trial a nested MLflow run of the study's parent run.
 
     Params and per-epoch metrics always; for finished trials the validation
-    confusion matrix, per-class report and curves; pruned and failed trials end
-    with their state as a tag and the run's status (KILLED, FAILED).
+    confusion matrix, per-class report and most-confused pairs as CSV (the PNGs
+    are drawn for the champion only: :meth:`Tracker.log_report_plots`); pruned
+    and failed trials end with their state as a tag and the run's status
+    (KILLED, FAILED). ``tracking_seconds`` (metric and trial attribute) is the
+    time all of this took.
     """
 
     def __init__(self, tracker: Tracker, parent_run_id: str, split: str, study_name: str):
@@ -298,8 +348,8 @@ class MlflowTrialHooks(TrialHooks):
         tags: dict[str, Any] = {TAG_STATE: outcome.state}
         if outcome.reason:
             tags[TAG_REASON] = outcome.reason[:5000]
-        self.tracker.set_tags(run_id, tags)
         r = outcome.result
+        summary: dict[str, float] = {}
         if r is not None:
             summary = {
                 "best_val_accuracy": r.best_val_accuracy,
@@ -309,9 +359,9 @@ class MlflowTrialHooks(TrialHooks):
             }
             if outcome.evaluation is not None:
                 summary["val_macro_f1"] = outcome.evaluation.macro_f1
-            self.tracker.log_metrics(run_id, summary)
-            if outcome.evaluation is not None:
-                self.tracker.log_evaluation(run_id, outcome.evaluation, "validation", r.history)
+        self.tracker.set_tags(run_id, tags, summary)
+        if r is not None and outcome.evaluation is not None:
+            self.tracker.log_evaluation(run_id, outcome.evaluation, "validation", plots=False)
         overhead = spent + cb.seconds + (time.perf_counter() - t0)
         self.tracker.log_metrics(run_id, {"tracking_seconds": overhead})
         trial.set_user_attr("tracking_seconds", round(overhead, 3))

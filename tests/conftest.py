@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import sys
 import struct
 import zipfile
 from pathlib import Path
@@ -124,7 +125,7 @@ def digits_champion(tmp_path_factory, sample_dir):
             storage=f"sqlite:///{root}/optuna.db", tracking_uri=f"sqlite:///{root}/mlflow.db", progress=False,
             checkpoint_dir=str(root / "ckpt"), finalists=0,
         )
-        result = run_study(opts, log=lambda m: None)
+        result = run_study(opts, log=lambda m: print(m, file=sys.stderr))
     finally:
         if old is None:
             os.environ.pop("EMNIST_HPO_CACHE", None)

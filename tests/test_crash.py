@@ -1,0 +1,158 @@
+"""Nothing lost: real ``python -m emnist_hpo study`` processes killed at known moments, then resumed.
+
+The test hook ``EMNIST_HPO_TEST_PAUSE_AT=<phase>[#<n>]`` (see
+:mod:`emnist_hpo.coordination`) makes the process print
+``test pause at <phase>`` and sleep at the n-th time it reaches ``training``
+(an epoch's end), ``artifacts`` (half of a run's report files logged) or
+``register`` (a model version created, the alias not yet moved); the test
+waits for that line, then sends SIGKILL, SIGINT or SIGTERM, and reads the stores.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import mlflow
+import numpy as np
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+
+SPACE = """\
+conv_blocks: 1
+filters: {choices: [4, 8]}
+kernel: 3
+dense_layers: 0
+dense_units: 16
+batch_size: 128
+learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+ARGS = ["study", "--split", "digits", "--trials", "3", "--epochs", "2", "--max-train-samples", "1000",
+        "--search-space", "space.yaml", "--no-warm-start", "--no-progress", "--sampler", "random", "--pruner", "none"]
+
+
+@pytest.fixture
+def workdir(tmp_path, sample_dir):
+    (tmp_path / "space.yaml").write_text(SPACE)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_CURRENT_TEST", "MLFLOW_TRACKING_URI")}
+    env.update(EMNIST_DATA_DIR=str(sample_dir), EMNIST_HPO_CACHE=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    return tmp_path, env
+
+
+def _run(cwd: Path, env: dict, args=ARGS, timeout: float = 300) -> subprocess.CompletedProcess:
+    res = subprocess.run([sys.executable, "-m", "emnist_hpo", *args], cwd=cwd, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+def _run_until_pause(cwd: Path, env: dict, phase: str, args=ARGS, sig: int = signal.SIGKILL):
+    """Start the study, wait until it pauses at ``phase``, send ``sig``; return (exit code, stderr)."""
+    err = cwd / f"stderr-{phase.replace('#', '-')}-{sig}.txt"
+    with open(err, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "emnist_hpo", *args], cwd=cwd,
+                                env={**env, "EMNIST_HPO_TEST_PAUSE_AT": phase}, stdout=subprocess.DEVNULL, stderr=f)
+    deadline = time.monotonic() + 300
+    while "test pause at" not in err.read_text():
+        assert proc.poll() is None, f"ended ({proc.returncode}) before pausing at {phase}:\n{err.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"never paused at {phase}"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    code = proc.wait(timeout=120)
+    return code, err.read_text()
+
+
+def _stores(cwd: Path):
+    study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{cwd}/mlruns/optuna.db")
+    client = MlflowClient(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("emnist-digits")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return study, client, runs
+
+
+def _trial_run(runs, number: int):
+    found = [r for r in runs if r.data.tags.get("emnist_hpo.kind") == "trial"
+             and r.data.tags["optuna.trial_number"] == str(number)]
+    assert len(found) == 1, f"trial {number} has {len(found)} runs"
+    return found[0]
+
+
+def _artifacts(run) -> dict[str, int]:
+    root = Path(unquote(urlparse(run.info.artifact_uri).path))
+    return {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+
+
+def test_kill_9_while_training_logging_and_registering_loses_nothing(workdir):
+    cwd, env = workdir
+
+    # 1. killed in the second trial's first epoch: trial 0 is finished, trial 1 dies RUNNING
+    code, _ = _run_until_pause(cwd, env, "training#3")
+    assert code == -signal.SIGKILL
+    study, _, runs = _stores(cwd)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    kept = {0: _artifacts(_trial_run(runs, 0))}
+    assert {"reports/validation_confusion_matrix.csv", "reports/validation_per_class.csv"} <= set(kept[0])
+
+    # 2. resumed: trial 1 is failed at once (its process is dead); killed while trial 2 logs its reports
+    code, err = _run_until_pause(cwd, env, "artifacts")
+    assert code == -signal.SIGKILL
+    assert "trial(s) 1 of a process that died are marked FAIL" in err
+    study, _, runs = _stores(cwd)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "RUNNING"]
+    assert "died" in study.trials[1].user_attrs["fail_reason"]
+    assert _trial_run(runs, 1).info.status == "FAILED"
+    half = _artifacts(_trial_run(runs, 2))
+    assert "reports/validation_confusion_matrix.csv" in half and "reports/validation_per_class.csv" not in half
+
+    # 3. resumed: two more trials finish the study; killed after the model version is created, before the alias
+    code, _ = _run_until_pause(cwd, env, "register")
+    assert code == -signal.SIGKILL
+    study, client, runs = _stores(cwd)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert _trial_run(runs, 2).info.status == "FAILED"
+    kept.update({n: _artifacts(_trial_run(runs, n)) for n in (3, 4)})
+    assert [str(v.version) for v in client.search_model_versions("name = 'emnist-digits'")] == ["1"]
+    with pytest.raises(Exception):
+        client.get_model_version_by_alias("emnist-digits", "champion")  # never set on the half-done version
+
+    # 4. resumed: nothing left to train; the dead finalizer's claim is taken over and the champion registered
+    res = _run(cwd, env)
+    assert "already has 3 finished trials" in res.stderr
+    study, client, runs = _stores(cwd)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL", "FAIL", "COMPLETE", "COMPLETE"]
+    assert all(r.info.status != "RUNNING" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    for n, files in kept.items():  # every finished trial's artifacts are intact
+        assert _artifacts(_trial_run(runs, n)) == files
+        assert _trial_run(runs, n).info.status == "FINISHED"
+    finals = sorted((r for r in runs if r.data.tags["emnist_hpo.kind"] == "final"), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in finals] == ["FAILED", "FINISHED"]
+    champion = client.get_model_version_by_alias("emnist-digits", "champion")
+    assert str(champion.version) == "2" and champion.status == "READY"
+    assert champion.tags["trial"] == str(study.best_trial.number)
+    mlflow.set_tracking_uri(f"sqlite:///{cwd}/mlruns/mlflow.db")
+    proba = mlflow.pyfunc.load_model("models:/emnist-digits@champion").predict(np.zeros((4, 28, 28), np.uint8))
+    assert proba.shape == (4, 10) and np.allclose(proba.to_numpy().sum(axis=1), 1, atol=1e-4)
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_ctrl_c_and_sigterm_close_the_trial_and_say_how_to_resume(workdir, sig, code, word):
+    cwd, env = workdir
+    got, err = _run_until_pause(cwd, env, "training#3", sig=sig)
+    assert got == code, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert lines[-1].startswith(f"emnist-hpo: {word}; finished trials are saved. Resume with: python -m emnist_hpo study")
+    assert "Traceback" not in err
+    study, _, runs = _stores(cwd)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
+    assert study.trials[1].user_attrs["fail_reason"].startswith("interrupted")
+    assert _trial_run(runs, 1).info.status == "KILLED"
+    assert _trial_run(runs, 0).info.status == "FINISHED"
+    parents = [r for r in runs if r.data.tags["emnist_hpo.kind"] == "study"]
+    assert [r.info.status for r in parents] == ["KILLED"]
+    assert all(r.info.status != "RUNNING" for r in runs)
