@@ -87,6 +87,7 @@ class Variant:
     extra: Callable[[], list] | None = None  # extra callbacks
     numpy_feed: bool = False  # fit on the NumPy arrays (Keras' array path) instead of the trainer's batches
     full_only: bool = False
+    once: bool = False  # measured in the first repetition only (XLA: minutes of compiling, far slower on CPU)
     note: str = ""
 
 
@@ -96,10 +97,11 @@ VARIANTS = [
             extra=lambda: [PerBatchSync()], numpy_feed=True),
     Variant("float32, NumPy fed", {"precision": "float32"}, numpy_feed=True, full_only=True),
     Variant("float32", {"precision": "float32"}),
-    Variant("float32 + XLA (jit_compile)", {"precision": "float32", "jit_compile": True}, full_only=True),
+    Variant("float32 + XLA (jit_compile)", {"precision": "float32", "jit_compile": True}, full_only=True, once=True),
     Variant("float32 + steps_per_execution 8", {"precision": "float32", "steps_per_execution": 8}, full_only=True),
     Variant("mixed_bfloat16", {"precision": "mixed_bfloat16", "steps_per_execution": 1}),
-    Variant("mixed_bfloat16 + XLA", {"precision": "mixed_bfloat16", "jit_compile": True}, full_only=True),
+    Variant("mixed_bfloat16 + XLA", {"precision": "mixed_bfloat16", "jit_compile": True}, full_only=True,
+            once=True),
     Variant("mixed_bfloat16 + steps_per_execution 8", {"precision": "mixed_bfloat16", "steps_per_execution": 8},
             full_only=True),
     Variant("TrainConfig defaults (the trial trainer)", {}),
@@ -173,6 +175,8 @@ def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, An
         runs: dict[str, list[dict]] = {v.name: [] for v in variants}
         for rep in range(reps):
             for v in variants:
+                if v.once and rep > 0:
+                    continue
                 t0 = time.perf_counter()
                 load = load_now()
                 if v.baseline:
@@ -201,7 +205,7 @@ def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, An
         rows = []
         for v in variants:
             rs = runs[v.name]
-            ratios = [r["images_per_s"] / b["images_per_s"] for r, b in zip(rs, ref)]
+            ratios = [r["images_per_s"] / b["images_per_s"] for r, b in zip(rs, ref)]  # same repetition
             cpu_ratios = [r["images_per_cpu_s"] / b["images_per_cpu_s"] for r, b in zip(rs, ref)]
             rows.append({
                 "variant": v.name,

@@ -385,9 +385,14 @@ def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> Experime
 
 
 def final_model(
-    objective: Objective, trial: optuna.trial.FrozenTrial, data: PreparedData, final_fit: bool, checkpoint: Path
+    objective: Objective, trial: optuna.trial.FrozenTrial, data: PreparedData, final_fit: bool, checkpoint: Path,
+    log: Callable[[str], None] = print,
 ) -> tuple[Any, ExperimentConfig, TrainResult | None]:
-    """The champion's model: retrained on train+validation (``final_fit``) or its trial's checkpoint."""
+    """The champion's model: retrained on train+validation (``final_fit``) or its trial's checkpoint.
+
+    A checkpoint is loaded in Keras' safe mode (no code from the file runs); one that
+    cannot be (missing, unreadable, tampered with) is replaced by retraining the trial.
+    """
     cfg = config_of(objective, trial)
     if final_fit:
         cfg = copy.deepcopy(cfg)
@@ -400,7 +405,11 @@ def final_model(
     if checkpoint.is_file():
         import keras
 
-        return keras.saving.load_model(checkpoint, compile=False, safe_mode=True), cfg, None
+        try:
+            return keras.saving.load_model(checkpoint, compile=False, safe_mode=True), cfg, None
+        except Exception as exc:  # noqa: BLE001 - any unloadable checkpoint: retrain instead
+            log(f"checkpoint {checkpoint} not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                f"retraining trial {trial.number}")
     result = train(cfg, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes)
     return result.model, cfg, result
 
@@ -650,7 +659,8 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     val = float(champion.values[0])
     log(f"champion: trial {champion.number} (val_accuracy {val:.4f}); "
         + ("final fit on train+validation..." if opts.final_fit else "evaluating on test..."))
-    model, cfg, fit = final_model(objective, champion, data, opts.final_fit, checkpoint_dir / f"trial_{champion.number}.keras")
+    model, cfg, fit = final_model(objective, champion, data, opts.final_fit,
+                                  checkpoint_dir / f"trial_{champion.number}.keras", log)
     proba = predict_proba(model, data.x_test)
     ev = evaluate(data.y_test, proba, data.classes)
     params = int(model.count_params())

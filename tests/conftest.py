@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import sys
 import struct
+import sys
 import zipfile
 from pathlib import Path
 

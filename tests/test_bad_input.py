@@ -235,3 +235,55 @@ def test_names_cannot_escape_their_folders(world, capsys):
         code, _, err = _cli([*STUDY, "--study-name", name], capsys)
         assert code == 2 and "--study-name must be" in err
     assert not (world / "x").exists() and not (world.parent / "x").exists()
+
+
+def test_a_server_that_is_not_mlflow_is_refused(world, capsys):
+    """Something answers on the port, but not MLflow (GET /health is 404): exit 2 before anything is written."""
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # noqa: D102 - keep the CLI's stderr to itself
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = snapshot(world)
+        uri = f"http://127.0.0.1:{server.server_address[1]}"
+        code, _, err = _cli([*STUDY, "--tracking-uri", uri], capsys)
+        assert code == 2 and err.count("\n") == 1
+        assert f"'{uri}' answered HTTP 404 to GET /health: not an MLflow tracking server" in err
+        assert snapshot(world) == before
+    finally:
+        server.shutdown()
+
+
+def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypatch):
+    """--no-final-fit loads the champion's checkpoint in Keras' safe mode: a file carrying code is refused, the
+    trial retrained, and the code never runs."""
+    import keras
+
+    from emnist_hpo.study import StudyOptions, run_study
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "space.yaml").write_text(SPACE)
+    opts = dict(split="digits", trials=1, epochs=1, max_train_samples=1000, data_dir=str(sample_dir),
+                search_space="space.yaml", warm_start=False, progress=False, final_fit=False, finalists=0,
+                storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                checkpoint_dir=str(tmp_path / "ckpt"))
+    run_study(StudyOptions(**opts, register=False), log=lambda m: None)
+    checkpoint = tmp_path / "ckpt" / "emnist-digits" / "trial_0.keras"
+    assert checkpoint.is_file()
+    marker = tmp_path / "pwned"
+    code = eval(f"lambda x: x + 0 * len(open({str(marker)!r}, 'w').name)")  # writes the marker when it runs
+    evil = keras.Sequential([keras.Input((28, 28)), keras.layers.Lambda(code), keras.layers.Flatten(),
+                             keras.layers.Dense(10, activation="softmax")])
+    evil.save(checkpoint)
+    marker.unlink(missing_ok=True)  # building the model above ran the lambda once
+    said: list[str] = []
+    res = run_study(StudyOptions(**opts, register=True), log=said.append)  # registration not done yet: finalize again
+    assert any(f"checkpoint {checkpoint} not loaded" in m and "retraining trial 0" in m for m in said), said
+    assert not marker.exists()
+    assert res.registered is not None and res.params is not None and res.params != evil.count_params()
