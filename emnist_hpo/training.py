@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import math
 import os
 import time
@@ -22,6 +23,9 @@ import numpy as np
 from . import schedules
 from .config import ExperimentConfig
 from .models import build_model, count_params
+
+# A study builds many models in one process: TensorFlow's "tf.function retracing" notices are expected noise.
+logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
 @dataclass
