@@ -49,6 +49,10 @@ def models() -> dict[str, ModelConfig]:
     }
 
 
+#: Epochs per run (full, quick): the small model runs longer so its steady epochs add up to seconds, not noise.
+EPOCHS = {"two_conv": (3, 2), "small": (6, 3)}
+
+
 class EpochClock(keras.callbacks.Callback):
     """Wall and CPU seconds of each epoch's training part (epoch start to validation start)."""
 
@@ -161,14 +165,14 @@ def run_trainer(m: ModelConfig, base_train: TrainConfig, v: Variant, data, epoch
 
 def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, Any]:
     samples = 5000 if quick else 30000
-    epochs = 2 if quick else 3
     reps = reps or (2 if quick else 3)
     data = prepare("bymerge", data_dir, DataConfig(max_train_samples=samples, seed=0), progress=False)
     n = len(data.x_train)
     variants = [v for v in VARIANTS if not (quick and v.full_only)]
-    out: dict[str, Any] = {"samples_train": n, "samples_val": len(data.x_val), "epochs": epochs, "reps": reps,
-                           "models": {}}
+    out: dict[str, Any] = {"samples_train": n, "samples_val": len(data.x_val), "reps": reps, "models": {},
+                           "epochs": {k: EPOCHS[k][1 if quick else 0] for k in EPOCHS}}
     for mname, m in models().items():
+        epochs = EPOCHS[mname][1 if quick else 0]
         base_train = TrainConfig()
         if mname == "two_conv":
             base_train = load_experiment(ROOT / "experiments" / "two_conv.yaml").train
@@ -227,7 +231,7 @@ def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, An
 
 
 def thread_child(args) -> None:
-    """Child process: set TF's thread pools, then time the reference and the default trainer (two_conv)."""
+    """Child process: set TF's thread pools, then time the reference and the default trainer on one model."""
     import tensorflow as tf
 
     if args.intra:
@@ -235,22 +239,26 @@ def thread_child(args) -> None:
     if args.inter:
         tf.config.threading.set_inter_op_parallelism_threads(args.inter)
     data = prepare("bymerge", args.data_dir, DataConfig(max_train_samples=args.samples, seed=0), progress=False)
-    m = models()["two_conv"]
-    base = load_experiment(ROOT / "experiments" / "two_conv.yaml").train
-    c_ref, _ = run_reference(m, data, 2, 0)
-    c, acc, _, _ = run_trainer(m, base, Variant("defaults"), data, 2, 0)
+    m = models()[args.model]
+    base = load_experiment(ROOT / "experiments" / "two_conv.yaml").train if args.model == "two_conv" else TrainConfig()
+    epochs = EPOCHS[args.model][0]
+    c_ref, _ = run_reference(m, data, epochs, 0)
+    c, acc, _, _ = run_trainer(m, base, Variant("defaults"), data, epochs, 0)
     n = len(data.x_train)
-    print(json.dumps({"reference": n / c_ref.train_s[-1], "trainer": n / c.train_s[-1], "val_accuracy": acc}))
+    print(json.dumps({"reference": n / median(c_ref.train_s[1:]), "trainer": n / median(c.train_s[1:]),
+                      "val_accuracy": acc}))
 
 
 def measure_threads(data_dir: str, reps: int = 2, samples: int = 12000) -> list[dict[str, Any]]:
     """TensorFlow thread-pool settings, each in its own process (they are fixed at TF start), interleaved."""
-    settings = [("TF default (intra = inter = cores)", 0, 0), ("intra 2, inter 1", 2, 1), ("intra 1, inter 1", 1, 1)]
-    got: dict[str, list[dict]] = {s[0]: [] for s in settings}
+    cores = __import__("os").cpu_count() or 1
+    settings = [(f"TF default (intra = inter = {cores} cores)", 0, 0), (f"intra {cores}, inter 1", cores, 1),
+                ("intra 1, inter 1", 1, 1), (f"intra 1, inter {cores}", 1, cores)]
+    got: dict[tuple, list[dict]] = {(m, s[0]): [] for m in models() for s in settings}
     for rep in range(reps):
-        for name, intra, inter in settings:
+        for (model, name), (_, intra, inter) in zip(got, [s for _ in models() for s in settings]):
             cmd = [PYTHON, __file__, "--thread-child", "--intra", str(intra), "--inter", str(inter),
-                   "--data-dir", data_dir, "--samples", str(samples)]
+                   "--data-dir", data_dir, "--samples", str(samples), "--model", model]
             proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
                                                                               "TF_CPP_MIN_LOG_LEVEL": "2"})
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -258,16 +266,17 @@ def measure_threads(data_dir: str, reps: int = 2, samples: int = 12000) -> list[
                 log(f"thread child failed: {proc.stderr[-800:]}")
                 continue
             r = json.loads(line[-1])
-            got[name].append(r)
-            log(f"threads {name} rep {rep}: trainer {r['trainer']:.0f} img/s, reference {r['reference']:.0f}")
-    return [{"setting": k, "trainer_images_per_s": median(r["trainer"] for r in v),
+            got[(model, name)].append(r)
+            log(f"threads {model} {name} rep {rep}: trainer {r['trainer']:.0f} img/s, reference {r['reference']:.0f}")
+    return [{"model": k[0], "setting": k[1], "trainer_images_per_s": median(r["trainer"] for r in v),
              "reference_images_per_s": median(r["reference"] for r in v),
              "ratio": median(r["trainer"] / r["reference"] for r in v)} for k, v in got.items() if v]
 
 
 def markdown(res: dict[str, Any]) -> str:
+    epochs = ", ".join(f"{k} {v}" for k, v in res["epochs"].items()) if isinstance(res["epochs"], dict) else res["epochs"]
     parts = [f"Training throughput, bymerge sample: {res['samples_train']:,} training images, "
-             f"{res['samples_val']:,} validation, {res['epochs']} epochs per run, {res['reps']} interleaved "
+             f"{res['samples_val']:,} validation, epochs per run: {epochs}; {res['reps']} interleaved "
              "repetitions; ratio = images/s over the Keras reference's in the same repetition (median, min-max), "
              "CPU ratio = the same in images per CPU-second."]
     for mname, rows in res["models"].items():
@@ -279,10 +288,10 @@ def markdown(res: dict[str, Any]) -> str:
               f"{fmt(r['ratio_max'])})", r["cpu_ratio_median"], r["first_epoch_s_median"],
               f"{r['val_accuracy_median']:.4f}"] for r in rows]))
     if res.get("threads"):
-        parts.append("\n**TensorFlow thread pools** (two_conv, separate processes, 2 epochs)\n")
-        parts.append(table(["setting", "trainer images/s", "reference images/s", "x reference"],
-                           [[t["setting"], t["trainer_images_per_s"], t["reference_images_per_s"], t["ratio"]]
-                            for t in res["threads"]]))
+        parts.append("\n**TensorFlow thread pools** (separate processes: pools are fixed when TF starts; medians)\n")
+        parts.append(table(["model", "setting", "trainer images/s", "reference images/s", "x reference"],
+                           [[t["model"], t["setting"], t["trainer_images_per_s"], t["reference_images_per_s"],
+                             t["ratio"]] for t in res["threads"]]))
     return "\n".join(parts)
 
 
@@ -296,12 +305,20 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--intra", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--inter", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=12000, help=argparse.SUPPRESS)
+    p.add_argument("--model", default="two_conv", help=argparse.SUPPRESS)
+    p.add_argument("--threads-only", action="store_true", help="only the thread-pool comparison")
     args = p.parse_args(argv)
     if args.thread_child:
         thread_child(args)
         return {}
-    res = {"machine": machine(), "default_precision": resolve_precision(TrainConfig().precision),
-           **measure(args.quick, args.data_dir, args.reps)}
+    res = {"machine": machine(), "default_precision": resolve_precision(TrainConfig().precision)}
+    if args.threads_only:
+        res["threads"] = measure_threads(args.data_dir)
+        md = markdown({**res, "models": {}, "samples_train": 0, "samples_val": 0, "epochs": 0, "reps": 0})
+        write_results("threads", res, md)
+        print(md)
+        return res
+    res.update(measure(args.quick, args.data_dir, args.reps))
     if args.threads:
         res["threads"] = measure_threads(args.data_dir)
     res["machine"]["load_average_end"] = list(__import__("os").getloadavg())

@@ -106,9 +106,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prune sampled models with more than N parameters before training")
     s.add_argument("--workers", type=_positive_int, default=1,
                    help="trials run at once, each worker a subprocess on the same study (1)")
-    s.add_argument("--worker-index", type=_positive_int, default=0,
-                   help="for independent processes sharing one study (same --storage): a different index each, "
-                        "so their samplers draw differently (0)")
     s.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
                    help="search engine (optuna); keras-tuner keeps its state in mlruns/keras_tuner/<study-name>")
     s.add_argument("--tuner", choices=("hyperband", "bayesian"), default=None,
@@ -179,7 +176,6 @@ def _study(args: argparse.Namespace) -> int:
         max_params=args.max_params,
         progress=not args.no_progress,
         workers=args.workers,
-        worker=args.worker_index,
     )
     if args.engine == "keras-tuner":
         from .kt_engine import run_kt_study, summary_table as kt_summary

@@ -97,7 +97,7 @@ class _Release:
 
 
 def slot(study: optuna.Study, target: int) -> str:
-    """``"run"`` if another trial may start, ``"wait"`` while running trials may still fill the target, else ``"done"``."""
+    """``"run"`` if a trial may start, ``"wait"`` while running trials may still fill the target, else ``"done"``."""
     trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
     finished = sum(t.state in FINISHED for t in trials)
     if finished >= target:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import json
 import logging
 import os
@@ -233,7 +234,42 @@ def _check_magic(data: bytes, name: str, expected: int, what: str) -> None:
         raise DataError(f"{name}: {got}, but {what} files must start with 0x{expected:08X} (unsigned bytes, {dims})")
 
 
+def _stream_images(raw: bytes, chunk: int = 8192) -> np.ndarray | None:
+    """Gunzip a valid image file straight into upright uint8 images, a chunk of images at a time.
+
+    Full bymerge then needs its 0.55 GB of images once, not three times (the gunzipped
+    bytes, their transposed copy and the result). None when anything is unusual: the
+    caller re-parses the whole file, which names the problem.
+    """
+    side = IMAGE_SIZE * IMAGE_SIZE
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
+            header = f.read(16)
+            if len(header) != 16:
+                return None
+            magic, n, rows, cols = struct.unpack(">4I", header)
+            if magic != _IMAGES_MAGIC or (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE) or n == 0:
+                return None
+            out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
+            for lo in range(0, n, chunk):
+                k = min(chunk, n - lo)
+                block = f.read(k * side)
+                if len(block) != k * side:
+                    return None
+                # NIST stores each image transposed: turn it upright
+                out[lo:lo + k] = np.frombuffer(block, dtype=np.uint8).reshape(k, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 1)
+            if f.read(1):
+                return None
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError, struct.error):
+        return None
+    return out
+
+
 def _parse_images(raw: bytes, name: str) -> np.ndarray:
+    if raw[:2] == _GZIP_MAGIC:
+        streamed = _stream_images(raw)
+        if streamed is not None:
+            return streamed
     data = _gunzip(raw, name) if raw[:2] == _GZIP_MAGIC else raw
     _check_magic(data, name, _IMAGES_MAGIC, "image")
     array = read_idx(data, name=name)

@@ -131,13 +131,15 @@ class StudyOptions:
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
         if self.worker < 0:
-            raise ConfigError(f"--worker-index must be >= 0 (worker_index={self.worker})")
+            raise ConfigError(f"worker must be >= 0 (worker={self.worker})")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (workers={self.workers})")
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (seed={self.seed})")
         if self.early_stopping_patience < 0:
-            raise ConfigError(f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})")
+            raise ConfigError(
+                f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})"
+            )
         if self.timeout is not None and self.timeout <= 0:
             raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
         if self.study_name is not None:
@@ -276,7 +278,25 @@ def finished_count(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=FINISHED))
 
 
-def _open_study(opts: StudyOptions, storage) -> optuna.Study:
+#: Study user attribute counting the processes that opened the study (each one's sampler seed differs).
+SESSIONS_ATTR = "sessions"
+
+
+def _open_study(opts: StudyOptions, storage, storage_url: str) -> optuna.Study:
+    """Load or create the study; give this process a sampler seeded apart from every other process's."""
+    study = _load_or_create_study(opts, storage)
+    with StudyLock(storage_url, storage, opts.name).held():
+        session = int(study.user_attrs.get(SESSIONS_ATTR, 0))
+        study.set_user_attr(SESSIONS_ATTR, session + 1)
+    # Concurrent workers must not draw the same parameters, nor a resumed run replay the first run's draws:
+    # the first process to open a study uses --seed itself, the n-th seed + 1000 * n.
+    multi = len(opts.objectives) > 1
+    study.sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"),
+                                 opts.seed + 1000 * (opts.worker + session), multi)
+    return study
+
+
+def _load_or_create_study(opts: StudyOptions, storage) -> optuna.Study:
     multi = len(opts.objectives) > 1
     sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"), opts.seed + 1000 * opts.worker, multi)
     pruner = make_pruner(opts.pruner if not multi else "none", opts.epochs)
@@ -295,9 +315,6 @@ def _open_study(opts: StudyOptions, storage) -> optuna.Study:
         split = existing.user_attrs.get("split")
         if split is not None and split != opts.split:
             raise ConfigError(f"study {opts.name!r} was created for split {split!r}, not {opts.split!r}")
-        # A resumed run must not replay the sampler's first draws: offset its seed by the trials already there.
-        existing.sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"),
-                                        opts.seed + 1000 * opts.worker + len(existing.get_trials(deepcopy=False)), multi)
         return existing
     study = optuna.create_study(
         study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner,
@@ -422,11 +439,11 @@ def _open(opts: StudyOptions, progress: bool):
     space = SearchSpace.load(find_search_space(opts.search_space))
     seeds = {n: load_experiment(find_experiment(n)) for n in opts.seed_experiments} if opts.warm_start else {}
     base = base_config(opts)
-    data = prepare(opts.split, opts.data_dir, base.data, progress=progress)  # bad data: fail before any store is touched
+    data = prepare(opts.split, opts.data_dir, base.data, progress=progress)  # bad data: no store touched yet
     storage_url = resolve_storage(opts.storage)
     check_tracking_uri(resolve_tracking_uri(opts.tracking_uri))  # an unusable tracking store: fail before Optuna's
     storage = make_storage(storage_url)
-    study = _open_study(opts, storage)  # before the tracker: a study of another split must not create an experiment
+    study = _open_study(opts, storage, storage_url)  # before the tracker: a wrong split creates no experiment
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
     return space, seeds, base, data, storage_url, storage, tracker, study
 
@@ -541,9 +558,8 @@ def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress:
 
     Each worker is ``python -c`` of :func:`worker_main`: it opens the same
     stores, nests its trial runs under this process's parent run, and never
-    finalizes. Worker ``i`` of a process with ``--worker-index k`` has index
-    ``100 * k + i`` and its sampler is seeded ``seed + 1000 * index`` (plus the
-    number of trials the study already has). On Ctrl-C or
+    finalizes. Every process that opens the study gets its own sampler seed
+    (see :func:`_open_study`). On Ctrl-C or
     SIGTERM the workers get SIGTERM (each closes its trial as interrupted), and
     SIGKILL if they are not gone within a minute.
     """
@@ -552,8 +568,8 @@ def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress:
     env.setdefault("TF_NUM_INTRAOP_THREADS", str(max(1, (os.cpu_count() or 1) // opts.workers)))
     procs: list[subprocess.Popen] = []
     try:
-        for i in range(1, opts.workers + 1):
-            spec = {**dataclasses.asdict(opts), "worker": 100 * opts.worker + i, "workers": 1, "progress": False}
+        for _ in range(opts.workers):
+            spec = {**dataclasses.asdict(opts), "workers": 1, "progress": False}
             payload = json.dumps({"options": spec, "parent_run_id": parent})
             procs.append(subprocess.Popen([sys.executable, "-c", _WORKER_CODE, payload], env=env,
                                           stdin=subprocess.DEVNULL))
@@ -597,7 +613,7 @@ def worker_main(payload: str) -> int:
     opts = StudyOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec["options"].items()})
 
     def log(message: str) -> None:
-        print(f"emnist-hpo worker {opts.worker}: {message}", file=sys.stderr, flush=True)
+        print(f"emnist-hpo worker (pid {os.getpid()}): {message}", file=sys.stderr, flush=True)
 
     try:
         run_worker(opts, spec["parent_run_id"], log)

@@ -108,7 +108,8 @@ def check_tracking_uri(tracking_uri: str) -> None:
     dialect = scheme.split("+", 1)[0]
     if dialect not in _TRACKING_SCHEMES:
         raise StorageError(
-            f"--tracking-uri {redact(tracking_uri)!r} has an unsupported scheme {scheme!r}; allowed: sqlite:///PATH.db, "
+            f"--tracking-uri {redact(tracking_uri)!r} has an unsupported scheme {scheme!r}; allowed: "
+            "sqlite:///PATH.db, "
             "postgresql://, mysql://, mssql:// database URLs, http(s)://HOST:PORT of an MLflow server, or file:PATH"
         )
     if scheme in ("http", "https"):
@@ -123,7 +124,9 @@ def check_tracking_uri(tracking_uri: str) -> None:
                 pass
             engine.dispose()
         except Exception as exc:  # noqa: BLE001
-            raise StorageError(f"MLflow tracking store {redact(tracking_uri)!r} is unreachable: {_one_line(exc)}") from None
+            raise StorageError(
+                f"MLflow tracking store {redact(tracking_uri)!r} is unreachable: {_one_line(exc)}"
+            ) from None
     check_sqlite_location(tracking_uri, "MLflow tracking store", "--tracking-uri")
 
 

@@ -31,7 +31,7 @@ dense_units: 16
 learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
 """
 STUDY = ["study", "--split", "digits", "--trials", "1", "--epochs", "1", "--max-train-samples", "1000",
-         "--search-space", "space.yaml", "--no-warm-start", "--no-progress"]
+         "--finalists", "0", "--search-space", "space.yaml", "--no-warm-start", "--no-progress"]
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -141,13 +141,13 @@ CASES = [
     ("timeout", lambda r: [*STUDY, "--timeout", "-5"], ["--timeout must be > 0", "-5"]),
     ("study-name", lambda r: [*STUDY, "--study-name", "../../etc"], ["--study-name must be", "'../../etc'"]),
     ("workers", lambda r: [*STUDY, "--workers", "0"], ["--workers must be >= 1 (workers=0)"]),
-    ("worker-index", lambda r: [*STUDY, "--worker-index", "-1"], ["--worker-index must be >= 0", "=-1"]),
     ("seed", lambda r: [*STUDY, "--seed", "-3"], ["--seed must be >= 0 (seed=-3)"]),
     ("early-stopping", lambda r: [*STUDY, "--early-stopping", "-1"], ["--early-stopping must be >= 0", "=-1"]),
     ("other-split", lambda r: [*STUDY[:2], "letters", *STUDY[3:], "--study-name", "emnist-digits"],
      ["'emnist-digits'", "'digits'", "not 'letters'"]),
     # search-space and experiment YAML
-    ("space-missing", lambda r: [*STUDY, "--search-space", "nope.yaml"], ["search space file not found", "'nope.yaml'"]),
+    ("space-missing", lambda r: [*STUDY, "--search-space", "nope.yaml"],
+     ["search space file not found", "'nope.yaml'"]),
     ("space-key", lambda r: [*STUDY, "--search-space", _file(r, "k.yaml", SPACE + "colour: {choices: [red]}\n")],
      ["colour"]),
     ("space-range", lambda r: [*STUDY, "--search-space", _file(r, "r.yaml", SPACE.replace(
@@ -157,9 +157,11 @@ CASES = [
      ["optimizer", "rmsprop", "adam, adamw, sgd"]),
     ("space-syntax", lambda r: [*STUDY, "--search-space", _file(r, "s.yaml", "conv_blocks: {low: 1\n")], ["s.yaml"]),
     ("space-list", lambda r: [*STUDY, "--search-space", _file(r, "l.yaml", "- 1\n- 2\n")], ["l.yaml"]),
-    ("experiment-key", lambda r: [*STUDY[:-2], "--no-progress", "--seed-experiments", _file(r, "e1.yaml", "train: {epoks: 3}\n")],
+    ("experiment-key", lambda r: [*STUDY[:-2], "--no-progress", "--seed-experiments",
+                                  _file(r, "e1.yaml", "train: {epoks: 3}\n")],
      ["e1.yaml", "epoks"]),
-    ("experiment-value", lambda r: [*STUDY[:-2], "--no-progress", "--seed-experiments", _file(r, "e2.yaml", "model: {kind: gpt}\n")],
+    ("experiment-value", lambda r: [*STUDY[:-2], "--no-progress", "--seed-experiments",
+                                    _file(r, "e2.yaml", "model: {kind: gpt}\n")],
      ["e2.yaml", "model.kind", "'gpt'"]),
     # data files
     ("data-missing", lambda r: [*STUDY, "--data-dir", "/nonexistent/emnist"], ["/nonexistent/emnist"]),

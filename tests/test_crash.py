@@ -34,7 +34,8 @@ batch_size: 128
 learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
 """
 ARGS = ["study", "--split", "digits", "--trials", "3", "--epochs", "2", "--max-train-samples", "1000",
-        "--search-space", "space.yaml", "--no-warm-start", "--no-progress", "--sampler", "random", "--pruner", "none"]
+        "--search-space", "space.yaml", "--no-warm-start", "--no-progress", "--sampler", "random", "--pruner", "none",
+        "--finalists", "0"]
 
 
 @pytest.fixture
@@ -146,7 +147,8 @@ def test_ctrl_c_and_sigterm_close_the_trial_and_say_how_to_resume(workdir, sig, 
     got, err = _run_until_pause(cwd, env, "training#3", sig=sig)
     assert got == code, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines[-1].startswith(f"emnist-hpo: {word}; finished trials are saved. Resume with: python -m emnist_hpo study")
+    assert lines[-1].startswith(f"emnist-hpo: {word}; finished trials are saved. Resume with: "
+                                f"python -m emnist_hpo study")
     assert "Traceback" not in err
     study, _, runs = _stores(cwd)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]
