@@ -188,7 +188,7 @@ def _cli(args, cwd, env_extra=None, timeout=600):
 def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
     """Defaults need nothing running; re-running the same command resumes and runs only the missing trials."""
     args = ["study", "--split", "digits", "--trials", "1", "--epochs", "1", "--max-train-samples", "1000",
-            "--no-warm-start", "--no-progress", "--no-final-fit"]
+            "--no-warm-start", "--no-progress", "--no-final-fit", "--finalists", "0"]
     first = _cli(args, tmp_path, {"EMNIST_DATA_DIR": str(sample_dir)})
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "mlruns" / "optuna.db").is_file() and (tmp_path / "mlruns" / "mlflow.db").is_file()

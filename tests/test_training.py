@@ -171,3 +171,21 @@ def test_a_config_is_not_changed_by_training(digits):
     before = copy.deepcopy(cfg)
     train(cfg, digits.x_train[:200], digits.y_train[:200], None, None, digits.num_classes)
     assert cfg == before  # "auto" is resolved for the run (TrainResult.precision), not written back
+
+
+def test_prepare_splits_in_place_with_the_same_sets_as_train_val_split(sample_dir, tmp_path, monkeypatch):
+    from emnist_hpo.data import load_split, train_val_split
+
+    monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path))
+    d = prepare("balanced", str(sample_dir), DataConfig(val_fraction=0.2, seed=3), progress=False)
+    raw = load_split("balanced", str(sample_dir), progress=False)
+    _, _, x_val, y_val = train_val_split(raw.x_train, raw.y_train, 0.2, seed=3)
+
+    def rows(x, y):
+        return sorted(zip(map(bytes, x.reshape(len(x), -1)), y.tolist()))
+
+    assert len(d.x_val) == len(x_val) and rows(d.x_val, d.y_val) == rows(x_val, y_val)
+    assert rows(np.concatenate([d.x_train, d.x_val]), np.concatenate([d.y_train, d.y_val])) == rows(raw.x_train,
+                                                                                                      raw.y_train)
+    x, y = d.train_and_val()  # one buffer: the final fit's pool costs no memory
+    assert np.shares_memory(x, d.x_train) and np.shares_memory(y, d.y_val) and len(x) == len(raw.x_train)
