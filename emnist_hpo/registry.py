@@ -9,7 +9,9 @@ mapping's order, named by character.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import logging
 import warnings
 import tempfile
@@ -71,10 +73,41 @@ def log_and_register(
     register: bool = True,
 ) -> Registered | None:
     """Log ``model`` as a pyfunc on ``run_id``; register it and promote it if it beats the champion."""
+    with mlflow_uris(tracker.tracking_uri):
+        return _log_and_register(tracker, run_id, model, classes, split=split, test_accuracy=test_accuracy,
+                                 tags=tags, register=register)
+
+
+@contextlib.contextmanager
+def mlflow_uris(uri: str):
+    """Point MLflow's fluent API at ``uri`` for a block, then restore it.
+
+    ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI`` to the environment, which
+    would silently redirect every later store lookup and child process of this one.
+    """
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    # the explicitly set URIs (None: resolved from the environment), not the resolved ones
+    saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved[0])
+        mlflow.set_registry_uri(saved[1])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _log_and_register(tracker, run_id, model, classes, *, split, test_accuracy, tags, register):
     from mlflow.models import infer_signature
 
-    mlflow.set_tracking_uri(tracker.tracking_uri)
-    mlflow.set_registry_uri(tracker.tracking_uri)
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
         model.save(keras_path)
@@ -143,11 +176,10 @@ def champion_version(tracker: Tracker, split: str):
 
 def load_champion(tracking_uri: str, split: str):
     """Load ``models:/emnist-<split>@champion`` as a pyfunc, with a clear error if there is none."""
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_registry_uri(tracking_uri)
     uri = f"models:/{model_name(split)}@{CHAMPION_ALIAS}"
     try:
-        return mlflow.pyfunc.load_model(uri)
+        with mlflow_uris(tracking_uri):
+            return mlflow.pyfunc.load_model(uri)
     except Exception as exc:  # noqa: BLE001
         raise RegistryError(
             f"no champion model for split {split!r} in {tracking_uri!r} ({uri}): run "
