@@ -474,9 +474,13 @@ def run_compare(output: str | None = None, tracking_uri: str | None = None,
     """Build the leaderboard from the store, write it into ``output`` and log it to an ``emnist-compare`` run."""
     uri = resolve_tracking_uri(tracking_uri)
     store = redact(uri)
-    import mlflow
+    from .registry import mlflow_uris
 
-    mlflow.set_tracking_uri(uri)  # artifact repositories of mlflow-artifacts:/ URIs need it
+    with mlflow_uris(uri):  # artifact repositories of mlflow-artifacts:/ URIs need the fluent URI
+        return _run_compare(uri, store, output, log)
+
+
+def _run_compare(uri: str, store: str, output: str | None, log: Callable[[str], None]) -> CompareResult:
     c = collect(make_client(uri))
     if not len(c.leaderboard):
         raise EmnistHpoError(

@@ -133,3 +133,24 @@ def digits_champion(tmp_path_factory, sample_dir):
             os.environ["EMNIST_HPO_CACHE"] = old
     assert result.registered is not None and result.registered.champion
     return {"tracking": opts.tracking_uri, "data": str(sample_dir), "cache": cache, "result": result}
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_uris_restored():
+    """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI: undo what a test set, so no later test
+    (or the study subprocesses it starts) silently writes to an earlier test's store."""
+    import os
+    import sys
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(None)
+        mlflow.set_registry_uri(None)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
