@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--finalists", type=_positive_int, default=5,
                    help="top-k trials re-trained on other folds before crowning the best mean (0 = off)")
     s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist (3)")
+    s.add_argument("--no-trial-plots", action="store_true",
+                   help="log trial reports as CSV only and draw the PNGs for the champion's trial only (faster trials)")
     s.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
                    help="prune sampled models with more than N parameters before training")
     s.add_argument("--workers", type=_positive_int, default=1,
@@ -174,6 +176,7 @@ def _study(args: argparse.Namespace) -> int:
         finalists=args.finalists,
         folds=args.folds,
         max_params=args.max_params,
+        trial_plots=not args.no_trial_plots,
         progress=not args.no_progress,
         workers=args.workers,
     )

@@ -100,6 +100,7 @@ class StudyOptions:
     finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
     folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
     max_params: int | None = None  # prune (before training) any sampled model with more parameters
+    trial_plots: bool = True  # PNG confusion matrix and curves for every finished trial (False: the champion's only)
     progress: bool = True  # progress bar over trials
     checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
@@ -451,7 +452,7 @@ def _open(opts: StudyOptions, progress: bool):
 def _objective(opts, space, base, data, seeds, tracker, parent: str, checkpoint_dir: Path) -> Objective:
     return Objective(
         space, base, data, objectives=opts.objectives,
-        hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name)],
+        hooks=[MlflowTrialHooks(tracker, parent, opts.split, opts.name, plots=opts.trial_plots)],
         seeds=seeds, checkpoint_dir=checkpoint_dir, max_params=opts.max_params,
     )
 
@@ -690,7 +691,7 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
     metrics = {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "val_accuracy": val, "params": params}
     tracker.log_metrics(run, metrics)
     tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
-    if champion.user_attrs.get("mlflow_run_id"):  # trial runs log CSVs only; the champion's gets its PNGs here
+    if not opts.trial_plots and champion.user_attrs.get("mlflow_run_id"):  # CSV-only trial runs: PNGs for the champion
         tracker.log_report_plots(champion.user_attrs["mlflow_run_id"])
     from .analysis import log_champion_analysis  # misclassified gallery, confused pairs, activation maps
 
