@@ -31,12 +31,25 @@ DEFAULT_ARTIFACT_ROOT = "mlruns/artifacts"
 
 def resolve_storage(url: str | None = None) -> str:
     """``url``, else ``EMNIST_HPO_STORAGE``, else the embedded default ``sqlite:///mlruns/optuna.db``."""
-    return url or os.environ.get("EMNIST_HPO_STORAGE") or DEFAULT_OPTUNA_STORAGE
+    return absolute_sqlite(url or os.environ.get("EMNIST_HPO_STORAGE") or DEFAULT_OPTUNA_STORAGE)
 
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """``uri``, else ``MLFLOW_TRACKING_URI``, else the embedded default ``sqlite:///mlruns/mlflow.db``."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
+
+
+def absolute_sqlite(url: str) -> str:
+    """A relative SQLite URL made absolute against the working directory, once, when it is resolved.
+
+    MLflow and SQLAlchemy cache stores and engines by URL string: a relative URL used again
+    after a change of directory would silently reach the first directory's database.
+    """
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or url.startswith(prefix + "/") or ":memory:" in url:
+        return url
+    path, sep, query = url[len(prefix):].partition("?")
+    return prefix + str(Path(path).resolve()) + sep + query
 
 
 MODEL_KINDS = ("cnn", "lstm", "random_forest", "svm", "knn")
