@@ -91,10 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (file or name)")
     s.add_argument("--sampler", default=None, help="tpe, random, qmc, cmaes, nsga2 (tpe; nsga2 for two objectives)")
     s.add_argument("--pruner", default="hyperband", help="hyperband, median, successive-halving, none")
-    s.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many seconds")
+    s.add_argument("--timeout", type=float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
+                   "to re-evaluate the finalists and fit the champion within it")
     s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
     s.add_argument("--no-warm-start", action="store_true", help="do not enqueue the seed experiments first")
-    s.add_argument("--seed-experiments", default="two_conv,one_conv", help="experiments enqueued first")
+    s.add_argument("--seed-experiments", default="two_conv,one_conv,compact",
+                   help="experiments enqueued first, in this order")
     s.add_argument("--early-stopping", type=int, default=3, help="per-trial patience in epochs (0 = off)")
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")

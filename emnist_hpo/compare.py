@@ -12,9 +12,13 @@ split it takes
   baseline of the split;
 * the published figures of :mod:`emnist_hpo.published`, with deltas;
 * a Pareto plot of validation accuracy against parameters over the split's
-  trials (those on the champion's data when there is one).
+  trials (those on the champion's data when there is one);
+* the search engines side by side: every study that crowned a champion (Optuna or
+  Keras Tuner, ``emnist_hpo.engine``) with its budget (finished trials, epochs per
+  trial), best validation and test accuracy, champion size and wall time, and
+  whether the engines on the same data had the same budget.
 
-It writes ``leaderboard.csv``, ``published.csv``, ``leaderboard.md`` and
+It writes ``leaderboard.csv``, ``published.csv``, ``engines.csv``, ``leaderboard.md`` and
 ``compare.html`` (self-contained, plotly figures) into one folder and logs them
 to a run of MLflow experiment ``emnist-compare`` (``emnist_hpo.kind=compare``).
 """
@@ -37,6 +41,7 @@ from .errors import ConfigError, EmnistHpoError
 from .published import for_split
 from .registry import CHAMPION_ALIAS, model_name
 from .tracking import (
+    TAG_ENGINE,
     TAG_KIND,
     TAG_SPLIT,
     TAG_STATE,
@@ -50,7 +55,7 @@ from .tracking import (
 
 COMPARE_EXPERIMENT = "emnist-compare"
 DEFAULT_OUTPUT = "mlruns/compare"
-FILES = ("leaderboard.csv", "published.csv", "leaderboard.md", "compare.html")
+FILES = ("leaderboard.csv", "published.csv", "engines.csv", "leaderboard.md", "compare.html")
 
 #: Leaderboard columns (accuracies are fractions; ``*_pp`` deltas are percentage points).
 COLUMNS = [
@@ -59,11 +64,18 @@ COLUMNS = [
     "same_data", "data_fingerprint", "test_fingerprint", "run_id",
 ]
 
+#: Engine comparison columns: one row per study (all its invocations) that crowned a champion.
+ENGINE_COLUMNS = [
+    "split", "engine", "algorithm", "study", "trials", "epochs", "best_val_accuracy", "test_accuracy",
+    "champion_params", "wall_seconds", "invocations", "same_budget", "data_fingerprint", "run_id",
+]
+
 
 @dataclass
 class Comparison:
     leaderboard: pd.DataFrame  # one row per champion or baseline run, COLUMNS
     published: pd.DataFrame  # one row per published figure, with the champion's and the best run's deltas
+    engines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ENGINE_COLUMNS))  # ENGINE_COLUMNS
     trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # split -> trial points for the Pareto plot
     left_out: dict[str, int] = field(default_factory=dict)  # split -> baselines on other test data
 
@@ -206,6 +218,41 @@ def _trial_points(client, experiment_id: str, fingerprint: str | None) -> pd.Dat
     return df
 
 
+def _engine_rows(client, experiment_id: str, split: str) -> list[dict[str, Any]]:
+    """One row per study of the split that crowned a champion: its engine, budget, results and total wall time."""
+    by_study: dict[tuple[str, str], list] = {}
+    for r in _search(client, experiment_id, "study"):
+        engine = r.data.tags.get(TAG_ENGINE) or r.data.params.get("engine") or "optuna"
+        by_study.setdefault((engine, r.data.tags.get(TAG_STUDY, r.info.run_name)), []).append(r)
+    rows = []
+    for (engine, study), runs in by_study.items():
+        done = [r for r in runs if _metric(r, "test_accuracy") is not None]  # newest first
+        if not done:
+            continue
+        last = done[0]
+        p, t = last.data.params, last.data.tags
+        if engine == "keras-tuner":
+            algorithm = f"keras-tuner {t.get('keras_tuner.tuner') or p.get('tuner', '?')}"
+        else:
+            algorithm = f"{p.get('sampler', 'default')} sampler, {p.get('pruner', '?')} pruner"
+        wall = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time and r.info.start_time)
+        rows.append({
+            "split": split, "engine": engine, "algorithm": algorithm, "study": study,
+            "trials": _int(_metric(last, "finished_trials")) or _int(p.get("trials")),
+            "epochs": _int(p.get("epochs")), "best_val_accuracy": _metric(last, "best_val_accuracy"),
+            "test_accuracy": _metric(last, "test_accuracy"), "champion_params": _int(_metric(last, "champion_params")),
+            "wall_seconds": round(wall, 1), "invocations": len(runs),
+            "data_fingerprint": t.get("emnist_hpo.data_fingerprint"), "run_id": last.info.run_id,
+        })
+    # Equal budgets: same data, same finished trials and epochs per trial as every other engine's study on it.
+    for r in rows:
+        others = [o for o in rows if o is not r and o["engine"] != r["engine"]
+                  and o["data_fingerprint"] == r["data_fingerprint"]]
+        r["same_budget"] = None if not others else all(
+            (o["trials"], o["epochs"]) == (r["trials"], r["epochs"]) for o in others)
+    return sorted(rows, key=lambda r: (r["engine"], -(r["test_accuracy"] or 0)))
+
+
 def pareto_mask(params: list[float], accuracy: list[float]) -> list[bool]:
     """True for points no other point beats (fewer or equal parameters and higher accuracy, or vice versa)."""
     order = sorted(range(len(params)), key=lambda i: (params[i], -accuracy[i]))
@@ -219,10 +266,13 @@ def pareto_mask(params: list[float], accuracy: list[float]) -> list[bool]:
 def collect(client, splits: Iterable[str] = SPLITS) -> Comparison:
     """Read champions, baselines, trials and published figures for ``splits`` from the store."""
     rows: list[dict[str, Any]] = []
+    engines: list[dict[str, Any]] = []
     trials: dict[str, pd.DataFrame] = {}
     left_out: dict[str, int] = {}
     for split in splits:
         exp = client.get_experiment_by_name(f"emnist-{split}")
+        if exp is not None:
+            engines.extend(_engine_rows(client, exp.experiment_id, split))
         champ = _champion_row(client, split)
         baselines = []
         if exp is not None:
@@ -250,7 +300,10 @@ def collect(client, splits: Iterable[str] = SPLITS) -> Comparison:
     for col in ("test_accuracy", "val_accuracy", "train_seconds"):
         board[col] = board[col].astype("float64")
     _add_deltas(board)
-    return Comparison(board, _published_table(board), trials, left_out)
+    eng = pd.DataFrame(engines, columns=ENGINE_COLUMNS)
+    for col in ("trials", "epochs", "champion_params", "invocations"):
+        eng[col] = eng[col].astype("Int64")
+    return Comparison(board, _published_table(board), eng, trials, left_out)
 
 
 def _pp(a: float | None, b: float | None) -> float | None:
@@ -296,17 +349,18 @@ def _published_table(board: pd.DataFrame) -> pd.DataFrame:
 def _fmt(v: Any, col: str) -> str:
     if v is None or v is pd.NA or (isinstance(v, float) and math.isnan(v)):
         return ""
-    if col in ("test_accuracy", "val_accuracy", "champion_test_accuracy", "best_run_test_accuracy"):
+    if col in ("test_accuracy", "val_accuracy", "champion_test_accuracy", "best_run_test_accuracy",
+               "best_val_accuracy"):
         return f"{100 * float(v):.2f}%"
     if col.endswith("_pp"):
         return f"{float(v):+.2f}"
     if col == "published_accuracy_pct":
         return f"{float(v):.2f}%"
-    if col in ("params", "epochs"):
+    if col in ("params", "epochs", "champion_params", "trials"):
         return f"{int(v):,}"
     if col == "model_size_bytes":
         return f"{float(v) / 1e6:.2f} MB"
-    if col == "train_seconds":
+    if col in ("train_seconds", "wall_seconds"):
         return f"{float(v):.1f} s"
     if isinstance(v, bool):
         return "yes" if v else "no"
@@ -330,6 +384,12 @@ _PUB_SHOWN = ["kind", "model", "published_accuracy_pct", "champion_test_accuracy
 
 
 _ALL_PUB = ["split", "kind", "model", "published_accuracy_pct", "source", "note"]
+_ENG_SHOWN = ["split", "engine", "algorithm", "study", "trials", "epochs", "best_val_accuracy", "test_accuracy",
+              "champion_params", "wall_seconds", "same_budget"]
+_ENG_INTRO = ("Every study that crowned a champion, per search engine (Optuna or Keras Tuner on the same search-space "
+              "file). trials: finished trials; epochs: the per-trial maximum; wall_seconds: all invocations of the "
+              "study, re-evaluation and final fit included; same_budget: the other engine's studies on the same data "
+              "had the same trials and epochs (empty when there is no other engine to compare with).")
 
 
 def _sections(c: Comparison):
@@ -349,6 +409,8 @@ def to_markdown(c: Comparison, store: str) -> str:
             out += [f"{c.left_out[split]} baseline run(s) on other test data left out.", ""]
         if len(pub):
             out += ["Published:", "", _markdown_table(pub, _PUB_SHOWN), ""]
+    if len(c.engines):
+        out += ["## Search engines", "", _ENG_INTRO, "", _markdown_table(c.engines, _ENG_SHOWN), ""]
     if len(c.published):
         out += ["## Published figures, all splits", "", _markdown_table(c.published, _ALL_PUB), ""]
     return "\n".join(out)
@@ -419,6 +481,24 @@ def overview_figure(c: Comparison):
     return fig
 
 
+def engines_figure(engines: pd.DataFrame):
+    """Test accuracy against wall time, one marker per study, one colour per engine."""
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    for engine, sub in engines.groupby("engine"):
+        fig.add_trace(go.Scatter(
+            x=sub["wall_seconds"], y=sub["test_accuracy"], mode="markers", name=engine,
+            text=[f"{s} / {st} ({a}, {t} trials)" for s, st, a, t in
+                  zip(sub["split"], sub["study"], sub["algorithm"], sub["trials"])],
+            hovertemplate="%{text}<br>wall %{x:.0f} s<br>test accuracy %{y:.4f}<extra></extra>", marker={"size": 11},
+        ))
+    fig.update_layout(title="search engines: champion test accuracy against study wall time",
+                      xaxis={"title": "wall time (s)"}, yaxis={"title": "test accuracy"}, height=420,
+                      template="plotly_white")
+    return fig
+
+
 def to_html(c: Comparison, store: str) -> str:
     """A self-contained page (plotly.js embedded once, so it renders offline and inside the MLflow UI)."""
     import plotly.io as pio
@@ -441,6 +521,9 @@ def to_html(c: Comparison, store: str) -> str:
         if split in c.trials:
             parts.append(pio.to_html(pareto_figure(split, c.trials[split], c.leaderboard), full_html=False,
                                      include_plotlyjs=False))
+    if len(c.engines):
+        parts += ["<h2>Search engines</h2>", f"<p>{html.escape(_ENG_INTRO)}</p>", _html_table(c.engines, _ENG_SHOWN),
+                  pio.to_html(engines_figure(c.engines), full_html=False, include_plotlyjs=False)]
     if len(c.published):
         parts.append("<h2>Published figures, all splits</h2>" + _html_table(c.published, _ALL_PUB))
     parts.append("</body></html>")
@@ -461,8 +544,9 @@ def write_report(c: Comparison, output: Path, store: str) -> list[Path]:
     paths = [output / name for name in FILES]
     c.leaderboard.to_csv(paths[0], index=False)
     c.published.to_csv(paths[1], index=False)
-    paths[2].write_text(to_markdown(c, store), encoding="utf-8")
-    paths[3].write_text(to_html(c, store), encoding="utf-8")
+    c.engines.to_csv(paths[2], index=False)
+    paths[3].write_text(to_markdown(c, store), encoding="utf-8")
+    paths[4].write_text(to_html(c, store), encoding="utf-8")
     return paths
 
 

@@ -208,15 +208,21 @@ def run_trials(
     target: int,
     lock: StudyLock,
     callbacks: list = (),
-    timeout: float | None = None,
+    stop: Callable[[], str | None] | None = None,
     max_failures: int | None = None,
     log: Callable[[str], None] = print,
 ) -> int:
-    """Run trials one at a time until the study has ``target`` finished trials; return how many this process ran."""
-    deadline = None if timeout is None else time.monotonic() + timeout
+    """Run trials one at a time until the study has ``target`` finished trials; return how many this process ran.
+
+    ``stop`` is asked before every trial: a reason (the time budget, say) ends the loop.
+    """
     ran = failures = 0
     last = _Last()
-    while deadline is None or time.monotonic() < deadline:
+    while True:
+        reason = stop() if stop is not None else None
+        if reason:
+            log(reason)
+            break
         with lock.held() as handle:
             fail_dead_trials(study)
             state = slot(study, target)

@@ -28,6 +28,17 @@ from .errors import ConfigError
 #: The largest augmentation an ``augment`` strength of 1.0 means.
 AUGMENT_AT_ONE = AugmentConfig(rotation=15.0, shift=0.15, zoom=0.15)
 
+
+
+def augment_strength(a: AugmentConfig) -> float | None:
+    """The ``augment`` strength that gives ``a`` (0.0 when off), or None when ``a`` is not on that scale."""
+    if not a.enabled:
+        return 0.0
+    s = a.rotation / AUGMENT_AT_ONE.rotation
+    scaled = (AUGMENT_AT_ONE.shift * s, AUGMENT_AT_ONE.zoom * s)
+    return s if all(abs(x - y) < 1e-9 for x, y in zip(scaled, (a.shift, a.zoom))) else None
+
+
 # name -> (value type, validator of one value or None); value types: int, float, bool, str
 _KNOWN: dict[str, tuple[type, Callable[[Any], bool] | None, str]] = {
     "conv_blocks": (int, lambda v: v >= 1, ">= 1"),
@@ -245,7 +256,7 @@ class SearchSpace:
             "learning_rate": t.learning_rate,
             "schedule": t.schedule,
             "label_smoothing": t.label_smoothing,
-            "augment": 0.0 if not m.augment.enabled else None,
+            "augment": augment_strength(m.augment),
         }
         for i, b in enumerate(m.conv_blocks):
             p[f"filters_{i}"], p[f"kernel_{i}"] = b.filters, b.kernel

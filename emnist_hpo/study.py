@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from .budget import TimeBudget, costs_of
 from .config import (
     resolve_storage,
     DataConfig,
@@ -51,6 +52,7 @@ from .reports import evaluate
 from .search_space import SearchSpace
 from .selection import Finalist, choose, finalists_of, reevaluate
 from .tracking import (
+    TAG_ENGINE,
     TAG_KIND,
     TAG_SPLIT,
     TAG_STUDY,
@@ -89,10 +91,11 @@ class StudyOptions:
     sampler: str | None = None  # tpe | random | qmc | cmaes | nsga2 (default tpe, nsga2 for two objectives)
     pruner: str = "hyperband"  # hyperband | median | successive-halving | none
     seed: int = 0  # seeds the sampler, the data split and trial training
-    timeout: float | None = None  # stop starting new trials after this many seconds
+    timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
+    deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
     objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params (Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
-    seed_experiments: tuple[str, ...] = ("two_conv", "one_conv")  # experiments/<name>.yaml to enqueue
+    seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue
     early_stopping_patience: int = 3  # per-trial early stopping on val_accuracy (0 = off)
     final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
     register: bool = True  # register the champion in the MLflow model registry
@@ -141,7 +144,7 @@ class StudyOptions:
             raise ConfigError(
                 f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})"
             )
-        if self.timeout is not None and self.timeout <= 0:
+        if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
         if self.study_name is not None:
             check_name(self.study_name, "--study-name")
@@ -386,11 +389,37 @@ def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.F
     return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
 
 
-def _reevaluate(opts: StudyOptions, study: optuna.Study, objective: Objective, data: PreparedData, log):
-    """Re-train the top ``opts.finalists`` trials on ``opts.folds`` folds; crown the best mean."""
+def _budget(opts: StudyOptions) -> TimeBudget:
+    budget = TimeBudget.start(opts.timeout, finalists=opts.finalists, folds=opts.folds, final_fit=opts.final_fit,
+                              val_fraction=opts.val_fraction)
+    if opts.deadline is not None:
+        budget.deadline = opts.deadline
+    return budget
+
+
+def _reevaluate(opts: StudyOptions, study: optuna.Study, objective: Objective, data: PreparedData,
+                budget: TimeBudget, log):
+    """Re-train the top ``opts.finalists`` trials on ``opts.folds`` folds; crown the best mean.
+
+    Within a time budget, a finalist is re-evaluated only while its runs and the
+    final fit still fit in what is left (the best single score is always kept).
+    """
     candidates = finalists_of(study, opts.finalists)
+    costs = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in candidates
+             if t.datetime_start and t.datetime_complete}
+    final_fit = (costs.get(candidates[0].number, 0.0) if candidates else 0.0) * budget.final_fit_scale
+
+    def affordable(trial: optuna.trial.FrozenTrial) -> bool:
+        if budget.affords(costs.get(trial.number, 0.0) * opts.folds + final_fit):
+            return True
+        log(f"time budget: {budget.left():.0f} s left; finalist trial {trial.number} and any after it are not "
+            "re-evaluated")
+        return False
+
     log(f"re-evaluating {len(candidates)} finalist(s) on {opts.folds} fold(s) each...")
-    finalists = reevaluate(objective, candidates, data, opts.folds, opts.seed, config_of, log)
+    finalists = reevaluate(objective, candidates, data, opts.folds, opts.seed, config_of, log, keep_going=affordable)
+    if not finalists:
+        return candidates[0], []
     chosen = choose(finalists, len(study.directions) > 1, opts.tolerance)
     return next(t for t in candidates if t.number == chosen.trial), finalists
 
@@ -485,13 +514,14 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
     """
     t_start = time.perf_counter()
     opts.validate()
-    deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
+    budget = _budget(opts)
     space, seeds, base, data, storage_url, storage, tracker, study = _open(opts, opts.progress)
     lock = StudyLock(storage_url, storage, opts.name)
 
     parent = tracker.start_run(
         f"study-{opts.name}",
-        {TAG_KIND: "study", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.storage": redact(storage_url),
+        {TAG_KIND: "study", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, TAG_ENGINE: "optuna",
+         "optuna.storage": redact(storage_url),
          "emnist_hpo.data_fingerprint": data.fingerprint()},
     )
     tracker.log_params(parent, {
@@ -499,7 +529,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         "pruner": opts.pruner, "objectives": ",".join(opts.objectives), "search_space": opts.search_space,
         "max_train_samples": opts.max_train_samples, "val_fraction": opts.val_fraction, "seed": opts.seed,
         "train_size": len(data.x_train), "val_size": len(data.x_val), "test_size": len(data.x_test),
-        "data_source": data.source, "final_fit": opts.final_fit, "workers": opts.workers,
+        "data_source": data.source, "final_fit": opts.final_fit, "workers": opts.workers, "engine": "optuna",
+        "timeout": opts.timeout, "finalists": opts.finalists, "folds": opts.folds, "max_params": opts.max_params,
     })
     status = "FAILED"
     try:
@@ -519,10 +550,9 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         progress = _Progress(opts.trials, done, opts.progress)
         try:
             if opts.workers > 1 and done < opts.trials:
-                _run_workers(opts, parent, study, progress, log)
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            run_trials(study, objective, target=opts.trials, lock=lock, callbacks=[progress], timeout=remaining,
-                       max_failures=max(3, opts.trials), log=log)
+                _run_workers(dataclasses.replace(opts, deadline=budget.deadline), parent, study, progress, log)
+            run_trials(study, objective, target=opts.trials, lock=lock, callbacks=[progress],
+                       stop=lambda: budget.stop_search(costs_of(study)), max_failures=max(3, opts.trials), log=log)
         finally:
             progress.close()
         _recover(study, tracker, log)
@@ -530,7 +560,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         champion, front = pick_champion(study, opts.tolerance)
         finalists: list[Finalist] = []
         if champion is not None and opts.finalists > 0:
-            champion, finalists = _reevaluate(opts, study, objective, data, log)
+            champion, finalists = _reevaluate(opts, study, objective, data, budget, log)
         result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front, finalists)
         if champion is not None:
             _finalize_once(opts, objective, tracker, parent, data, champion, front, result, checkpoint_dir, lock, log)
@@ -634,7 +664,9 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
     objective = _objective(opts, space, base, data, seeds, tracker, parent_run_id,
                            Path(opts.checkpoint_dir) / opts.name)
     try:
-        return run_trials(study, objective, target=opts.trials, lock=lock, timeout=opts.timeout,
+        budget = _budget(opts)
+        return run_trials(study, objective, target=opts.trials, lock=lock,
+                          stop=lambda: budget.stop_search(costs_of(study)),
                           max_failures=max(3, opts.trials), log=log)
     except KeyboardInterrupt as exc:
         _after_interrupt(study, tracker, exc)

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, sample_dir):
-    """A letters study (2 trials), baselines on letters and digits, then ``compare --output``."""
+    """A letters study (2 trials) by each engine, baselines on letters and digits, then ``compare --output``."""
     root = tmp_path_factory.mktemp("compare")
     old_env = {k: os.environ.get(k) for k in ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR")}
     old_cwd = os.getcwd()
@@ -35,6 +35,10 @@ def store(tmp_path_factory, sample_dir):
     try:
         assert main(["study", "--split", "letters", "--trials", "2", "--epochs", "1", "--max-train-samples", "1500",
                      "--storage", env["storage"], *common]) == 0
+        # the same budget with the other engine (not registered: the Optuna study's champion stays)
+        assert main(["study", "--split", "letters", "--engine", "keras-tuner", "--tuner", "bayesian",
+                     "--study-name", "letters-kt", "--trials", "2", "--epochs", "1", "--max-train-samples", "1500",
+                     "--no-register", *common]) == 0
         # same data as the study
         assert main(["run", "lenet", "--split", "letters", "--epochs", "1", "--max-train-samples", "1500", *common]) == 0
         # same test set, other training data
@@ -147,11 +151,11 @@ def test_html_report_has_the_pareto_plot_of_the_trials(store):
     client = _client(store)
     trials = [r for r in _runs(client, "letters", "tags.`emnist_hpo.kind` = 'trial'")
               if "best_val_accuracy" in r.data.metrics and "params" in r.data.metrics]
-    assert len(trials) == 2
+    assert len(trials) == 4  # both engines' trials, on the same data
     page = (store["out"] / "compare.html").read_text()
     assert f"letters: validation accuracy against parameters ({len(trials)} trials" in page
     assert "digits: validation accuracy" not in page  # no trials on digits
-    assert page.count("Plotly.newPlot") == 2  # overview + one Pareto plot, plotly.js embedded once
+    assert page.count("Plotly.newPlot") == 3  # overview, one Pareto plot, the engines; plotly.js embedded once
     assert "test accuracy per split" in page
 
 
@@ -167,7 +171,7 @@ def test_comparison_is_logged_to_its_own_run(store):
 
 def test_study_parent_run_has_optuna_plots_and_the_edge_warning(store):
     client = _client(store)
-    (parent,) = _runs(client, "letters", "tags.`emnist_hpo.kind` = 'study'")
+    (parent,) = _runs(client, "letters", "tags.`emnist_hpo.kind` = 'study' and tags.`emnist_hpo.engine` = 'optuna'")
     files = {f.path for f in client.list_artifacts(parent.info.run_id, "study")}
     assert "study/optuna_plots.html" in files
     page = Path(client.download_artifacts(parent.info.run_id, "study/optuna_plots.html")).read_text()
@@ -181,6 +185,31 @@ def test_study_parent_run_has_optuna_plots_and_the_edge_warning(store):
     assert parent.data.tags.get("emnist_hpo.edge_warning") == expected
     if expected:
         assert expected in page.replace("&#x27;", "'")
+
+
+def test_engines_are_compared_side_by_side_on_their_budgets(store):
+    client = _client(store)
+    eng = pd.read_csv(store["out"] / "engines.csv")
+    assert sorted(eng["engine"]) == ["keras-tuner", "optuna"] and set(eng["split"]) == {"letters"}
+    parents = {r.data.tags["emnist_hpo.engine"]: r
+               for r in _runs(client, "letters", "tags.`emnist_hpo.kind` = 'study'")}
+    for _, row in eng.iterrows():
+        parent = parents[row["engine"]]
+        assert row["run_id"] == parent.info.run_id
+        assert row["study"] == ("emnist-letters" if row["engine"] == "optuna" else "letters-kt")
+        assert row["test_accuracy"] == pytest.approx(parent.data.metrics["test_accuracy"])
+        assert row["best_val_accuracy"] == pytest.approx(parent.data.metrics["best_val_accuracy"])
+        assert row["champion_params"] == int(parent.data.metrics["champion_params"])
+        assert (row["trials"], row["epochs"]) == (2, 1)
+        wall = (parent.info.end_time - parent.info.start_time) / 1000
+        assert row["wall_seconds"] == pytest.approx(wall, abs=0.1) and wall > 0
+        assert bool(row["same_budget"]) is True  # 2 trials x 1 epoch each, on the same data
+    assert eng.set_index("engine").loc["keras-tuner", "algorithm"] == "keras-tuner bayesian"
+    assert "tpe sampler" in eng.set_index("engine").loc["optuna", "algorithm"] or \
+        "default sampler" in eng.set_index("engine").loc["optuna", "algorithm"]
+    md = (store["out"] / "leaderboard.md").read_text()
+    assert "## Search engines" in md and "| letters | keras-tuner | keras-tuner bayesian | letters-kt | 2 | 1 |" in md
+    assert "search engines: champion test accuracy against study wall time" in (store["out"] / "compare.html").read_text()
 
 
 def test_edge_warning_skips_limits_of_the_parameter_itself():

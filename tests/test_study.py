@@ -68,7 +68,10 @@ def test_letters_study_records_every_trial_in_optuna(env, letters):
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
     assert len(finished) == 2
     # warm start: the research's seed architectures run first, exactly as their experiment files say
-    assert {t.user_attrs.get("seed_experiment") for t in study.trials} == {"two_conv", "one_conv"}
+    # (the compact seed, third in line, waits for a third trial)
+    assert [t.user_attrs.get("seed_experiment") for t in finished] == ["two_conv", "one_conv"]
+    waiting = [t for t in study.trials if t.state.name == "WAITING"]
+    assert [t.user_attrs.get("seed_experiment") for t in waiting] == ["compact"]
     two_conv = next(t for t in study.trials if t.user_attrs.get("seed_experiment") == "two_conv")
     assert two_conv.user_attrs["params"] == 926_298  # conv64-3x3/pool/conv64-3x3/pool/512/128 on 26 classes
     for t in finished:

@@ -1,0 +1,94 @@
+"""The study's wall-clock budget: ``--timeout`` covers the search *and* what follows it.
+
+A study does more than its trials: the finalists are re-trained on other folds
+and the champion is fitted again on train+validation. A budget that only stops
+*starting* trials lets those steps run past it (a 20-minute study that takes
+35). :class:`TimeBudget` instead stops the search while there is still time for
+them, estimated from the trials themselves: each finalist costs ``folds`` runs of
+its own trial's duration, the final fit one more on a pool 1/(1 - val_fraction)
+times the training set. The re-evaluation gets at most ``REEVAL_SHARE`` of the
+budget (fewer finalists are re-trained when that is not enough): a search cut
+short to re-train finalists of a poor search gains nothing.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+#: The largest share of a time budget kept back from the search for the re-evaluation (the final fit comes on top).
+REEVAL_SHARE = 0.35
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    value: float  # the trial's first objective (validation accuracy)
+    seconds: float  # its wall time, tracking included
+    complete: bool  # COMPLETE (a finalist candidate) rather than PRUNED
+
+
+def costs_of(study: optuna.Study) -> list[TrialCost]:
+    """What the study's finished trials cost."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        value = t.values[0] if t.values else float("-inf")
+        out.append(TrialCost(value, seconds, t.state == TrialState.COMPLETE))
+    return out
+
+
+@dataclass
+class TimeBudget:
+    deadline: float | None  # time.time() by which the whole study should be done; None: no budget
+    finalists: int = 0  # finalists re-evaluated after the search
+    folds: int = 1  # re-evaluation runs per finalist
+    final_fit_scale: float = 0.0  # the final fit's cost in trial durations of the champion (0: no final fit)
+    timeout: float | None = None  # the budget in seconds
+
+    @classmethod
+    def start(cls, timeout: float | None, *, finalists: int, folds: int, final_fit: bool,
+              val_fraction: float, now: float | None = None) -> "TimeBudget":
+        now = time.time() if now is None else now
+        return cls(None if timeout is None else now + timeout, finalists, folds,
+                   1.0 / (1.0 - val_fraction) if final_fit else 0.0, timeout)
+
+    def left(self, now: float | None = None) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return self.deadline - (time.time() if now is None else now)
+
+    def reserve(self, costs: Sequence[TrialCost]) -> float:
+        """Seconds the re-evaluation and the final fit are expected to take, judging by ``costs``."""
+        top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
+        if not top:
+            return 0.0
+        reeval = sum(c.seconds for c in top[: self.finalists]) * self.folds
+        if self.timeout is not None:
+            reeval = min(reeval, REEVAL_SHARE * self.timeout)
+        return reeval + top[0].seconds * self.final_fit_scale
+
+    def stop_search(self, costs: Sequence[TrialCost], now: float | None = None) -> str | None:
+        """Why the search must start no more trials, or None while the next trial still fits."""
+        left = self.left(now)
+        if left == float("inf"):
+            return None
+        if left <= 0:
+            return "the time budget is spent"
+        if not costs:
+            return None
+        next_trial = statistics.median(c.seconds for c in costs)
+        reserve = self.reserve(costs)
+        if next_trial + reserve > left:
+            return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "
+                    f"(~{reserve:.0f} s, judging by the trials' durations; a trial takes ~{next_trial:.0f} s)")
+        return None
+
+    def affords(self, seconds: float, now: float | None = None) -> bool:
+        return seconds <= self.left(now)

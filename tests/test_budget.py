@@ -1,0 +1,60 @@
+"""--timeout is the whole study's budget: the search leaves time for the finalists and the final fit."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import optuna
+import pytest
+
+from emnist_hpo.budget import TimeBudget, TrialCost, costs_of
+from emnist_hpo.study import StudyOptions
+from emnist_hpo.errors import ConfigError
+
+
+def budget(timeout=1000.0, finalists=3, folds=2, final_fit=True):
+    return TimeBudget.start(timeout, finalists=finalists, folds=folds, final_fit=final_fit, val_fraction=0.2, now=0.0)
+
+
+def test_no_timeout_never_stops_the_search():
+    assert budget(timeout=None).stop_search([TrialCost(0.9, 1e9, True)], now=1e12) is None
+
+
+def test_reserve_counts_each_finalist_on_every_fold_and_the_final_fit_on_the_larger_pool():
+    costs = [TrialCost(0.80, 60, True), TrialCost(0.85, 100, True), TrialCost(0.70, 30, True),
+             TrialCost(0.60, 10, True), TrialCost(0.0, 5, False)]
+    # finalists: the 3 best complete trials (100 + 60 + 30 s) x 2 folds; final fit: the best trial x 1/(1-0.2)
+    assert budget(timeout=1e5).reserve(costs) == pytest.approx((100 + 60 + 30) * 2 + 100 * 1.25)
+    assert budget(finalists=0, final_fit=False).reserve(costs) == 0
+    assert budget().reserve([TrialCost(0.0, 5, False)]) == 0  # nothing complete: no finalist to pay for
+    # the re-evaluation's share is capped at 35% of the budget (fewer finalists are re-trained then)
+    assert budget(timeout=600.0).reserve(costs) == pytest.approx(0.35 * 600 + 100 * 1.25)
+
+
+def test_search_stops_while_the_next_trial_and_the_reserve_still_fit():
+    costs = [TrialCost(0.8, 100, True)]  # reserve: 1 finalist x 2 folds x 100 s + 1.25 x 100 s = 325 s
+    b = budget(timeout=1000.0)
+    assert b.stop_search(costs, now=0.0) is None  # 1000 s left >= 100 + 325
+    assert b.stop_search(costs, now=570.0) is None  # 430 s left
+    reason = b.stop_search(costs, now=580.0)  # 420 s left < 425
+    assert reason and "finalists" in reason and "420 s left" in reason
+    assert b.stop_search([], now=999.0) is None  # no trial finished yet: nothing to judge by
+    assert b.stop_search([], now=1000.0) == "the time budget is spent"
+
+
+def test_costs_of_reads_trial_durations():
+    study = optuna.create_study(direction="maximize")
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    for value, secs, state in [(0.8, 30, optuna.trial.TrialState.COMPLETE), (None, 5, optuna.trial.TrialState.PRUNED)]:
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=state, value=value, values=None, datetime_start=t0,
+            datetime_complete=t0 + dt.timedelta(seconds=secs), params={}, distributions={}, user_attrs={},
+            system_attrs={}, intermediate_values={0: 0.1} if value is None else {}, trial_id=0))
+    costs = costs_of(study)
+    assert [(c.seconds, c.complete) for c in costs] == [(30.0, True), (5.0, False)]
+
+
+@pytest.mark.parametrize("bad", [0, -5, float("nan")])
+def test_bad_timeout_is_refused(bad):
+    with pytest.raises(ConfigError, match="--timeout must be > 0"):
+        StudyOptions(split="balanced", timeout=bad).validate()
