@@ -90,7 +90,7 @@ def peer(data, budget_s: float, seed: int) -> dict:
 def ours(split: str, data_dir: str | None, budget_s: float, seed: int, work: Path) -> dict:
     t0 = time.perf_counter()
     res = run_study(StudyOptions(
-        split=split, trials=100_000, data_dir=data_dir, timeout=budget_s, seed=seed,
+        split=split, trials=100_000, epochs=15, data_dir=data_dir, timeout=budget_s, seed=seed,
         storage=f"sqlite:///{work}/optuna.db", tracking_uri=f"sqlite:///{work}/mlflow.db",
         study_name=f"generalization-{seed}", finalists=3, folds=2, max_params=RECIPE_PARAMS // 4,
         checkpoint_dir=str(work / "ckpt"), progress=False,

@@ -7,8 +7,8 @@ and the champion is fitted again on train+validation. A budget that only stops
 them, estimated from the trials themselves: each finalist costs ``folds`` runs of
 its own trial's duration, the final fit one more on a pool 1/(1 - val_fraction)
 times the training set. The re-evaluation gets at most ``REEVAL_SHARE`` of the
-budget (fewer finalists are re-trained when that is not enough): a search cut
-short to re-train finalists of a poor search gains nothing.
+budget (fewer folds, then fewer finalists, when that is not enough): a search
+cut short to re-train finalists of a poor search gains nothing.
 """
 
 from __future__ import annotations
@@ -64,15 +64,40 @@ class TimeBudget:
             return float("inf")
         return self.deadline - (time.time() if now is None else now)
 
+    def plan(self, costs: Sequence[TrialCost], room: float | None = None) -> tuple[int, int]:
+        """``(finalists, folds)`` the re-evaluation can afford: within ``room`` seconds (default: its
+        share of the budget), each finalist costing ``folds`` runs of its own trial's duration.
+
+        Fewer folds are preferred to fewer than two finalists (one finalist cannot be compared
+        with anything); ``(0, 0)`` when not even one run of the best trial fits.
+        """
+        top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)[: self.finalists]
+        if not top or self.folds < 1:
+            return 0, 0
+        if room is None:
+            room = float("inf") if self.timeout is None else REEVAL_SHARE * self.timeout
+        best = (0, 0)
+        for folds in range(self.folds, 0, -1):
+            n, spent = 0, 0.0
+            for c in top:
+                if spent + c.seconds * folds > room:
+                    break
+                n, spent = n + 1, spent + c.seconds * folds
+            if n >= min(2, len(top)):
+                return n, folds
+            if n > best[0]:
+                best = (n, folds)
+        return best
+
+    def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
+        top = [c for c in costs if c.complete]
+        return max(top, key=lambda c: c.value).seconds * self.final_fit_scale if top else 0.0
+
     def reserve(self, costs: Sequence[TrialCost]) -> float:
-        """Seconds the re-evaluation and the final fit are expected to take, judging by ``costs``."""
+        """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""
+        n, folds = self.plan(costs)
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
-        if not top:
-            return 0.0
-        reeval = sum(c.seconds for c in top[: self.finalists]) * self.folds
-        if self.timeout is not None:
-            reeval = min(reeval, REEVAL_SHARE * self.timeout)
-        return reeval + top[0].seconds * self.final_fit_scale
+        return sum(c.seconds for c in top[:n]) * folds + self.final_fit_cost(costs)
 
     def stop_search(self, costs: Sequence[TrialCost], now: float | None = None) -> str | None:
         """Why the search must start no more trials, or None while the next trial still fits."""
@@ -83,7 +108,8 @@ class TimeBudget:
             return "the time budget is spent"
         if not costs:
             return None
-        next_trial = statistics.median(c.seconds for c in costs)
+        complete = [c.seconds for c in costs if c.complete]  # a trial that trains to the end: the safe guess
+        next_trial = statistics.median(complete or [c.seconds for c in costs])
         reserve = self.reserve(costs)
         if next_trial + reserve > left:
             return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "

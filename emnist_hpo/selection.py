@@ -75,19 +75,14 @@ def reevaluate(
     seed: int,
     config_of: Callable,
     log: Callable[[str], None] = print,
-    keep_going: Callable[[optuna.trial.FrozenTrial], bool] | None = None,
 ) -> list[Finalist]:
     """Re-train every finalist on each fold with a fresh seed; return them with their scores.
 
-    ``keep_going(trial)`` is asked before each finalist (a time budget): False ends the
-    re-evaluation with the finalists done so far.
     """
     x_pool, y_pool = data.train_and_val()
     fold_idx = folds(data, n_folds, seed + 7919)
     out = []
     for rank, t in enumerate(trials):
-        if keep_going is not None and not keep_going(t):
-            break
         f = Finalist(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0))
         base = config_of(objective, t)
         for i, (tr, va) in enumerate(fold_idx):

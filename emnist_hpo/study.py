@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from .budget import TimeBudget, costs_of
+from .budget import REEVAL_SHARE, TimeBudget, costs_of
 from .config import (
     resolve_storage,
     DataConfig,
@@ -401,23 +401,23 @@ def _reevaluate(opts: StudyOptions, study: optuna.Study, objective: Objective, d
                 budget: TimeBudget, log):
     """Re-train the top ``opts.finalists`` trials on ``opts.folds`` folds; crown the best mean.
 
-    Within a time budget, a finalist is re-evaluated only while its runs and the
-    final fit still fit in what is left (the best single score is always kept).
+    Within a time budget, only the finalists and folds that fit in what is left
+    (after the final fit) are re-trained; with none, the best single score stands.
     """
     candidates = finalists_of(study, opts.finalists)
-    costs = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in candidates
-             if t.datetime_start and t.datetime_complete}
-    final_fit = (costs.get(candidates[0].number, 0.0) if candidates else 0.0) * budget.final_fit_scale
-
-    def affordable(trial: optuna.trial.FrozenTrial) -> bool:
-        if budget.affords(costs.get(trial.number, 0.0) * opts.folds + final_fit):
-            return True
-        log(f"time budget: {budget.left():.0f} s left; finalist trial {trial.number} and any after it are not "
-            "re-evaluated")
-        return False
-
-    log(f"re-evaluating {len(candidates)} finalist(s) on {opts.folds} fold(s) each...")
-    finalists = reevaluate(objective, candidates, data, opts.folds, opts.seed, config_of, log, keep_going=affordable)
+    folds = opts.folds
+    if budget.deadline is not None and candidates:
+        costs = costs_of(study)
+        n, folds = budget.plan(costs, room=min(budget.left() - budget.final_fit_cost(costs),
+                                               REEVAL_SHARE * (budget.timeout or budget.left())))
+        if (n, folds) != (len(candidates), opts.folds):
+            log(f"time budget: {budget.left():.0f} s left, enough to re-evaluate {n} finalist(s) on {folds} fold(s) "
+                "and fit the champion")
+        candidates = candidates[:n]
+        if not candidates:
+            return finalists_of(study, 1)[0], []
+    log(f"re-evaluating {len(candidates)} finalist(s) on {folds} fold(s) each...")
+    finalists = reevaluate(objective, candidates, data, folds, opts.seed, config_of, log)
     if not finalists:
         return candidates[0], []
     chosen = choose(finalists, len(study.directions) > 1, opts.tolerance)

@@ -14,7 +14,9 @@ data set.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import gc
 import logging
 import math
 import os
@@ -32,6 +34,18 @@ from .models import build_model, count_params
 
 # A study builds many models in one process: TensorFlow's "tf.function retracing" notices are expected noise.
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
+
+
+def release_memory() -> None:
+    """Give back what earlier models left: Keras' global state, Python garbage, and freed heap to the OS.
+
+    A study trains hundreds of models in one process; without this each one left
+    15-40 MB behind (measured on full-size bymerge; ~7 MB with it).
+    """
+    keras.backend.clear_session()
+    gc.collect()
+    with contextlib.suppress(Exception):  # glibc only; elsewhere the allocator keeps its own counsel
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -226,6 +240,7 @@ def train(
     Images are uint8 arrays (N, 28, 28) or :class:`~emnist_hpo.dataset.Rows` of one (rows
     of a pool, not copied); they are read one batch at a time.
     """
+    release_memory()
     keras.utils.set_random_seed(cfg.train.seed)
     precision = resolve_precision(cfg.train.precision)
     with dtype_policy(precision):

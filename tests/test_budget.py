@@ -27,8 +27,22 @@ def test_reserve_counts_each_finalist_on_every_fold_and_the_final_fit_on_the_lar
     assert budget(timeout=1e5).reserve(costs) == pytest.approx((100 + 60 + 30) * 2 + 100 * 1.25)
     assert budget(finalists=0, final_fit=False).reserve(costs) == 0
     assert budget().reserve([TrialCost(0.0, 5, False)]) == 0  # nothing complete: no finalist to pay for
-    # the re-evaluation's share is capped at 35% of the budget (fewer finalists are re-trained then)
-    assert budget(timeout=600.0).reserve(costs) == pytest.approx(0.35 * 600 + 100 * 1.25)
+    # the re-evaluation's share is capped at 35% of the budget (210 s of 600): 2 folds fit only one
+    # finalist, so all three get one fold each (190 s)
+    assert budget(timeout=600.0).plan(costs) == (3, 1)
+    assert budget(timeout=600.0).reserve(costs) == pytest.approx(190 + 100 * 1.25)
+
+
+def test_plan_prefers_fewer_folds_to_a_lone_finalist_and_can_afford_nothing():
+    costs = [TrialCost(0.9, 100, True), TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
+    b = budget(timeout=1e5, finalists=3, folds=3)
+    assert b.plan(costs) == (3, 3)
+    assert b.plan(costs, room=650) == (2, 3)  # 2 x 300 s
+    assert b.plan(costs, room=450) == (2, 2)  # 3 folds fit one finalist only; 2 folds fit two
+    assert b.plan(costs, room=250) == (2, 1)
+    assert b.plan(costs, room=150) == (1, 1)  # one run: an honest estimate of the best, if nothing to compare
+    assert b.plan(costs, room=50) == (0, 0)
+    assert budget(finalists=0).plan(costs) == (0, 0)
 
 
 def test_search_stops_while_the_next_trial_and_the_reserve_still_fit():
