@@ -62,7 +62,7 @@ from .tracking import (
     redact,
     resolve_tracking_uri,
 )
-from .training import TrainResult, predict_proba, train
+from .training import TrainResult, predict_proba, release_memory, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it better
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -710,6 +710,9 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
         + ("final fit on train+validation..." if opts.final_fit else "evaluating on test..."))
     model, cfg, fit = final_model(objective, champion, data, opts.final_fit,
                                   checkpoint_dir / f"trial_{champion.number}.keras", log)
+    data_fingerprint, test_fingerprint = data.fingerprint(), data.test_fingerprint()
+    data.release_training_images()  # only the test set from here on (full bymerge: 0.55 GB less at the peak)
+    release_memory()
     proba = predict_proba(model, data.x_test)
     ev = evaluate(data.y_test, proba, data.classes)
     params = int(model.count_params())
@@ -729,7 +732,7 @@ def _finalize(opts, objective, tracker, parent, data, champion, front, result, c
 
     log_champion_analysis(tracker, run, model, data.x_test, data.y_test, proba, data.classes, ev, log)
     tags = {"split": opts.split, "study": opts.name, "trial": champion.number, "val_accuracy": f"{val:.6f}",
-            "params": params, "data_fingerprint": data.fingerprint(), "test_fingerprint": data.test_fingerprint(),
+            "params": params, "data_fingerprint": data_fingerprint, "test_fingerprint": test_fingerprint,
             "final_fit": opts.final_fit, "engine": "optuna"}
     reg = log_and_register(tracker, run, model, data.classes, split=opts.split, test_accuracy=ev.accuracy,
                            tags=tags, register=opts.register)

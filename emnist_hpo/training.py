@@ -124,8 +124,14 @@ class ArrayBatches(keras.utils.PyDataset):
         return xb if self.y is None else (xb, self.y[index])
 
     def on_epoch_end(self) -> None:
-        if self.shuffle:
+        if self.shuffle and self.x is not None:
             self._order = self._rng.permutation(len(self.x))
+
+    def release(self) -> None:
+        """Let go of the arrays. Keras' data adapters (on TensorFlow, a ``tf.data`` generator)
+        outlive the fit and keep their dataset; without this they would keep the training
+        images alive after the trial, and the final phase could not free them."""
+        self.x = self.y = self._order = None
 
 
 def current_learning_rate(model: keras.Model) -> float:
@@ -261,13 +267,15 @@ def train(
             )
     cbs += list(callbacks)
     t0 = time.perf_counter()
-    hist = model.fit(
-        ArrayBatches(x_train, y_train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed),
-        epochs=cfg.train.epochs,
-        validation_data=ArrayBatches(x_val, y_val, EVAL_BATCH) if has_val else None,
-        callbacks=cbs,
-        verbose=verbose,
-    )
+    batches = ArrayBatches(x_train, y_train, cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+    val_batches = ArrayBatches(x_val, y_val, EVAL_BATCH) if has_val else None
+    try:
+        hist = model.fit(batches, epochs=cfg.train.epochs, validation_data=val_batches, callbacks=cbs,
+                         verbose=verbose)
+    finally:
+        for b in (batches, val_batches):
+            if b is not None:
+                b.release()
     seconds = time.perf_counter() - t0
     # predict() would unroll steps_per_execution copies of the network into one graph (~70 MB at 8): one batch a call
     model.steps_per_execution = 1
@@ -296,4 +304,8 @@ def train(
 
 def predict_proba(model: keras.Model, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
     """Class probabilities (N, C) for uint8 images (N, 28, 28), fed batch by batch (no copy of ``x``)."""
-    return np.asarray(model.predict(ArrayBatches(x, None, batch_size), verbose=0), dtype=np.float32)
+    batches = ArrayBatches(x, None, batch_size)
+    try:
+        return np.asarray(model.predict(batches, verbose=0), dtype=np.float32)
+    finally:
+        batches.release()
