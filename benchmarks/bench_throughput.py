@@ -108,6 +108,7 @@ VARIANTS = [
             once=True),
     Variant("mixed_bfloat16 + steps_per_execution 8", {"precision": "mixed_bfloat16", "steps_per_execution": 8},
             full_only=True),
+    Variant("mixed_bfloat16 + steps_per_execution 32", {"precision": "mixed_bfloat16", "steps_per_execution": 32}),
     Variant("TrainConfig defaults (the trial trainer)", {}),
     Variant("defaults, batch 256 (a search choice)", {"batch_size": 256}, full_only=True),
     Variant("defaults, batch 512 (a search choice)", {"batch_size": 512}, full_only=True),
