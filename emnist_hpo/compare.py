@@ -606,4 +606,12 @@ def summary(c: Comparison) -> str:
     for _, r in c.leaderboard.iterrows():
         lines.append(f"  {r['split']:<9} {r['role']:<9} {_fmt(r['test_accuracy'], 'test_accuracy'):>7}  "
                      f"{_fmt(r['params'], 'params'):>11}  {r['name']}")
-    return "\n".join(["  split     role        test       params  name"] + lines)
+    out = ["  split     role        test       params  name"] + lines
+    if len(c.engines):
+        out += ["", "  search engines (split, engine, trials x epochs, best val, test, params, wall time):"]
+        for _, r in c.engines.iterrows():
+            out.append(f"  {r['split']:<9} {r['algorithm']:<32} {_fmt(r['trials'], 'trials'):>4} x "
+                       f"{_fmt(r['epochs'], 'epochs'):<3} {_fmt(r['best_val_accuracy'], 'val_accuracy'):>7} "
+                       f"{_fmt(r['test_accuracy'], 'test_accuracy'):>7} {_fmt(r['champion_params'], 'params'):>10} "
+                       f"{_fmt(r['wall_seconds'], 'wall_seconds'):>9}  {r['study']}")
+    return "\n".join(out)

@@ -253,3 +253,13 @@ def test_multi_objective_study_plots_show_the_pareto_front():
     page = plots_html(study)
     assert "<h2>Pareto front</h2>" in page and "<h2>intermediate values</h2>" not in page
     assert page.count("Plotly.newPlot") == 5  # history, importances, parallel coordinates, slice, Pareto front
+
+
+def test_printed_summary_lists_the_engines(store):
+    from emnist_hpo.compare import collect, summary
+    from emnist_hpo.tracking import make_client
+
+    text = summary(collect(make_client(store["tracking"]), ["letters"]))
+    lines = [ln for ln in text.splitlines() if "letters-kt" in ln or "emnist-letters" in ln and "sampler" in ln]
+    assert len(lines) == 2 and any("keras-tuner bayesian" in ln for ln in lines)
+    assert all(" 2 x 1 " in ln for ln in lines)
