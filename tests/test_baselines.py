@@ -10,6 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.cli import main
+from emnist_hpo.search_space import SearchSpace
 from emnist_hpo.config import DataConfig, load_experiment
 from emnist_hpo.dataset import prepare
 from emnist_hpo.models import build_model
@@ -181,7 +182,12 @@ def test_every_experiment_file_loads_and_describes_its_model():
     for name in names:
         cfg = load_experiment(REPO / "experiments" / f"{name}.yaml")
         assert describe_model(cfg.model)
-        if cfg.model.kind in ("cnn", "lstm"):
+        if name == "compact":  # not the research's: the small seed that studies start from
+            model = build_model(cfg.model, 47)
+            assert model.count_params() <= 928_947 // 4  # fits --max-params of a quarter of the 2-conv recipe
+            space = SearchSpace.load(REPO / "search_spaces" / "default.yaml")
+            assert space.params_for(cfg) is not None  # inside the default space, so it can be enqueued
+        elif cfg.model.kind in ("cnn", "lstm"):
             build_model(cfg.model, 47)  # buildable on the 47-class splits
             assert cfg.train.early_stopping_patience == 3 and cfg.train.schedule == "plateau"
         else:

@@ -127,3 +127,12 @@ def test_experiment_overrides_only_what_differs(tmp_path):
     assert cfg.train.batch_size == 512 and cfg.train.epochs == 2
     assert cfg.train.learning_rate == default.train.learning_rate and cfg.model == default.model
     assert cfg.name == "exp"
+
+
+def test_augmentation_maps_to_a_strength_only_on_the_space_scale():
+    from emnist_hpo.config import AugmentConfig
+    from emnist_hpo.search_space import augment_strength
+
+    assert augment_strength(AugmentConfig()) == 0.0
+    assert augment_strength(AugmentConfig(rotation=9, shift=0.09, zoom=0.09)) == pytest.approx(0.6)
+    assert augment_strength(AugmentConfig(rotation=10, shift=0.3, zoom=0.3)) is None  # the research's: off the scale
