@@ -65,8 +65,8 @@ class TimeBudget:
         return self.deadline - (time.time() if now is None else now)
 
     def plan(self, costs: Sequence[TrialCost], room: float | None = None) -> tuple[int, int]:
-        """``(finalists, folds)`` the re-evaluation can afford: within ``room`` seconds (default: its
-        share of the budget), each finalist costing ``folds`` runs of its own trial's duration.
+        """``(finalists, folds)`` the re-evaluation can afford: within its share of the budget (and
+        ``room`` seconds, when given), each finalist costing ``folds`` runs of its own trial's duration.
 
         Fewer folds are preferred to fewer than two finalists (one finalist cannot be compared
         with anything); ``(0, 0)`` when not even one run of the best trial fits.
@@ -74,8 +74,8 @@ class TimeBudget:
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)[: self.finalists]
         if not top or self.folds < 1:
             return 0, 0
-        if room is None:
-            room = float("inf") if self.timeout is None else REEVAL_SHARE * self.timeout
+        share = float("inf") if self.timeout is None else REEVAL_SHARE * self.timeout
+        room = share if room is None else min(room, share)
         best = (0, 0)
         for folds in range(self.folds, 0, -1):
             n, spent = 0, 0.0

@@ -137,6 +137,20 @@ def sqlite_wal(db: Path) -> None:
 
 
 @contextlib.contextmanager
+def saved_environ(*keys: str) -> Iterator[None]:
+    """Restore environment variables ``keys`` (set or unset) as they were, whatever the block did to them."""
+    saved = {k: os.environ.get(k) for k in keys}
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def store_lock(url: str, name: str, engine=None, timeout: float = LOCK_TIMEOUT_S) -> Iterator[None]:
     """Hold an exclusive lock named ``name`` among all processes using the store at ``url``.
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import logging
 import warnings
 import tempfile
@@ -25,8 +24,8 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from .coordination import pause_point, saved_environ
 from .errors import RegistryError
-from .coordination import pause_point
 from .tracking import Tracker
 
 CHAMPION_ALIAS = "champion"
@@ -88,21 +87,16 @@ def mlflow_uris(uri: str):
     from mlflow.tracking._model_registry import utils as registry_utils
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    saved_env = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     # the explicitly set URIs (None: resolved from the environment), not the resolved ones
     saved = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved[0])
-        mlflow.set_registry_uri(saved[1])
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with saved_environ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            mlflow.set_registry_uri(saved[1])
 
 
 def _log_and_register(tracker, run_id, model, classes, *, split, test_accuracy, tags, register):

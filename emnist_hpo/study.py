@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import optuna
 from optuna.trial import TrialState
 
-from .budget import REEVAL_SHARE, TimeBudget, costs_of
+from .budget import TimeBudget, costs_of
 from .config import (
     resolve_storage,
     DataConfig,
@@ -408,8 +408,7 @@ def _reevaluate(opts: StudyOptions, study: optuna.Study, objective: Objective, d
     folds = opts.folds
     if budget.deadline is not None and candidates:
         costs = costs_of(study)
-        n, folds = budget.plan(costs, room=min(budget.left() - budget.final_fit_cost(costs),
-                                               REEVAL_SHARE * (budget.timeout or budget.left())))
+        n, folds = budget.plan(costs, room=budget.left() - budget.final_fit_cost(costs))
         if (n, folds) != (len(candidates), opts.folds):
             log(f"time budget: {budget.left():.0f} s left, enough to re-evaluate {n} finalist(s) on {folds} fold(s) "
                 "and fit the champion")

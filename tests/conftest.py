@@ -139,18 +139,34 @@ def digits_champion(tmp_path_factory, sample_dir):
 def _mlflow_uris_restored():
     """``mlflow.set_tracking_uri`` exports MLFLOW_TRACKING_URI: undo what a test set, so no later test
     (or the study subprocesses it starts) silently writes to an earlier test's store."""
-    import os
     import sys
 
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    yield
-    if "mlflow" in sys.modules:
-        import mlflow
+    from emnist_hpo.coordination import saved_environ
 
-        mlflow.set_tracking_uri(None)
-        mlflow.set_registry_uri(None)
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with saved_environ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        yield
+        if "mlflow" in sys.modules:
+            import mlflow
+
+            mlflow.set_tracking_uri(None)
+            mlflow.set_registry_uri(None)
+
+
+@pytest.fixture(scope="session")
+def isolated_in():
+    """``with isolated_in(root):`` runs a block in ``root`` with a private parse cache and no inherited
+    MLFLOW_TRACKING_URI or EMNIST_DATA_DIR, restoring the directory and environment afterwards."""
+    import contextlib
+    import os
+
+    from emnist_hpo.coordination import saved_environ
+
+    @contextlib.contextmanager
+    def enter(root):
+        with saved_environ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR"), contextlib.chdir(root):
+            os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+            os.environ.pop("EMNIST_DATA_DIR", None)
+            yield
+
+    return enter

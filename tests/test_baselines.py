@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -19,22 +18,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, sample_dir):
+def env(tmp_path_factory, sample_dir, isolated_in):
     """A private working directory, MLflow store and parse cache for this module's runs."""
     root = tmp_path_factory.mktemp("baselines")
-    old_env = {k: os.environ.get(k) for k in ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR")}
-    old_cwd = os.getcwd()
-    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("EMNIST_DATA_DIR", None)
-    os.chdir(root)
-    yield {"root": root, "tracking": f"sqlite:///{root}/mlflow.db", "data": str(sample_dir)}
-    os.chdir(old_cwd)
-    for k, v in old_env.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with isolated_in(root):
+        yield {"root": root, "tracking": f"sqlite:///{root}/mlflow.db", "data": str(sample_dir)}
 
 
 def _run(env, *args: str) -> int:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import optuna
@@ -20,19 +19,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, sample_dir):
+def store(tmp_path_factory, sample_dir, isolated_in):
     """A letters study (2 trials) by each engine, baselines on letters and digits, then ``compare --output``."""
     root = tmp_path_factory.mktemp("compare")
-    old_env = {k: os.environ.get(k) for k in ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI", "EMNIST_DATA_DIR")}
-    old_cwd = os.getcwd()
-    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
-    os.environ.pop("EMNIST_DATA_DIR", None)
-    os.chdir(root)
     env = {"root": root, "tracking": f"sqlite:///{root}/mlflow.db", "storage": f"sqlite:///{root}/optuna.db",
            "data": str(sample_dir), "out": root / "report"}
     common = ["--data-dir", env["data"], "--tracking-uri", env["tracking"], "--no-progress"]
-    try:
+    with isolated_in(root):
         assert main(["study", "--split", "letters", "--trials", "2", "--epochs", "1", "--max-train-samples", "1500",
                      "--storage", env["storage"], *common]) == 0
         # the same budget with the other engine (not registered: the Optuna study's champion stays)
@@ -47,13 +40,6 @@ def store(tmp_path_factory, sample_dir):
         assert main(["run", "knn", "--split", "digits", "--max-train-samples", "1500", *common]) == 0
         assert main(["compare", "--output", str(env["out"]), "--tracking-uri", env["tracking"]]) == 0
         yield env
-    finally:
-        os.chdir(old_cwd)
-        for k, v in old_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _client(store) -> MlflowClient:
