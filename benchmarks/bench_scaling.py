@@ -1,8 +1,10 @@
 """Scaling: trials per hour with 1 and 2 workers (``study --workers N``) on the same study budget.
 
-Each run is a fresh study (same storage kind, sampler seed, trials and data) through the
-command line, no pruning, no warm start, no finalists or final fit, so every trial trains
-the same number of epochs. Trials per hour = finished trials / the time from the first
+Each run is a fresh study through the command line on the same data, no pruning, no finalists
+or final fit, and the same workload: the seed experiments that lie inside the default search
+space (experiments/*.yaml: one_conv, compact, two_conv, three_conv, four_conv, wide_dropout),
+enqueued as the study's trials, so 1 and 2 workers train exactly the same models for the same
+epochs (sampled trials would differ between them: each worker samples with its own seed). Trials per hour = finished trials / the time from the first
 trial's start to the last trial's end (process start-up and data loading excluded, and
 reported apart as the command's wall time). Workers split the machine's cores
 (``TF_NUM_INTRAOP_THREADS`` = cores / workers), so on a 2-core machine two workers are
@@ -26,10 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from _common import DEFAULT_DATA, PYTHON, load_now, log, machine, run_child, table, write_results  # noqa: E402
 
 
+#: The workload: seed experiments inside the default search space, smallest first (experiments/<name>.yaml).
+SEEDS = ("one_conv", "compact", "two_conv", "three_conv", "four_conv", "wide_dropout")
+
+
 def measure(quick: bool, data_dir: str) -> dict[str, Any]:
     import optuna
 
-    trials = 4 if quick else 8
+    seeds = SEEDS[:4] if quick else SEEDS
+    trials = len(seeds)
     epochs = 1 if quick else 2
     samples = 2000 if quick else 6000
     rows = []
@@ -40,7 +47,7 @@ def measure(quick: bool, data_dir: str) -> dict[str, Any]:
             storage = f"sqlite:///{root}/optuna.db"
             cmd = [PYTHON, "-m", "emnist_hpo", "study", "--split", "balanced", "--trials", str(trials),
                    "--epochs", str(epochs), "--max-train-samples", str(samples), "--data-dir", data_dir,
-                   "--no-warm-start", "--pruner", "none", "--finalists", "0", "--no-final-fit", "--no-register",
+                   "--seed-experiments", ",".join(seeds), "--pruner", "none", "--finalists", "0", "--no-final-fit", "--no-register",
                    "--no-progress", "--workers", str(workers), "--storage", storage,
                    "--tracking-uri", f"sqlite:///{root}/mlflow.db", "--study-name", name]
             load0 = load_now()
@@ -58,12 +65,13 @@ def measure(quick: bool, data_dir: str) -> dict[str, Any]:
                    / len(done), "load_start": load0, "load_end": load_now()}
             rows.append(row)
             log(f"scaling workers={workers}: {row['trials_per_hour']:.0f} trials/h ({len(done)} in {span:.0f} s)")
-    return {"trials": trials, "epochs": epochs, "samples": samples, "runs": rows}
+    return {"trials": trials, "epochs": epochs, "samples": samples, "models": list(seeds), "runs": rows}
 
 
 def markdown(res: dict[str, Any]) -> str:
     out = [f"Scaling, balanced sample ({res['samples']:,} images: {int(res['samples'] * 0.8):,} train), "
-           f"{res['trials']} trials of {res['epochs']} epoch(s), default search space, no pruning:\n"]
+           f"{res['trials']} trials of {res['epochs']} epoch(s), no pruning; the trials are the seed experiments "
+           f"{', '.join(res.get('models', []))}, the same models in both runs:\n"]
     ok = [r for r in res["runs"] if "trials_per_hour" in r]
     out.append(table(["workers", "finished trials", "first start to last end s", "trials per hour",
                       "mean trial wall s", "command wall s", "largest process peak RSS MB", "machine load"],

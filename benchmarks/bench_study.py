@@ -7,7 +7,10 @@ for each: wall time, best validation accuracy, trial states, and the wall time u
 finished trial first reached the validation accuracy of the research's 2-conv seed model
 (trained here once on the same split with the same epoch budget and early stopping).
 
-    python benchmarks/bench_study.py [--quick] [--trials 20] [--epochs 6]
+    python benchmarks/bench_study.py [--quick] [--trials 20] [--epochs 10] [--samples K]
+
+``--epochs`` defaults to the study command's own (10): Hyperband's rungs are 1, 3 and 9 epochs
+there, and a shorter budget leaves it little to cut (4 epochs: rungs 1 and 3 only).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import optuna  # noqa: E402
 
 from emnist_hpo.config import DataConfig, load_experiment  # noqa: E402
 from emnist_hpo.dataset import prepare  # noqa: E402
+from emnist_hpo.pruners import make_pruner  # noqa: E402
 from emnist_hpo.study import StudyOptions, run_study  # noqa: E402
 from emnist_hpo.training import train  # noqa: E402
 
@@ -84,26 +88,40 @@ def one_study(root: Path, data_dir: str, pruner: str, trials: int, epochs: int, 
     }
 
 
-def measure(quick: bool, data_dir: str, trials: int | None, epochs: int | None) -> dict[str, Any]:
+def measure(quick: bool, data_dir: str, trials: int | None, epochs: int | None,
+            samples: int | None = None, pruners: tuple[str, ...] = ("hyperband", "none"),
+            target: float | None = None) -> dict[str, Any]:
     trials = trials or (6 if quick else 20)
-    epochs = epochs or (2 if quick else 6)
-    samples = 3000 if quick else None
-    seed = seed_accuracy(data_dir, samples, epochs)
-    log(f"seed two_conv: val {seed['val_accuracy']:.4f} in {seed['seconds']:.0f} s")
+    epochs = epochs or (2 if quick else StudyOptions("balanced").epochs)
+    samples = samples or (3000 if quick else None)
+    if target is None:
+        seed = seed_accuracy(data_dir, samples, epochs)
+        log(f"seed two_conv: val {seed['val_accuracy']:.4f} in {seed['seconds']:.0f} s")
+    else:  # an earlier run's figure, so studies run apart share one target
+        train_size = len(prepare("balanced", data_dir, DataConfig(max_train_samples=samples, seed=0),
+                                 progress=False).x_train)
+        seed = {"val_accuracy": target, "seconds": float("nan"), "epochs": epochs, "train_size": train_size}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for pruner in ("hyperband", "none"):
+        for pruner in pruners:
             r = one_study(Path(tmp), data_dir, pruner, trials, epochs, samples, seed["val_accuracy"])
             rows.append(r)
             log(f"study pruner={pruner}: {r['wall_s']:.0f} s, best {r['best_val_accuracy']}, "
                 f"reached seed at {r['reached_seed_s']}")
-    return {"trials": trials, "epochs": epochs, "samples": samples, "seed": seed, "studies": rows}
+    hb = make_pruner("hyperband", epochs)
+    hb._try_initialization(optuna.create_study())  # noqa: SLF001 - only to describe its brackets
+    brackets = [[hb._min_resource * hb._reduction_factor ** (i + k) for k in range(9)  # noqa: SLF001
+                 if hb._min_resource * hb._reduction_factor ** (i + k) < epochs] for i in range(hb._n_brackets)]  # noqa: SLF001
+    return {"trials": trials, "epochs": epochs, "samples": samples, "seed": seed, "studies": rows,
+            "hyperband_rungs": brackets}
 
 
 def markdown(res: dict[str, Any]) -> str:
     s = res["seed"]
+    rungs = "; ".join("epochs " + ", ".join(map(str, b)) if b else "none" for b in res.get("hyperband_rungs", []))
     out = [f"Study efficiency, balanced sample ({s['train_size']:,} training images), {res['trials']} trials of up "
-           f"to {res['epochs']} epochs (early stopping patience {PATIENCE}), default search space, TPE seed 0, "
+           f"to {res['epochs']} epochs (early stopping patience {PATIENCE}; Hyperband brackets' rungs: {rungs}), "
+           f"default search space, TPE seed 0, "
            f"no warm start. Target: the 2-conv seed model's validation accuracy on the same split and budget, "
            f"{s['val_accuracy']:.4f} ({s['epochs']} epochs, {s['seconds']:.0f} s).\n"]
     out.append(table(
@@ -129,10 +147,15 @@ def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--trials", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None, help="max epochs per trial (the study's default, 10)")
+    p.add_argument("--samples", type=int, default=None, help="stratified subset of K images of the split (all)")
+    p.add_argument("--pruners", default="hyperband,none", help="pruners to compare (hyperband,none)")
+    p.add_argument("--target", type=float, default=None,
+                   help="validation accuracy to reach (default: train the 2-conv seed model for it)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     args = p.parse_args(argv)
-    res = {"machine": machine(), **measure(args.quick, args.data_dir, args.trials, args.epochs)}
+    res = {"machine": machine(), **measure(args.quick, args.data_dir, args.trials, args.epochs, args.samples,
+                                               tuple(args.pruners.split(",")), args.target)}
     md = markdown(res)
     write_results("study", res, md)
     print(md)

@@ -27,6 +27,9 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+if "--tf-defaults" in sys.argv:  # a child for the research's process: TensorFlow starts before emnist_hpo sets anything
+    import tensorflow  # noqa: F401
+
 from _common import DEFAULT_DATA, PYTHON, ROOT, fmt, load_now, log, machine, median, table, write_results  # noqa: E402
 
 from emnist_hpo.cli import import_keras_quietly  # noqa: E402
@@ -39,7 +42,7 @@ import numpy as np  # noqa: E402
 from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_experiment  # noqa: E402
 from emnist_hpo.dataset import prepare  # noqa: E402
 from emnist_hpo.models import build_model  # noqa: E402
-from emnist_hpo.training import compile_model, dtype_policy, resolve_precision, train  # noqa: E402
+from emnist_hpo.training import compile_model, dtype_policy, native_bf16, resolve_precision, train  # noqa: E402
 
 #: The two models measured: the research's 2-conv seed and a small model typical of search_spaces/small.yaml.
 def models() -> dict[str, ModelConfig]:
@@ -164,12 +167,16 @@ def run_trainer(m: ModelConfig, base_train: TrainConfig, v: Variant, data, epoch
     return clock, float(res.history["val_accuracy"][-1]), res.precision, cfg.train
 
 
-def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, Any]:
+def measure(quick: bool, data_dir: str, reps: int | None = None, all_variants: bool = False) -> dict[str, Any]:
     samples = 5000 if quick else 30000
     reps = reps or (2 if quick else 3)
     data = prepare("bymerge", data_dir, DataConfig(max_train_samples=samples, seed=0), progress=False)
     n = len(data.x_train)
     variants = [v for v in VARIANTS if not (quick and v.full_only)]
+    if not native_bf16() and not all_variants:  # emulated bf16: measured 0.07x on an AVX2 CPU, minutes per run
+        skipped = [v.name for v in variants if v.train.get("precision") == "mixed_bfloat16"]
+        variants = [v for v in variants if v.name not in skipped]
+        log(f"no bf16 units on this CPU: skipping {', '.join(skipped)} (--all-variants runs them)")
     out: dict[str, Any] = {"samples_train": n, "samples_val": len(data.x_val), "reps": reps, "models": {},
                            "epochs": {k: EPOCHS[k][1 if quick else 0] for k in EPOCHS}}
     for mname, m in models().items():
@@ -231,9 +238,17 @@ def measure(quick: bool, data_dir: str, reps: int | None = None) -> dict[str, An
     return out
 
 
-def thread_child(args) -> None:
-    """Child process: set TF's thread pools, then time the reference and the default trainer on one model."""
+#: Process-wide settings, fixed when TensorFlow starts, so each runs in child processes: (name, TF defaults?).
+#: "TensorFlow defaults" is the research's process (oneDNN only where TensorFlow turns it on by itself: CPUs
+#: with AVX512-VNNI or newer); "emnist-hpo" is a process that imported emnist_hpo first (oneDNN on, x86-64).
+PROCESSES = [("TensorFlow defaults (the research's process)", True), ("emnist-hpo process (oneDNN on)", False)]
+
+
+def child(args) -> None:
+    """Child process: time the reference and/or the default trainer on one model, print one JSON line."""
     import tensorflow as tf
+
+    from emnist_hpo.training import onednn_enabled
 
     if args.intra:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra)
@@ -242,31 +257,88 @@ def thread_child(args) -> None:
     data = prepare("bymerge", args.data_dir, DataConfig(max_train_samples=args.samples, seed=0), progress=False)
     m = models()[args.model]
     base = load_experiment(ROOT / "experiments" / "two_conv.yaml").train if args.model == "two_conv" else TrainConfig()
-    epochs = EPOCHS[args.model][0]
-    c_ref, _ = run_reference(m, data, epochs, 0)
-    c, acc, _, _ = run_trainer(m, base, Variant("defaults"), data, epochs, 0)
-    n = len(data.x_train)
-    print(json.dumps({"reference": n / median(c_ref.train_s[1:]), "trainer": n / median(c.train_s[1:]),
-                      "val_accuracy": acc}))
+    n, out = len(data.x_train), {"onednn": onednn_enabled(), "samples_train": len(data.x_train)}
+    for what in args.what.split(","):
+        if what == "reference":
+            clock, acc = run_reference(m, data, args.epochs, 0)
+        else:
+            clock, acc, _, _ = run_trainer(m, base, Variant("defaults"), data, args.epochs, 0)
+        out[what] = {"images_per_s": n / median(clock.train_s[1:] or clock.train_s),
+                     "images_per_cpu_s": n / median(clock.cpu_s[1:] or clock.cpu_s), "val_accuracy": acc}
+    print(json.dumps(out))
+
+
+def spawn(model: str, data_dir: str, samples: int, epochs: int, what: str, tf_defaults: bool,
+          intra: int = 0, inter: int = 0) -> dict[str, Any] | None:
+    env = dict(__import__("os").environ, TF_CPP_MIN_LOG_LEVEL="2")
+    if tf_defaults:
+        env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # as TensorFlow decides by itself
+    cmd = [PYTHON, __file__, "--child", "--model", model, "--data-dir", data_dir, "--samples", str(samples),
+           "--epochs", str(epochs), "--what", what, "--intra", str(intra), "--inter", str(inter)]
+    proc = subprocess.run(cmd + (["--tf-defaults"] if tf_defaults else []), capture_output=True, text=True, env=env)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode or not line:
+        log(f"child failed ({' '.join(cmd[2:])}): {proc.stderr[-800:]}")
+        return None
+    return json.loads(line[-1])
+
+
+def measure_processes(quick: bool, data_dir: str, reps: int) -> dict[str, Any]:
+    """The trainer in an emnist-hpo process against the research's fit in a TensorFlow-defaults process.
+
+    Children interleave (research, emnist-hpo, research, ...); each ratio divides figures of the
+    same repetition. The emnist-hpo child also times the reference in its own process, which
+    splits the gain into the process setting (oneDNN) and the trainer's own choices.
+    """
+    samples = 12000  # quick too: steady epochs of a few seconds, or the noise of a shared machine decides
+    out: dict[str, Any] = {"samples": samples, "reps": reps, "models": {}}
+    for mname in models():
+        epochs = EPOCHS[mname][0]
+        runs: list[tuple[dict, dict]] = []
+        for rep in range(reps):
+            research = spawn(mname, data_dir, samples, epochs, "reference", tf_defaults=True)
+            ours = spawn(mname, data_dir, samples, epochs,
+                         "reference,trainer" if rep % 2 == 0 else "trainer,reference", tf_defaults=False)
+            if research and ours:
+                runs.append((research, ours))
+                log(f"processes {mname} rep {rep}: research fit {research['reference']['images_per_s']:.0f} img/s "
+                    f"(oneDNN {research['onednn']}), emnist-hpo: reference {ours['reference']['images_per_s']:.0f}, "
+                    f"trainer {ours['trainer']['images_per_s']:.0f} img/s (oneDNN {ours['onednn']})")
+        if not runs:
+            continue
+
+        def ratios(num, den, key="images_per_s"):
+            return [num(o, r)[key] / den(o, r)[key] for r, o in runs]
+
+        def row(name, pick, onednn):
+            rs = [pick(o, r) for r, o in runs]
+            got = ratios(pick, lambda o, r: r["reference"])
+            return {"what": name, "onednn": onednn, "images_per_s_median": median(x["images_per_s"] for x in rs),
+                    "ratio_median": median(got), "ratio_min": min(got), "ratio_max": max(got),
+                    "cpu_ratio_median": median(ratios(pick, lambda o, r: r["reference"], "images_per_cpu_s")),
+                    "val_accuracy_median": median(x["val_accuracy"] for x in rs)}
+
+        r0, o0 = runs[0]
+        out["models"][mname] = {"epochs": epochs, "samples_train": o0["samples_train"], "rows": [
+            row("Keras fit, float32 /255 (reference), " + PROCESSES[0][0], lambda o, r: r["reference"], r0["onednn"]),
+            row("Keras fit, float32 /255 (reference), " + PROCESSES[1][0], lambda o, r: o["reference"], o0["onednn"]),
+            row("trial trainer (TrainConfig defaults), " + PROCESSES[1][0], lambda o, r: o["trainer"], o0["onednn"]),
+        ]}
+    return out
 
 
 def measure_threads(data_dir: str, reps: int = 2, samples: int = 12000) -> list[dict[str, Any]]:
-    """TensorFlow thread-pool settings, each in its own process (they are fixed at TF start), interleaved."""
+    """TensorFlow thread-pool settings, each in its own emnist-hpo process (they are fixed at TF start), interleaved."""
     cores = __import__("os").cpu_count() or 1
     settings = [(f"TF default (intra = inter = {cores} cores)", 0, 0), (f"intra {cores}, inter 1", cores, 1),
                 ("intra 1, inter 1", 1, 1), (f"intra 1, inter {cores}", 1, cores)]
     got: dict[tuple, list[dict]] = {(m, s[0]): [] for m in models() for s in settings}
     for rep in range(reps):
         for (model, name), (_, intra, inter) in zip(got, [s for _ in models() for s in settings]):
-            cmd = [PYTHON, __file__, "--thread-child", "--intra", str(intra), "--inter", str(inter),
-                   "--data-dir", data_dir, "--samples", str(samples), "--model", model]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env={**__import__("os").environ,
-                                                                              "TF_CPP_MIN_LOG_LEVEL": "2"})
-            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-            if proc.returncode or not line:
-                log(f"thread child failed: {proc.stderr[-800:]}")
+            r = spawn(model, data_dir, samples, EPOCHS[model][0], "reference,trainer", False, intra, inter)
+            if r is None:
                 continue
-            r = json.loads(line[-1])
+            r = {"reference": r["reference"]["images_per_s"], "trainer": r["trainer"]["images_per_s"]}
             got[(model, name)].append(r)
             log(f"threads {model} {name} rep {rep}: trainer {r['trainer']:.0f} img/s, reference {r['reference']:.0f}")
     return [{"model": k[0], "setting": k[1], "trainer_images_per_s": median(r["trainer"] for r in v),
@@ -276,10 +348,27 @@ def measure_threads(data_dir: str, reps: int = 2, samples: int = 12000) -> list[
 
 def markdown(res: dict[str, Any]) -> str:
     epochs = ", ".join(f"{k} {v}" for k, v in res["epochs"].items()) if isinstance(res["epochs"], dict) else res["epochs"]
-    parts = [f"Training throughput, bymerge sample: {res['samples_train']:,} training images, "
-             f"{res['samples_val']:,} validation, epochs per run: {epochs}; {res['reps']} interleaved "
-             "repetitions; ratio = images/s over the Keras reference's in the same repetition (median, min-max), "
-             "CPU ratio = the same in images per CPU-second."]
+    in_process = (f"Training throughput, bymerge sample: {res['samples_train']:,} training images, "
+                  f"{res['samples_val']:,} validation, epochs per run: {epochs}; {res['reps']} interleaved "
+                  "repetitions; ratio = images/s over the Keras reference's in the same repetition (median, min-max), "
+                  "CPU ratio = the same in images per CPU-second.")
+    parts = [in_process]
+    if res.get("processes", {}).get("models"):
+        pr = res["processes"]
+        parts = [f"**The target: the trial trainer against the research's fit, each in its own kind of process** "
+                 f"(bymerge sample, {pr['samples']:,} images; {pr['reps']} interleaved repetitions of child processes; "
+                 "ratio = images/s over the research's fit in the TensorFlow-defaults process of the same "
+                 "repetition, median and min-max; CPU ratio = the same in images per CPU-second)\n"]
+        for mname, got in pr["models"].items():
+            parts.append(f"\n*{mname}* ({got['samples_train']:,} training images, {got['epochs']} epochs per run)\n")
+            parts.append(table(
+                ["run", "oneDNN", "images/s (median)", "x research's fit (min-max)", "x research's fit, CPU time",
+                 "val accuracy"],
+                [[r["what"], "on" if r["onednn"] else "off", r["images_per_s_median"],
+                  f"{fmt(r['ratio_median'])} ({fmt(r['ratio_min'])}-{fmt(r['ratio_max'])})", r["cpu_ratio_median"],
+                  f"{r['val_accuracy_median']:.4f}"] for r in got["rows"]]))
+        parts.append("\n**Every speed option alone, in one process** (the emnist-hpo process settings for all). "
+                     + in_process)
     for mname, rows in res["models"].items():
         parts.append(f"\n**{mname}**\n")
         parts.append(table(
@@ -302,15 +391,22 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--reps", type=int, default=None)
     p.add_argument("--threads", action="store_true", help="also compare TF thread-pool settings (slow)")
-    p.add_argument("--thread-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--tf-defaults", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--what", default="reference,trainer", help=argparse.SUPPRESS)
+    p.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
+    p.add_argument("--all-variants", action="store_true",
+                   help="also the mixed_bfloat16 variants on a CPU without bf16 units (emulated: very slow)")
+    p.add_argument("--no-processes", action="store_true",
+                   help="skip the child-process comparison with the research's TensorFlow-defaults process")
     p.add_argument("--intra", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--inter", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=int, default=12000, help=argparse.SUPPRESS)
     p.add_argument("--model", default="two_conv", help=argparse.SUPPRESS)
     p.add_argument("--threads-only", action="store_true", help="only the thread-pool comparison")
     args = p.parse_args(argv)
-    if args.thread_child:
-        thread_child(args)
+    if args.child:
+        child(args)
         return {}
     res = {"machine": machine(), "default_precision": resolve_precision(TrainConfig().precision)}
     if args.threads_only:
@@ -319,7 +415,9 @@ def main(argv=None) -> dict[str, Any]:
         write_results("threads", res, md)
         print(md)
         return res
-    res.update(measure(args.quick, args.data_dir, args.reps))
+    if not args.no_processes:
+        res["processes"] = measure_processes(args.quick, args.data_dir, args.reps or (2 if args.quick else 3))
+    res.update(measure(args.quick, args.data_dir, args.reps, args.all_variants))
     if args.threads:
         res["threads"] = measure_threads(args.data_dir)
     res["machine"]["load_average_end"] = list(__import__("os").getloadavg())

@@ -7,7 +7,8 @@ Sections (each also runs alone: ``python benchmarks/bench_<section>.py``):
   study       Hyperband against no pruning: wall time, best accuracy, time to the seed's accuracy
   scaling     trials per hour with 1 and 2 workers
 
-``--quick`` is CI-sized (minutes); the full run takes about an hour and a half on 2 cores.
+``--quick`` is CI-sized (minutes); the full run takes about 3 hours on 2 cores (the
+study section alone ~2.5 h: 20-trial studies of 10-epoch trials on the full balanced sample).
 Results: ``benchmarks/results/<section>.{json,md}`` and ``benchmarks/results/benchmarks.md``
 (git-ignored); the Markdown report is printed too.
 """
@@ -60,7 +61,8 @@ def main(argv=None) -> int:
     m = next(iter(everything.values()))["machine"]
     head = (f"Measured {m['date']} on {m['cpu']} ({m['cores']} cores, bf16 units: "
             f"{', '.join(m['bf16_units']) or 'none'}), Python {m['python']}, Keras {m['keras']} "
-            f"({m['backend']}{' ' + m['tensorflow'] if m.get('tensorflow') else ''}); load average at start "
+            f"({m['backend']}{' ' + m['tensorflow'] if m.get('tensorflow') else ''}"
+            f"{', oneDNN ' + ('on' if m['onednn'] else 'off') if 'onednn' in m else ''}); load average at start "
             f"{m['load_average']}. Command: `python benchmarks/run.py{' --quick' if args.quick else ''}"
             f"{' --full-size' if args.full_size else ''}{'' if len(chosen) == len(SECTIONS) else ' --only ' + ','.join(chosen)}`.\n")
     text = head + "\n" + "\n".join(report)

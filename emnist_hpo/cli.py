@@ -90,7 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", default=None, help="default emnist-<split>")
     s.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (file or name)")
     s.add_argument("--sampler", default=None, help="tpe, random, qmc, cmaes, nsga2 (tpe; nsga2 for two objectives)")
-    s.add_argument("--pruner", default="hyperband", help="hyperband, median, successive-halving, none")
+    s.add_argument("--pruner", default="hyperband",
+                   help="hyperband, median, successive-halving (each also ends a trial still under twice the "
+                        "no-skill accuracy after 2 epochs), none")
     s.add_argument("--timeout", type=float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
                    "to re-evaluate the finalists and fit the champion within it")
     s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")

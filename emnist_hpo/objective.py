@@ -21,6 +21,7 @@ from .hooks import TrialHooks, TrialOutcome
 from .reports import evaluate
 from .search_space import SearchSpace
 from .models import build_model, count_params
+from .pruners import NoSkillGuard
 from .training import TrainResult, predict_proba, train
 
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
@@ -131,6 +132,10 @@ class Objective:
             raise optuna.TrialPruned(reason)
         if pruner is not None and pruner.pruned_at is not None:
             reason = f"pruned at epoch {pruner.pruned_at} (val_accuracy {result.history['val_accuracy'][-1]:.4f})"
+            guard = trial.study.pruner
+            if isinstance(guard, NoSkillGuard) and guard.learnt_nothing(pruner.pruned_at,
+                                                                        result.history["val_accuracy"][-1]):
+                reason += f": under {guard.factor:g}x the no-skill accuracy {guard.no_skill:.4f}"
             self._end(trial, TrialOutcome("PRUNED", cfg, result, reason=reason))
             raise optuna.TrialPruned(reason)
         ev = evaluate(d.y_val, predict_proba(result.model, d.x_val), d.classes)

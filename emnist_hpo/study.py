@@ -62,13 +62,13 @@ from .tracking import (
     redact,
     resolve_tracking_uri,
 )
-from .training import TrainResult, predict_proba, release_memory, train
+from .pruners import PRUNERS, make_pruner, no_skill_accuracy
+from .training import TrainResult, predict_proba, release_memory, runtime_settings, train
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar and summary say it better
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
-PRUNERS = ("hyperband", "median", "successive-halving", "none")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 #: Optuna heartbeat of running trials: written every HEARTBEAT_S, stale (FAIL) after GRACE_S without one.
@@ -235,16 +235,6 @@ def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampl
     return optuna.samplers.NSGAIISampler(seed=seed)
 
 
-def make_pruner(name: str, epochs: int) -> optuna.pruners.BasePruner:
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1)
-    if name == "successive-halving":
-        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3)
-    return optuna.pruners.NopPruner()
-
-
 def find_experiment(name: str) -> Path:
     """``name`` as a path, or ``experiments/<name>.yaml`` in the working directory or the project."""
     p = Path(name)
@@ -286,9 +276,13 @@ def finished_count(study: optuna.Study) -> int:
 SESSIONS_ATTR = "sessions"
 
 
-def _open_study(opts: StudyOptions, storage, storage_url: str) -> optuna.Study:
-    """Load or create the study; give this process a sampler seeded apart from every other process's."""
-    study = _load_or_create_study(opts, storage)
+def _open_study(opts: StudyOptions, storage, storage_url: str, no_skill: float = 0.0) -> optuna.Study:
+    """Load or create the study; give this process a sampler seeded apart from every other process's.
+
+    ``no_skill``: the validation accuracy of always answering the most frequent class, below
+    twice which the pruner ends a trial after 2 epochs (:mod:`emnist_hpo.pruners`).
+    """
+    study = _load_or_create_study(opts, storage, no_skill)
     with StudyLock(storage_url, storage, opts.name).held():
         session = int(study.user_attrs.get(SESSIONS_ATTR, 0))
         study.set_user_attr(SESSIONS_ATTR, session + 1)
@@ -300,10 +294,10 @@ def _open_study(opts: StudyOptions, storage, storage_url: str) -> optuna.Study:
     return study
 
 
-def _load_or_create_study(opts: StudyOptions, storage) -> optuna.Study:
+def _load_or_create_study(opts: StudyOptions, storage, no_skill: float = 0.0) -> optuna.Study:
     multi = len(opts.objectives) > 1
     sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"), opts.seed + 1000 * opts.worker, multi)
-    pruner = make_pruner(opts.pruner if not multi else "none", opts.epochs)
+    pruner = make_pruner(opts.pruner if not multi else "none", opts.epochs, no_skill)
     try:
         existing = optuna.load_study(study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner)
     except KeyError:
@@ -472,7 +466,8 @@ def _open(opts: StudyOptions, progress: bool):
     storage_url = resolve_storage(opts.storage)
     check_tracking_uri(resolve_tracking_uri(opts.tracking_uri))  # an unusable tracking store: fail before Optuna's
     storage = make_storage(storage_url)
-    study = _open_study(opts, storage, storage_url)  # before the tracker: a wrong split creates no experiment
+    # before the tracker: a wrong split creates no experiment
+    study = _open_study(opts, storage, storage_url, no_skill_accuracy(data.y_val))
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
     return space, seeds, base, data, storage_url, storage, tracker, study
 
@@ -521,7 +516,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         f"study-{opts.name}",
         {TAG_KIND: "study", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, TAG_ENGINE: "optuna",
          "optuna.storage": redact(storage_url),
-         "emnist_hpo.data_fingerprint": data.fingerprint()},
+         "emnist_hpo.data_fingerprint": data.fingerprint(),
+         **{f"emnist_hpo.{k}": v for k, v in runtime_settings().items()}},
     )
     tracker.log_params(parent, {
         "split": opts.split, "trials": opts.trials, "epochs": opts.epochs, "sampler": opts.sampler or "default",

@@ -174,6 +174,21 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def onednn_enabled() -> bool:
+    """True where TensorFlow runs its oneDNN CPU kernels (``emnist_hpo`` turns them on for x86-64 before TF loads).
+
+    False on other backends, and where TensorFlow was imported before ``emnist_hpo`` on a CPU it does not turn
+    them on for by itself (without AVX512-VNNI or newer units), or with ``TF_ENABLE_ONEDNN_OPTS=0``.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    try:
+        from tensorflow.python.util import _pywrap_util_port  # TensorFlow's own switch, read at its start
+    except ImportError:  # pragma: no cover - a TensorFlow build without it
+        return os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "1"
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
 @functools.cache
 def native_bf16() -> bool:
     """True where mixed_bfloat16 was measured faster than float32: TensorFlow's oneDNN on a CPU with bf16 units.
@@ -181,7 +196,7 @@ def native_bf16() -> bool:
     Elsewhere (JAX or torch backends, a GPU, oneDNN turned off, a CPU without AVX512-BF16/AMX) bf16 is
     emulated or not measured, so ``precision: auto`` keeps float32 there.
     """
-    if keras.backend.backend() != "tensorflow" or os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") == "0":
+    if not onednn_enabled() or os.environ.get("TF_ENABLE_ONEDNN_OPTS") == "0":
         return False
     import tensorflow as tf  # the backend is tensorflow: already imported by Keras
 
@@ -195,6 +210,12 @@ def resolve_precision(precision: str) -> str:
     if precision != "auto":
         return precision
     return "mixed_bfloat16" if native_bf16() else "float32"
+
+
+def runtime_settings() -> dict[str, str]:
+    """What decides a run's speed and rounding beyond its config: Keras backend and version, oneDNN, ``auto`` precision."""
+    return {"keras_backend": keras.backend.backend(), "keras_version": keras.__version__,
+            "onednn": str(onednn_enabled()).lower(), "auto_precision": resolve_precision("auto")}
 
 
 @contextlib.contextmanager

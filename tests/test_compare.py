@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import keras
 import optuna
 import pandas as pd
 import pytest
@@ -165,6 +166,12 @@ def test_study_parent_run_has_optuna_plots_and_the_edge_warning(store):
                   "intermediate values"):
         assert f"<h2>{title}</h2>" in page
     assert page.count("Plotly.newPlot") >= 4
+    # what decided the trials' speed and rounding beyond their config, for reproducing them
+    from emnist_hpo.training import onednn_enabled
+
+    assert parent.data.tags["emnist_hpo.keras_backend"] == keras.backend.backend()
+    assert parent.data.tags["emnist_hpo.onednn"] == str(onednn_enabled()).lower()
+    assert parent.data.tags["emnist_hpo.auto_precision"] in ("float32", "mixed_bfloat16")
     study = optuna.load_study(study_name="emnist-letters", storage=store["storage"])
     space = SearchSpace.load(REPO / "search_spaces" / "default.yaml")
     expected = edge_warning(space, study.best_trial)

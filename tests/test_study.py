@@ -13,7 +13,10 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+from emnist_hpo.config import DataConfig
 from emnist_hpo.data import load_split
+from emnist_hpo.dataset import prepare
+from emnist_hpo.pruners import no_skill_accuracy
 from emnist_hpo.study import StudyOptions, run_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +79,11 @@ def test_letters_study_records_every_trial_in_optuna(env, letters):
     assert two_conv.user_attrs["params"] == 926_298  # conv64-3x3/pool/conv64-3x3/pool/512/128 on 26 classes
     for t in finished:
         assert t.user_attrs["epoch_time"] > 0 and t.user_attrs["mlflow_run_id"]
+    # the default pruner is Hyperband with the no-skill guard armed at this split's most frequent class share
+    pruner = letters.study.pruner
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    data = prepare("letters", env["data"], DataConfig(max_train_samples=2000), progress=False)
+    assert pruner.no_skill == pytest.approx(no_skill_accuracy(data.y_val)) and 0 < pruner.no_skill < 0.1
 
 
 def test_every_trial_is_a_nested_mlflow_run_with_metrics_and_reports(env, letters):

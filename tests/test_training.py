@@ -84,7 +84,7 @@ def test_auto_precision_follows_the_cpu(monkeypatch):
     training.native_bf16.cache_clear()
     try:
         has_units = bool(training.cpu_flags() & set(training.BF16_CPU_FLAGS))
-        expected = "mixed_bfloat16" if has_units and keras.backend.backend() == "tensorflow" else "float32"
+        expected = "mixed_bfloat16" if has_units and training.onednn_enabled() else "float32"
         assert resolve_precision("auto") == expected
         assert resolve_precision("float32") == "float32" and resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
     finally:
@@ -216,3 +216,29 @@ def test_prepare_splits_in_place_with_the_same_sets_as_train_val_split(sample_di
                                                                                                       raw.y_train)
     x, y = d.train_and_val()  # one buffer: the final fit's pool costs no memory
     assert np.shares_memory(x, d.x_train) and np.shares_memory(y, d.y_val) and len(x) == len(raw.x_train)
+
+
+def _onednn_in_fresh_process(env_value: str | None) -> str:
+    """Start Python, import emnist_hpo then TensorFlow (as the CLI does) and say whether oneDNN kernels run."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    if env_value is not None:
+        env["TF_ENABLE_ONEDNN_OPTS"] = env_value
+    code = ("import emnist_hpo, os; from emnist_hpo.training import onednn_enabled; "
+            "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), onednn_enabled())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()[-2:]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="oneDNN is TensorFlow's")
+def test_onednn_kernels_are_on_for_x86_unless_the_user_says_no():
+    import platform
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    env, on = _onednn_in_fresh_process(None)
+    if x86:  # TensorFlow alone turns them on only on AVX512-VNNI-or-newer CPUs; emnist_hpo on every x86-64 one
+        assert (env, on) == ("1", "True")
+    assert _onednn_in_fresh_process("0") == ["0", "False"]  # the user's choice stands
