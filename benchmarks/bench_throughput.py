@@ -173,12 +173,13 @@ def measure(quick: bool, data_dir: str, reps: int | None = None, all_variants: b
     data = prepare("bymerge", data_dir, DataConfig(max_train_samples=samples, seed=0), progress=False)
     n = len(data.x_train)
     variants = [v for v in VARIANTS if not (quick and v.full_only)]
-    if not native_bf16() and not all_variants:  # emulated bf16: measured 0.07x on an AVX2 CPU, minutes per run
+    skipped: list[str] = []
+    if not native_bf16() and not all_variants:  # emulated bf16: 0.12x on the 2-conv model on an AVX2 CPU
         skipped = [v.name for v in variants if v.train.get("precision") == "mixed_bfloat16"]
         variants = [v for v in variants if v.name not in skipped]
         log(f"no bf16 units on this CPU: skipping {', '.join(skipped)} (--all-variants runs them)")
     out: dict[str, Any] = {"samples_train": n, "samples_val": len(data.x_val), "reps": reps, "models": {},
-                           "epochs": {k: EPOCHS[k][1 if quick else 0] for k in EPOCHS}}
+                           "epochs": {k: EPOCHS[k][1 if quick else 0] for k in EPOCHS}, "skipped": skipped}
     for mname, m in models().items():
         epochs = EPOCHS[mname][1 if quick else 0]
         base_train = TrainConfig()
@@ -283,7 +284,7 @@ def spawn(model: str, data_dir: str, samples: int, epochs: int, what: str, tf_de
     return json.loads(line[-1])
 
 
-def measure_processes(quick: bool, data_dir: str, reps: int) -> dict[str, Any]:
+def measure_processes(data_dir: str, reps: int) -> dict[str, Any]:
     """The trainer in an emnist-hpo process against the research's fit in a TensorFlow-defaults process.
 
     Children interleave (research, emnist-hpo, research, ...); each ratio divides figures of the
@@ -377,6 +378,9 @@ def markdown(res: dict[str, Any]) -> str:
             [[r["variant"], r["images_per_s_median"], f"{fmt(r['ratio_median'])} ({fmt(r['ratio_min'])}-"
               f"{fmt(r['ratio_max'])})", r["cpu_ratio_median"], r["first_epoch_s_median"],
               f"{r['val_accuracy_median']:.4f}"] for r in rows]))
+    if res.get("skipped"):
+        parts.append(f"\nNot run (no bf16 units on this CPU, bf16 is emulated; `--all-variants` runs them): "
+                     f"{'; '.join(res['skipped'])}.")
     if res.get("threads"):
         parts.append("\n**TensorFlow thread pools** (separate processes: pools are fixed when TF starts; medians)\n")
         parts.append(table(["model", "setting", "trainer images/s", "reference images/s", "x reference"],
@@ -416,7 +420,7 @@ def main(argv=None) -> dict[str, Any]:
         print(md)
         return res
     if not args.no_processes:
-        res["processes"] = measure_processes(args.quick, args.data_dir, args.reps or (2 if args.quick else 3))
+        res["processes"] = measure_processes(args.data_dir, args.reps or (2 if args.quick else 3))
     res.update(measure(args.quick, args.data_dir, args.reps, args.all_variants))
     if args.threads:
         res["threads"] = measure_threads(args.data_dir)
