@@ -2,7 +2,7 @@
 
 A broad search space samples many trials that never leave chance level (a learning rate far
 too high or too low, plain SGD on a deep stack): in a 10-epoch study on the balanced sample
-6 of the first 11 trials sat at ~1/47 validation accuracy. Hyperband cannot prune the first
+6 of the first 10 sampled trials sat at ~1/47 validation accuracy. Hyperband cannot prune the first
 trials of a bracket (there is nothing to compare them with yet), and early stopping waits for
 its patience, so such a trial ran 5-10 epochs. :class:`NoSkillGuard` ends it after
 ``after`` epochs when its validation accuracy is still below ``factor`` x the no-skill
