@@ -25,7 +25,7 @@ from .pruners import NoSkillGuard
 from .training import TrainResult, predict_proba, train
 
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
-OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
+from .options import OBJECTIVES  # noqa: E402  (re-exported)
 #: Trial user attribute naming the seed experiment an enqueued trial reproduces.
 SEED_ATTR = "seed_experiment"
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
-PRUNERS = ("hyperband", "median", "successive-halving", "none")
+from .options import PRUNERS  # the names (validated with the other options)
 
 
 class NoSkillGuard:

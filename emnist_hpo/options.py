@@ -1,0 +1,110 @@
+"""The options of a study (``python -m emnist_hpo study``), validated without Keras, Optuna or MLflow.
+
+Everything a user can get wrong on the command line is checked here, before
+any heavy import or any store is touched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .data import check_split
+from .errors import ConfigError
+
+#: ``--sampler`` names (Optuna samplers).
+SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
+#: ``--pruner`` names.
+PRUNERS = ("hyperband", "median", "successive-halving", "none")
+#: Objective names for ``--objectives``: accuracy is maximised, params minimised.
+OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
+
+
+@dataclass
+class StudyOptions:
+    split: str  # EMNIST split
+    trials: int = 20  # finished (complete or pruned) trials the study should end with
+    epochs: int = 10  # max epochs per trial
+    max_train_samples: int | None = None  # stratified training subset for quick runs
+    val_fraction: float = 0.2  # validation share carved from train
+    data_dir: str | None = None  # NIST files; None: EMNIST_DATA_DIR, the emnist cache, download
+    storage: str | None = None  # Optuna storage URL (default sqlite:///mlruns/optuna.db)
+    tracking_uri: str | None = None  # MLflow store (default MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)
+    study_name: str | None = None  # default emnist-<split> (+ "-pareto" for multi-objective)
+    search_space: str = "search_spaces/default.yaml"  # YAML search space
+    sampler: str | None = None  # tpe | random | qmc | cmaes | nsga2 (default tpe, nsga2 for two objectives)
+    pruner: str = "hyperband"  # hyperband | median | successive-halving | none
+    seed: int = 0  # seeds the sampler, the data split and trial training
+    timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
+    deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
+    objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params (Pareto front)
+    warm_start: bool = True  # enqueue the seed experiments as the first trials
+    seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue
+    early_stopping_patience: int = 3  # per-trial early stopping on val_accuracy (0 = off)
+    final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
+    register: bool = True  # register the champion in the MLflow model registry
+    tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
+    finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
+    folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
+    max_params: int | None = None  # prune (before training) any sampled model with more parameters
+    trial_plots: bool = True  # PNG confusion matrix and curves for every finished trial (False: the champion's only)
+    progress: bool = True  # progress bar over trials
+    checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
+    worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
+    workers: int = 1  # trials run at once on this machine, each in its own worker subprocess when > 1
+
+    def validate(self) -> "StudyOptions":
+        check_split(self.split)
+        if self.trials < 1:
+            raise ConfigError(f"--trials must be >= 1 (trials={self.trials})")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be >= 1 (epochs={self.epochs})")
+        if self.finalists < 0:
+            raise ConfigError(f"--finalists must be >= 0 (finalists={self.finalists})")
+        if self.folds < 1:
+            raise ConfigError(f"--folds must be >= 1 (folds={self.folds})")
+        if self.max_params is not None and self.max_params < 1:
+            raise ConfigError(f"--max-params must be >= 1 (max_params={self.max_params})")
+        if self.max_train_samples is not None and self.max_train_samples < 10:
+            raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
+        if not 0 < self.val_fraction < 1:
+            raise ConfigError(f"--val-fraction must be in (0, 1) (val_fraction={self.val_fraction})")
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives) or self.objectives[0] != "accuracy":
+            raise ConfigError(
+                f"--objectives must be 'accuracy' or 'accuracy,params' (objectives={','.join(self.objectives)!r})"
+            )
+        if self.sampler is not None and self.sampler not in SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
+        if self.pruner not in PRUNERS:
+            raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
+        if self.worker < 0:
+            raise ConfigError(f"worker must be >= 0 (worker={self.worker})")
+        if self.workers < 1:
+            raise ConfigError(f"--workers must be >= 1 (workers={self.workers})")
+        if self.seed < 0:
+            raise ConfigError(f"--seed must be >= 0 (seed={self.seed})")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(
+                f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})"
+            )
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
+        if self.study_name is not None:
+            check_name(self.study_name, "--study-name")
+        return self
+
+    @property
+    def name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        return f"emnist-{self.split}" + ("-pareto" if len(self.objectives) > 1 else "")
+
+
+def check_name(name: str, option: str) -> str:
+    """Names users give become run names and file names: letters, digits, '-', '_', '.' only."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", name) or ".." in name:
+        raise ConfigError(
+            f"{option} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit ({option}={name!r})"
+        )
+    return name
