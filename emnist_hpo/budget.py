@@ -13,6 +13,7 @@ cut short to re-train finalists of a poor search gains nothing.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -118,3 +119,69 @@ class TimeBudget:
 
     def affords(self, seconds: float, now: float | None = None) -> bool:
         return seconds <= self.left(now)
+
+
+# --------------------------------------------------------------------------- what a rung costs on this machine
+
+
+#: Before a study has measured anything: seconds of fixed cost per rung (model build, graph tracing, tracking)
+#: and training FLOP/s, as measured on the 2-core AVX2 CI machine (benchmarks/bench_fidelity.py).
+DEFAULT_OVERHEAD_S = 3.0
+DEFAULT_RATE = 30e9
+
+
+@dataclass(frozen=True)
+class RungRecord:
+    work: float  # FLOPs of the rung: training images x 3 x forward FLOPs + validation images x forward FLOPs
+    seconds: float  # its wall time
+
+
+def rung_work(images: int, flops: int, val_images: int = 0) -> float:
+    """FLOPs a rung spends: training (forward and backward) and its validation passes."""
+    return float(images) * 3.0 * flops + float(val_images) * flops
+
+
+@dataclass
+class Throughput:
+    """``seconds = overhead + work / rate``, fitted to the rungs a study has run (defaults until it has run some).
+
+    Predicts what a rung, a trial or a final fit will take from FLOPs known before training
+    (:mod:`emnist_hpo.cost`): the study's plan and ETA, and the budget's check before every rung.
+    """
+
+    overhead: float = DEFAULT_OVERHEAD_S  # seconds per rung whatever its size
+    rate: float = DEFAULT_RATE  # training FLOP/s
+    measured: int = 0  # rungs the fit is based on
+
+    def seconds(self, work: float) -> float:
+        return self.overhead + work / self.rate
+
+    @classmethod
+    def fit(cls, records: Sequence[RungRecord]) -> "Throughput":
+        """Least squares over ``records`` (intercept >= 0); the defaults where there are too few or too alike."""
+        pts = [(r.work, r.seconds) for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
+        if not pts:
+            return cls()
+        if len(pts) >= 3:
+            n = len(pts)
+            mx = sum(w for w, _ in pts) / n
+            my = sum(s for _, s in pts) / n
+            var = sum((w - mx) ** 2 for w, _ in pts)
+            if var > 0:
+                slope = sum((w - mx) * (s - my) for w, s in pts) / var
+                intercept = my - slope * mx
+                if slope > 0 and intercept >= 0:
+                    return cls(intercept, 1.0 / slope, n)
+        # few or degenerate points: keep the default overhead, fit the rate alone (median of the points)
+        rates = sorted(w / max(s - DEFAULT_OVERHEAD_S, 0.25 * s) for w, s in pts)
+        return cls(DEFAULT_OVERHEAD_S, rates[len(rates) // 2], len(pts))
+
+    @classmethod
+    def of_study(cls, study: optuna.Study) -> "Throughput":
+        """Fitted to every rung the study's trials recorded (user attribute ``rungs``)."""
+        records = []
+        for t in study.get_trials(deepcopy=False):
+            for r in t.user_attrs.get("rungs", []) or []:
+                if isinstance(r, dict) and "work" in r and "seconds" in r:
+                    records.append(RungRecord(float(r["work"]), float(r["seconds"])))
+        return cls.fit(records)

@@ -90,9 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--study-name", default=None, help="default emnist-<split>")
     s.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (file or name)")
     s.add_argument("--sampler", default=None, help="tpe, random, qmc, cmaes, nsga2 (tpe; nsga2 for two objectives)")
-    s.add_argument("--pruner", default="hyperband",
-                   help="hyperband, median, successive-halving (each also ends a trial still under twice the "
-                        "no-skill accuracy after 2 epochs), none")
+    s.add_argument("--pruner", default="successive-halving",
+                   help="successive-halving (the best 1/eta of each rung go on), hyperband, median (one objective "
+                        "only), none; all but none also end a trial still under twice the no-skill accuracy at a rung")
+    s.add_argument("--fidelity", default="data",
+                   help="data: rungs train on 1/eta^k of the training set for 2 epochs, the last on all of it for "
+                        "--epochs; epochs: rungs after 1, eta, eta^2 ... epochs on all the data; none: one rung")
+    s.add_argument("--reduction-factor", type=_positive_int, default=3, metavar="ETA",
+                   help="eta: the best 1/eta of a rung go on, and each rung has eta times the data of the one before")
+    s.add_argument("--max-flops", type=_positive_int, default=None, metavar="N",
+                   help="prune sampled models needing more than N forward FLOPs per image before training")
+    s.add_argument("--warm-start-from", default="", metavar="STUDY[,STUDY]",
+                   help="queue the best trials of other studies in the same storage first (a study name, or a "
+                        "split for its emnist-<split> study): balanced <-> bymerge share classes")
+    s.add_argument("--warm-start-top", type=_positive_int, default=5, metavar="K",
+                   help="how many of each --warm-start-from study's best trials")
     s.add_argument("--timeout", type=float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
                    "to re-evaluate the finalists and fit the champion within it")
     s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
@@ -180,6 +192,11 @@ def _study(args: argparse.Namespace) -> int:
         finalists=args.finalists,
         folds=args.folds,
         max_params=args.max_params,
+        max_flops=args.max_flops,
+        fidelity=args.fidelity,
+        reduction_factor=args.reduction_factor,
+        warm_start_from=tuple(n.strip() for n in args.warm_start_from.split(",") if n.strip()),
+        warm_start_top=args.warm_start_top,
         trial_plots=not args.no_trial_plots,
         progress=not args.no_progress,
         workers=args.workers,

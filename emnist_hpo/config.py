@@ -85,6 +85,8 @@ class ModelConfig:
     padding: str = "same"  # cnn: "same" keeps 28x28 until pooling, "valid" (Keras' default) shrinks by kernel-1
     pool: str = "max"  # cnn: 2x2 pooling after every block, max or avg
     batch_norm: bool = False  # cnn: BatchNormalization after every conv layer
+    bn_momentum: float = 0.9  # cnn: moving-statistics momentum of batch-norm (Keras' default 0.99 lags short runs)
+    global_pool: bool = False  # cnn: global average pooling before the dense head (instead of flattening the map)
     conv_dropout: float = 0.0  # cnn: dropout rate after every block's pooling
     dense: list[int] = field(default_factory=lambda: [128])  # widths of the hidden dense layers (cnn and lstm)
     dense_dropout: float = 0.0  # dropout rate after every hidden dense layer
@@ -142,7 +144,7 @@ class ExperimentConfig:
         for i, w in enumerate(m.dense):
             _at_least(where, f"model.dense[{i}]", w, 1)
         _at_least(where, "model.lstm_units", m.lstm_units, 1)
-        for name in ("conv_dropout", "dense_dropout"):
+        for name in ("conv_dropout", "dense_dropout", "bn_momentum"):
             _fraction(where, f"model.{name}", getattr(m, name), upper_open=True)
         _at_least(where, "model.augment.rotation", m.augment.rotation, 0)
         for name in ("shift", "zoom"):

@@ -19,6 +19,7 @@ class TrialOutcome:
     result: TrainResult | None = None  # None when training never finished
     evaluation: Evaluation | None = None  # validation evaluation of a COMPLETE trial
     reason: str | None = None  # why a trial was pruned or failed
+    error: BaseException | None = None  # the exception a FAIL came from (the engine raises it in its own terms)
 
 
 class TrialHooks:

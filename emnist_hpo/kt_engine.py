@@ -47,18 +47,23 @@ from typing import Any, Callable, Mapping
 import keras
 import keras_tuner as kt
 
-from .analysis import log_champion_analysis
+from .budget import RungRecord, Throughput, rung_work
 from .config import ExperimentConfig, load_experiment
+from .cost import model_cost
 from .dataset import PreparedData, prepare
 from .errors import ConfigError
-from .hooks import TrialOutcome
-from .objective import interrupt_reason
-from .registry import Registered, log_and_register
-from .reports import evaluate
+from .fidelity import single
+from .finalize import Champion, finalize_champion
+from .hooks import TrialHooks
+from .objective import Limits, run_trial
+from .options import StudyOptions
+from .paths import find_experiment, find_search_space
+from .registry import Registered
 from .search_space import SearchSpace
-from .study import StudyOptions, base_config, find_experiment, find_search_space
+from .selection import Candidate, choose, reevaluate
+from .study import base_config, format_summary, next_commands
 from .tracking import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker
-from .training import compile_model, dtype_policy, predict_proba, resolve_precision, train
+from .training import RungControl, compile_model, dtype_policy, resolve_precision
 
 ENGINE = "keras-tuner"
 TUNERS = ("hyperband", "bayesian")
@@ -186,15 +191,47 @@ class _LoadWeights(keras.callbacks.Callback):
             self.model.load_weights(self.path)
 
 
+class _Continue(TrialHooks):
+    """Starts a trial from saved weights (a Hyperband trial promoted to a later round), and tags its run."""
+
+    def __init__(self, tracker: Tracker, tags: dict[str, Any], weights: Path | None):
+        self.tracker, self.tags, self.weights = tracker, tags, weights
+
+    def on_trial_begin(self, trial, config):
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if run_id:
+            self.tracker.set_tags(run_id, self.tags)
+        return [_LoadWeights(str(self.weights))] if self.weights is not None else []
+
+
+class _Deadline(RungControl):
+    """``--timeout``: a trial whose training would end past the deadline is not started (predicted from FLOPs)."""
+
+    def __init__(self, deadline: float | None, flops: int, n_val: int, throughput: Throughput):
+        self.deadline, self.flops, self.n_val, self.throughput = deadline, flops, n_val, throughput
+
+    def before(self, index, rung, images):
+        if self.deadline is None:
+            return None
+        need = self.throughput.seconds(rung_work(images, self.flops, self.n_val * rung.epochs))
+        left = self.deadline - time.monotonic()
+        if need > left:
+            return f"time budget: the trial would take ~{need:.0f} s and {max(left, 0):.0f} s are left"
+        return None
+
+
 class SpaceTuner(kt.Tuner):
-    """Runs every Keras Tuner trial through :func:`train` with the study's hooks; returns val_accuracy."""
+    """Runs every Keras Tuner trial through the shared trial path (:func:`~emnist_hpo.objective.run_trial`)."""
 
     def __init__(self, oracle, hypermodel: SpaceHyperModel, *, data: PreparedData, hooks, tracker: Tracker,
                  tuner_name: str, seeds: Mapping[str, dict[str, Any]], directory: str, project_name: str,
-                 deadline: float | None = None, progress=None):
+                 deadline: float | None = None, progress=None, limits: Limits | None = None):
         self.data, self.hooks, self.tracker = data, list(hooks), tracker
         self.tuner_name, self.seeds = tuner_name, dict(seeds)
         self.deadline, self.progress = deadline, progress
+        self.limits = limits or Limits()
+        self.records: list[RungRecord] = []  # what each trial's training cost (the time model's points)
+        self.throughput = Throughput()
         super().__init__(oracle=oracle, hypermodel=hypermodel, directory=directory, project_name=project_name,
                          overwrite=False)
 
@@ -210,7 +247,6 @@ class SpaceTuner(kt.Tuner):
             cfg, params = self.hypermodel.config(hp, number)
         except Exception as exc:  # noqa: BLE001 - a space that cannot be sampled is the trial's failure
             raise kt.errors.FailedTrialError(f"sampling failed: {exc}") from exc
-        callbacks: list[keras.callbacks.Callback] = []
         initial = int(values.get("tuner/initial_epoch", 0) or 0)
         if "tuner/epochs" in values:
             cfg.train.epochs = int(values["tuner/epochs"])
@@ -218,54 +254,43 @@ class SpaceTuner(kt.Tuner):
         weights = Path(self._get_checkpoint_fname(past)) if past is not None else None
         if weights is not None and weights.is_file() and initial > 0:
             cfg.train.epochs = max(1, cfg.train.epochs - initial)
-            callbacks.append(_LoadWeights(str(weights)))
         else:
-            initial = 0
+            initial, weights = 0, None
         seed = next((name for name, p in self.seeds.items() if _matches(values, p)), None)
         view = _TrialView(number, params, {"seed_experiment": seed} if seed else {})
-        for h in self.hooks:
-            callbacks.extend(h.on_trial_begin(view, cfg))
-        run_id = view.user_attrs.get("mlflow_run_id")
-        if run_id:
-            tags = {TAG_ENGINE: ENGINE, "keras_tuner.tuner": self.tuner_name, "keras_tuner.trial_id": trial.trial_id}
-            if "tuner/bracket" in values:
-                tags.update({"keras_tuner.bracket": values["tuner/bracket"], "keras_tuner.round": values["tuner/round"],
-                             "keras_tuner.epochs": values["tuner/epochs"]})
-            if initial:
-                tags.update({"keras_tuner.continues_trial": past, "keras_tuner.initial_epoch": initial})
-            self.tracker.set_tags(run_id, tags)
-        d = self.data
-        try:
-            try:
-                result = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, callbacks=callbacks)
-            except KeyboardInterrupt as exc:  # close the run (KILLED); Keras Tuner retries the trial on resume
-                self._end(view, TrialOutcome("FAIL", cfg, reason=interrupt_reason(exc)))
-                raise
-            except Exception as exc:  # noqa: BLE001 - record why; Keras Tuner marks the trial FAILED
-                reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-                self._end(view, TrialOutcome("FAIL", cfg, reason=reason))
-                raise kt.errors.FailedTrialError(reason) from exc
-            if result.stopped_reason == "nan":
-                reason = "loss became NaN or inf"
-                self._end(view, TrialOutcome("PRUNED", cfg, result, reason=reason))
-                raise kt.errors.FailedTrialError(reason)
-            ev = evaluate(d.y_val, predict_proba(result.model, d.x_val), d.classes)
+        tags = {TAG_ENGINE: ENGINE, "keras_tuner.tuner": self.tuner_name, "keras_tuner.trial_id": trial.trial_id}
+        if "tuner/bracket" in values:
+            tags.update({"keras_tuner.bracket": values["tuner/bracket"], "keras_tuner.round": values["tuner/round"],
+                         "keras_tuner.epochs": values["tuner/epochs"]})
+        if initial:
+            tags.update({"keras_tuner.continues_trial": past, "keras_tuner.initial_epoch": initial})
+        cost = model_cost(cfg.model, self.data.num_classes)
+        control = _Deadline(self.deadline, cost.flops, len(self.data.y_val), self.throughput)
+
+        def keep(result) -> None:
             Path(self._get_checkpoint_fname(trial.trial_id)).parent.mkdir(parents=True, exist_ok=True)
             result.model.save_weights(self._get_checkpoint_fname(trial.trial_id))
-            self._end(view, TrialOutcome("COMPLETE", cfg, result, ev))
+
+        try:
+            outcome = run_trial(view, cfg, self.data, ladder=single(cfg.train.epochs),
+                                hooks=[*self.hooks, _Continue(self.tracker, tags, weights)], control=control,
+                                limits=self.limits, keep_model=keep)
         finally:
             if self.progress is not None:
                 self.progress.update(1)
+        result = outcome.result
+        if result is not None and result.rungs:
+            self.records += [RungRecord(rung_work(r.images, cost.flops, len(self.data.y_val) * r.epochs), r.seconds)
+                             for r in result.rungs]
+            self.throughput = Throughput.fit(self.records)
+        if outcome.state != "COMPLETE":  # pruned or failed: Keras Tuner marks the trial FAILED
+            raise kt.errors.FailedTrialError(outcome.reason or outcome.state) from outcome.error
         return {
             "val_accuracy": result.best_val_accuracy,
             "best_epoch": float(initial + result.best_epoch),  # epochs from scratch to the best one
             "params": float(result.params),
             "train_seconds": result.train_seconds,
         }
-
-    def _end(self, view: _TrialView, outcome: TrialOutcome) -> None:
-        for h in self.hooks:
-            h.on_trial_end(view, outcome)
 
 
 # --------------------------------------------------------------------------- the study
@@ -332,6 +357,8 @@ def _make_oracle(tuner: str, opts: StudyOptions):
     else:
         oracle = BayesianOracle(objective=objective, max_trials=opts.trials, seed=opts.seed + 1000 * opts.worker)
     oracle.max_trials = opts.trials  # the study ends with this many trials, whatever the algorithm would do next
+    # a trial refused by --max-params is a failed trial to Keras Tuner: many in a row must not end the search
+    oracle.max_consecutive_failed_trials = max(3, opts.trials)
     oracle.verbose = 0
     return oracle
 
@@ -365,20 +392,23 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
         "search_space": opts.search_space, "max_train_samples": opts.max_train_samples,
         "val_fraction": opts.val_fraction, "seed": opts.seed, "train_size": len(data.x_train),
         "val_size": len(data.x_val), "test_size": len(data.x_test), "data_source": data.source,
-        "final_fit": opts.final_fit,
+        "final_fit": opts.final_fit, "max_params": opts.max_params, "max_flops": opts.max_flops,
+        "timeout": opts.timeout, "finalists": opts.finalists, "folds": opts.folds,
     })
     status = "FAILED"
     progress = None
+    deadline = None if opts.timeout is None else time.monotonic() + opts.timeout
     try:
         hypermodel = SpaceHyperModel(space, base, data.num_classes,
                                      steps_per_epoch=max(1, math.ceil(len(data.x_train) / base.train.batch_size)))
         oracle = _make_oracle(tuner, opts)
         oracle.seeds = seeds
+        hooks = [MlflowTrialHooks(tracker, parent, opts.split, name, plots=opts.trial_plots)]
         with contextlib.redirect_stdout(io.StringIO()):  # Keras Tuner's "Reloading Tuner from ..." banner
             search = SpaceTuner(
-                oracle, hypermodel, data=data, hooks=[MlflowTrialHooks(tracker, parent, opts.split, name)],
-                tracker=tracker, tuner_name=tuner, seeds=seeds, directory=str(kt_dir), project_name=name,
-                deadline=None if opts.timeout is None else time.monotonic() + opts.timeout,
+                oracle, hypermodel, data=data, hooks=hooks, tracker=tracker, tuner_name=tuner, seeds=seeds,
+                directory=str(kt_dir), project_name=name, deadline=deadline,
+                limits=Limits(opts.max_params, opts.max_flops),
             )
         oracle.max_trials = opts.trials  # a reloaded oracle keeps its old budget otherwise
         done = sum(1 for t in search.oracle.trials.values() if t.status in ("COMPLETED", "FAILED"))
@@ -406,9 +436,10 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
         for t in search.oracle.trials.values():
             states[t.status] = states.get(t.status, 0) + 1
         result = KtStudyResult(name, tuner, str(project), states, None, {}, None, None, None, None, parent, 0.0)
-        best = search.oracle.get_best_trials(1)
-        if best and best[0].score is not None:
-            _finalize(opts, tuner, search, best[0], tracker, parent, data, result, log)
+        best = [t for t in search.oracle.get_best_trials(max(1, opts.finalists)) if t.score is not None]
+        if best:
+            chosen = _choose(opts, search, best, data, deadline, tracker, parent, log)
+            _finalize(opts, tuner, search, chosen, tracker, parent, data, result, deadline, log)
         else:
             log("no trial completed: nothing to register")
         status = "FINISHED"
@@ -421,62 +452,64 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
     return result
 
 
+def _choose(opts: StudyOptions, search: SpaceTuner, best: list, data: PreparedData, deadline: float | None,
+            tracker: Tracker, parent: str, log: Callable[[str], None]):
+    """``--finalists``: the top trials re-trained on other folds, the best mean crowned (as a study does)."""
+    if opts.finalists <= 1 or len(best) < 2:
+        return best[0]
+    seconds = [float(t.metrics.get_last_value("train_seconds") or 0) for t in best if t.metrics.exists("train_seconds")]
+    need = sum(seconds) * opts.folds * (1 + (1 / (1 - opts.val_fraction) if opts.final_fit else 0) / len(best))
+    if deadline is not None and need > deadline - time.monotonic():
+        log(f"time budget: re-evaluating {len(best)} finalists would take ~{need:.0f} s; the best single score stands")
+        return best[0]
+    candidates = []
+    for t in best:
+        cfg, _ = search.hypermodel.config(t.hyperparameters.copy(), int(t.trial_id))
+        candidates.append(Candidate(int(t.trial_id), float(t.score),
+                                    int(t.metrics.get_last_value("params") or 0), cfg))
+    log(f"re-evaluating {len(candidates)} finalist(s) on {opts.folds} fold(s) each...")
+    finalists = reevaluate(candidates, data, opts.folds, opts.seed, single(opts.epochs), log)
+    pick = choose(finalists, False, opts.tolerance)
+    tracker.log_metrics(parent, {f"finalist_{f.trial}_mean": f.mean for f in finalists})
+    return next(t for t in best if int(t.trial_id) == pick.trial)
+
+
 def _finalize(opts: StudyOptions, tuner: str, search: SpaceTuner, trial, tracker: Tracker, parent: str,
-              data: PreparedData, result: KtStudyResult, log: Callable[[str], None]) -> None:
+              data: PreparedData, result: KtStudyResult, deadline: float | None, log: Callable[[str], None]) -> None:
     """The champion trial's model retrained on train+validation (or its own weights), tested and registered."""
     number = int(trial.trial_id)
-    val = float(trial.score)
-    log(f"champion: trial {number} (val_accuracy {val:.4f}); "
-        + ("final fit on train+validation..." if opts.final_fit else "evaluating on test..."))
     cfg, params_used = search.hypermodel.config(trial.hyperparameters.copy(), number)
-    fit = None
-    if opts.final_fit:
-        cfg = copy.deepcopy(cfg)
-        best_epoch = trial.metrics.get_last_value("best_epoch") if trial.metrics.exists("best_epoch") else None
-        cfg.train.epochs = int(best_epoch or opts.epochs)
-        if cfg.train.schedule == "plateau":
-            cfg.train.schedule = "constant"  # no validation set to watch in a final fit
-        x, y = data.train_and_val()
-        fit = train(cfg, x, y, None, None, data.num_classes)
-        model = fit.model
-    else:
+    best_epoch = trial.metrics.get_last_value("best_epoch") if trial.metrics.exists("best_epoch") else None
+    final_fit = opts.final_fit
+    if final_fit and deadline is not None:
+        took = trial.metrics.get_last_value("train_seconds") if trial.metrics.exists("train_seconds") else 0.0
+        need = float(took or 0.0) / (1 - opts.val_fraction)
+        if need > deadline - time.monotonic():
+            log(f"time budget: a final fit takes ~{need:.0f} s: the champion trial's own model is registered instead")
+            final_fit = False
+
+    def own_model():
         with warnings.catch_warnings():  # the checkpoint's optimizer state is not needed to predict
             warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
-            model = search.load_model(trial)
-    proba = predict_proba(model, data.x_test)
-    ev = evaluate(data.y_test, proba, data.classes)
-    params = int(model.count_params())
-    run = tracker.start_run(
-        f"champion-trial-{number}",
-        {TAG_KIND: "final", TAG_SPLIT: opts.split, TAG_STUDY: opts.name, "optuna.trial_number": number,
-         TAG_ENGINE: ENGINE, "keras_tuner.tuner": tuner, "keras_tuner.trial_id": trial.trial_id},
-        parent_run_id=parent,
-    )
-    tracker.log_params(run, cfg.flat_params())
-    tracker.log_metrics(run, {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1, "val_accuracy": val,
-                              "params": params})
-    tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
-    log_champion_analysis(tracker, run, model, data.x_test, data.y_test, proba, data.classes, ev, log)
-    tags = {"split": opts.split, "study": opts.name, "trial": number, "val_accuracy": f"{val:.6f}",
-            "params": params, "data_fingerprint": data.fingerprint(), "test_fingerprint": data.test_fingerprint(),
-            "final_fit": opts.final_fit, "engine": ENGINE, "tuner": tuner}
-    reg = log_and_register(tracker, run, model, data.classes, split=opts.split, test_accuracy=ev.accuracy,
-                           tags=tags, register=opts.register)
-    tracker.end_run(run, "FINISHED")
-    tracker.log_metrics(parent, {"best_val_accuracy": val, "test_accuracy": ev.accuracy, "champion_params": params,
-                                 "finished_trials": result.finished})
-    tracker.set_tags(parent, {"emnist_hpo.champion_trial": number, "emnist_hpo.champion_run": run})
+            return search.load_model(trial)
+
+    champion = Champion(number, cfg, float(trial.score), int(best_epoch) if best_epoch else None, ENGINE,
+                        run_tags={"keras_tuner.tuner": tuner, "keras_tuner.trial_id": trial.trial_id},
+                        own_model=own_model)
+    final = finalize_champion(champion, data, single(opts.epochs), tracker=tracker, parent=parent, split=opts.split,
+                              study_name=opts.name, final_fit=final_fit, register=opts.register,
+                              trial_plots=opts.trial_plots, log=log)
+    tracker.log_metrics(parent, {"finished_trials": result.finished})
     result.champion_trial, result.champion_params = number, params_used
-    result.val_accuracy, result.test_accuracy, result.params, result.registered = val, ev.accuracy, params, reg
+    result.val_accuracy, result.test_accuracy = float(trial.score), final.test_accuracy
+    result.params, result.registered = final.params, final.registered
 
 
 def summary_table(res: KtStudyResult) -> str:
     """The end-of-search summary, as a study's."""
-    lines = [f"Keras Tuner study {res.name!r} ({res.tuner}): {res.finished} finished trials",
-             "  states: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(res.states.items()))]
+    title = f"Keras Tuner study {res.name!r} ({res.tuner}): {res.finished} finished trials"
     if res.champion_trial is None:
-        lines.append("  no trial completed: nothing to register")
-        return "\n".join(lines)
+        return format_summary(title + "\n  no trial completed: nothing to register", res.states, [], {}, [])
     rows = [
         ("champion trial", str(res.champion_trial)),
         ("validation accuracy", f"{res.val_accuracy:.4f}"),
@@ -489,8 +522,7 @@ def summary_table(res: KtStudyResult) -> str:
         r = res.registered
         rows.append(("registered", f"{r.name} v{r.version}" + (" -> @champion" if r.champion else
                                                                 " (champion kept: v" + str(r.previous_champion) + ")")))
-    w = max(len(k) for k, _ in rows)
-    lines += [f"  {k:<{w}}  {v}" for k, v in rows]
-    lines.append("  best params:")
-    lines += [f"    {k} = {v}" for k, v in sorted(res.champion_params.items())]
-    return "\n".join(lines)
+    rows.append(("parent run", res.parent_run_id))
+    split = res.name.split("-")[1] if res.name.startswith("emnist-") else ""
+    return format_summary(title, res.states, rows, res.champion_params,
+                          next_commands(split, res.parent_run_id, None, bool(res.registered)))

@@ -64,12 +64,12 @@ def _cnn(cfg: ModelConfig, num_classes: int, name: str) -> keras.Model:
                 name=f"conv_{b}_{c}",
             )(h)
             if cfg.batch_norm:
-                h = layers.BatchNormalization(name=f"bn_{b}_{c}")(h)
+                h = layers.BatchNormalization(momentum=cfg.bn_momentum, name=f"bn_{b}_{c}")(h)
             h = layers.Activation("relu", name=f"relu_{b}_{c}")(h)
         h = pool(2, name=f"pool_{b}")(h)
         if cfg.conv_dropout > 0:
             h = layers.Dropout(cfg.conv_dropout, name=f"conv_dropout_{b}")(h)
-    h = layers.Flatten(name="flatten")(h)
+    h = layers.GlobalAveragePooling2D(name="global_pool")(h) if cfg.global_pool else layers.Flatten(name="flatten")(h)
     return keras.Model(inp, _head(cfg, h, num_classes), name=name)
 
 

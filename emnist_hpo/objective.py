@@ -1,51 +1,226 @@
-"""The Optuna objective: sample a config, train it, report each epoch, return the score.
+"""One trial, whichever engine asks for it: cost check, multi-fidelity training, the outcome.
 
-Tracking is not done here: :class:`TrialHooks` objects (the MLflow one lives in
-:mod:`emnist_hpo.tracking`) are told when a trial begins and ends, and
-hand back Keras callbacks for per-epoch logging.
+:func:`run_trial` is the single trial path of both search engines (Optuna here,
+Keras Tuner in :mod:`emnist_hpo.kt_engine`): it prices the model before building
+it (``--max-params``, ``--max-flops``), trains it up the fidelity ladder
+(:mod:`emnist_hpo.fidelity`) under a :class:`~emnist_hpo.training.RungControl`
+that may stop it, evaluates it, and tells the lifecycle hooks
+(:class:`~emnist_hpo.hooks.TrialHooks`: tracking, progress) how it went. It
+returns a :class:`~emnist_hpo.hooks.TrialOutcome`; each engine turns that into
+its own language (a value, ``TrialPruned``, Keras Tuner's ``FailedTrialError``).
+
+:class:`Objective` is the Optuna side: it samples the trial's config, decides at
+every rung whether the trial climbs on (the no-skill guard, then asynchronous
+successive halving, or one of Optuna's own pruners), stops a rung that would not
+fit the time budget, and resumes an interrupted trial from its checkpoint.
 """
 
 from __future__ import annotations
 
 import math
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
-import keras
 import optuna
 
+from .budget import Throughput, rung_work
 from .config import ExperimentConfig
+from .cost import ModelCost, human, model_cost
 from .dataset import PreparedData
+from .fidelity import Ladder, Rung, promotable
 from .hooks import TrialHooks, TrialOutcome
+from .options import OBJECTIVES
 from .reports import evaluate
 from .search_space import SearchSpace
-from .models import build_model, count_params
-from .pruners import NoSkillGuard
-from .training import TrainResult, predict_proba, train
+from .training import RungControl, RungResult, TrainResult, TrialCheckpoint, predict_proba, train
 
-#: Objective names for ``--objectives``: accuracy is maximised, params minimised.
-from .options import OBJECTIVES  # noqa: E402  (re-exported)
 #: Trial user attribute naming the seed experiment an enqueued trial reproduces.
 SEED_ATTR = "seed_experiment"
+#: Trial user attribute of a trial that continues an interrupted one (its number).
+RESUME_ATTR = "resume_of"
+#: Trial user attribute of a trial enqueued from another study's results ("<study>#<trial>").
+WARM_ATTR = "warm_start_from"
+#: How many times the no-skill accuracy a screening rung must reach (the guard of every pruner but none).
+NO_SKILL_FACTOR = 2.0
 
 
-class PruningCallback(keras.callbacks.Callback):
-    """Reports ``val_accuracy`` to the trial each epoch and stops training once it should be pruned."""
+@dataclass
+class Limits:
+    """What a trial may cost, known before it trains (``--max-params``, ``--max-flops``)."""
 
-    def __init__(self, trial: optuna.Trial, monitor: str = "val_accuracy"):
-        super().__init__()
-        self.trial, self.monitor = trial, monitor
-        self.pruned_at: int | None = None
+    max_params: int | None = None
+    max_flops: int | None = None
 
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None or not math.isfinite(float(value)):
-            return
-        self.trial.report(float(value), step=epoch + 1)
+    def refuse(self, cost: ModelCost) -> str | None:
+        if self.max_params is not None and cost.params > self.max_params:
+            return f"model has {cost.params:,} parameters > --max-params {self.max_params:,}"
+        if self.max_flops is not None and cost.flops > self.max_flops:
+            return f"model needs {human(cost.flops)} FLOPs per image > --max-flops {human(self.max_flops)}"
+        return None
+
+
+def run_trial(
+    trial: Any,
+    cfg: ExperimentConfig,
+    data: PreparedData,
+    *,
+    ladder: Ladder,
+    hooks: Sequence[TrialHooks] = (),
+    control: RungControl | None = None,
+    limits: Limits | None = None,
+    checkpoint: TrialCheckpoint | None = None,
+    keep_model: Callable[[TrainResult], None] | None = None,
+) -> TrialOutcome:
+    """Train ``cfg`` for ``trial`` and return its outcome (COMPLETE, PRUNED or FAIL); hooks are told both ends.
+
+    ``trial`` is anything with ``number``, ``params``, ``user_attrs`` and ``set_user_attr`` (an Optuna
+    trial, or Keras Tuner's adapted one). Ctrl-C / SIGTERM (``KeyboardInterrupt``) closes the trial as
+    FAIL ("interrupted"), tells the hooks, and is raised again.
+    """
+    cost = model_cost(cfg.model, data.num_classes)
+    trial.set_user_attr("params", cost.params)
+    trial.set_user_attr("flops", cost.flops)
+    refused = (limits or Limits()).refuse(cost)
+    if refused:  # priced, never built: "filters: 1e9" costs microseconds
+        trial.set_user_attr("fail_reason", refused)
+        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, reason=refused), begin=True)
+    callbacks = []
+    for h in hooks:
+        callbacks.extend(h.on_trial_begin(trial, cfg))
+    try:
+        result = train(cfg, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes,
+                       callbacks=callbacks, ladder=ladder, control=control, checkpoint=checkpoint)
+    except Exception as exc:  # noqa: BLE001 - record why; the engine marks the trial failed
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("traceback", traceback.format_exc()[-2000:])
+        outcome = _end(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
+        outcome.error = exc
+        return outcome
+    except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: close the run (KILLED); the engine marks it FAIL
+        reason = interrupt_reason(exc)
+        trial.set_user_attr("fail_reason", reason)
+        _end(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
+        raise
+    record(trial, result)
+    if result.stopped_reason == "nan":
+        reason = "loss became NaN or inf"
+        trial.set_user_attr("fail_reason", reason)
+        _remove(checkpoint)
+        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
+    if result.stopped_reason == "stopped":
+        reason = result.stop_detail or "stopped"
+        trial.set_user_attr("fail_reason", reason)
+        _remove(checkpoint)
+        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
+    ev = evaluate(data.y_val, predict_proba(result.model, data.x_val), data.classes)
+    if keep_model is not None:
+        keep_model(result)
+    _remove(checkpoint)
+    return _end(trial, hooks, TrialOutcome("COMPLETE", cfg, result, ev))
+
+
+def _remove(checkpoint: TrialCheckpoint | None) -> None:
+    if checkpoint is not None:
+        checkpoint.remove()
+
+
+def _end(trial, hooks: Sequence[TrialHooks], outcome: TrialOutcome, begin: bool = False) -> TrialOutcome:
+    for h in hooks:
+        if begin:
+            h.on_trial_begin(trial, outcome.config)
+        h.on_trial_end(trial, outcome)
+    return outcome
+
+
+def record(trial, result: TrainResult) -> None:
+    """What a trial's training did, as trial attributes (engines, budgets and reports read them)."""
+    trial.set_user_attr("params", result.params)
+    trial.set_user_attr("best_epoch", result.best_epoch)
+    trial.set_user_attr("epochs_run", result.epochs_run)
+    trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
+    trial.set_user_attr("images_seen", int(result.images_seen))
+    trial.set_user_attr("rung_reached", result.rungs[-1].index if result.rungs else 0)
+    if result.epoch_times:
+        trial.set_user_attr("epoch_time", round(sum(result.epoch_times) / len(result.epoch_times), 3))
+    if math.isfinite(result.best_val_accuracy):
+        trial.set_user_attr("best_val_accuracy", result.best_val_accuracy)
+
+
+def interrupt_reason(exc: BaseException) -> str:
+    """``fail_reason`` of a trial stopped by Ctrl-C ("interrupted") or SIGTERM ("interrupted (terminated)")."""
+    return "interrupted (terminated)" if type(exc).__name__ == "Terminated" else "interrupted"
+
+
+def directions(objectives: Sequence[str]) -> list[str]:
+    return [OBJECTIVES[o] for o in objectives]
+
+
+# --------------------------------------------------------------------------- Optuna
+
+
+def rung_scores(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
+    """The validation accuracy a trial recorded at the end of each rung it finished, by rung."""
+    return {int(r.get("rung", i)): float(r["score"])
+            for i, r in enumerate(trial.user_attrs.get("rungs", []) or []) if isinstance(r, dict)}
+
+
+class OptunaRungs(RungControl):
+    """The Optuna trial's rung decisions: the time budget before a rung; after it, the record, then the guard
+    and the pruner.
+
+    ``pruner``: ``successive-halving`` (asynchronous successive halving over the rungs, decided here
+    from the rung scores the study's trials recorded, so it works for two objectives too),
+    ``optuna`` (the study's own pruner decides on the reported rung values: hyperband, median),
+    or ``none``.
+    """
+
+    def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
+                 report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
+                 | None = None, resumed: Sequence[Mapping[str, Any]] = ()):
+        self.trial, self.ladder, self.cost = trial, ladder, cost
+        self.pruner, self.no_skill, self.report = pruner, no_skill, report
+        self.n_train, self.n_val = data_sizes
+        self.time_left = time_left
+        self.records: list[dict[str, Any]] = [dict(r) for r in resumed]
+
+    def _work(self, index: int, images: int) -> float:
+        return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
+
+    def before(self, index: int, rung: Rung, images: int) -> str | None:
+        if self.time_left is None:
+            return None
+        return self.time_left(self.ladder, index, self._work(index, images))
+
+    def after(self, result: RungResult, final: bool) -> str | None:
+        step = self.ladder.rungs[result.index].step
+        self.records = [r for r in self.records if r.get("rung") != result.index]  # a resumed rung end: once
+        self.records.append({"rung": result.index, "score": result.score, "images": result.images,
+                             "seconds": round(result.seconds, 3), "work": self._work(result.index, result.images),
+                             "step": step})
+        self.trial.set_user_attr("rungs", self.records)  # peers in every process judge against it
+        if self.report and math.isfinite(result.score):
+            self.trial.report(result.score, step)
+        if final or self.pruner == "none":
+            return None
+        if not math.isfinite(result.score):
+            return f"pruned at rung {result.index}: validation accuracy is not a number"
+        if self.no_skill > 0 and result.score < NO_SKILL_FACTOR * self.no_skill:
+            return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): under "
+                    f"{NO_SKILL_FACTOR:g}x the no-skill accuracy {self.no_skill:.4f}")
+        if self.pruner == "successive-halving":
+            peers = [s[result.index] for t in self.trial.study.get_trials(deepcopy=False)
+                     if t.number != self.trial.number and result.index in (s := rung_scores(t))]
+            if not promotable(result.score, [*peers, result.score], self.ladder.eta):
+                rank = 1 + sum(p > result.score for p in peers)
+                return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): rank {rank} of "
+                        f"{len(peers) + 1} at this rung, only the best 1/{self.ladder.eta} go on")
+            return None
         if self.trial.should_prune():
-            self.pruned_at = epoch + 1
-            self.model.stop_training = True
+            return f"pruned at rung {result.index} (val_accuracy {result.score:.4f}) by the {self.pruner} pruner"
+        return None
 
 
 class Objective:
@@ -57,109 +232,98 @@ class Objective:
         base: ExperimentConfig,
         data: PreparedData,
         *,
+        ladder: Ladder,
         objectives: Sequence[str] = ("accuracy",),
         hooks: Sequence[TrialHooks] = (),
         seeds: Mapping[str, ExperimentConfig] | None = None,
         checkpoint_dir: Path | None = None,
-        max_params: int | None = None,
+        limits: Limits | None = None,
+        pruner: str = "successive-halving",
+        no_skill: float = 0.0,
+        budget_check: Callable[[Ladder, int, float], str | None] | None = None,
     ):
-        self.space, self.base, self.data = space, base, data
+        self.space, self.base, self.data, self.ladder = space, base, data, ladder
         self.objectives = tuple(objectives)
         self.hooks = list(hooks)
         self.seeds = dict(seeds or {})
         self.checkpoint_dir = checkpoint_dir
-        self.max_params = max_params  # larger models are pruned before training (the research's "minimal CNN")
+        self.limits = limits or Limits()
+        self.pruner, self.no_skill, self.budget_check = pruner, no_skill, budget_check
 
     @property
     def multi(self) -> bool:
         return len(self.objectives) > 1
 
-    def config_for(self, trial: optuna.Trial) -> ExperimentConfig:
+    def config_for(self, trial) -> ExperimentConfig:
         """The trial's config: sampled from the space, or the seed experiment it was enqueued for."""
         cfg = self.space.sample(trial, self.base)
-        seed = trial.user_attrs.get(SEED_ATTR) if hasattr(trial, "user_attrs") else None
+        attrs = getattr(trial, "user_attrs", {}) or {}
+        seed = attrs.get(SEED_ATTR)
         if seed in self.seeds:
             s = self.seeds[seed]
             cfg.model = s.model
             cfg.train.batch_size, cfg.train.optimizer = s.train.batch_size, s.train.optimizer
             cfg.train.learning_rate, cfg.train.schedule = s.train.learning_rate, s.train.schedule
             cfg.name = seed
-        cfg.train.seed = self.base.train.seed + trial.number
+        # a resumed trial keeps the seed of the trial it continues: the same run, picked up where it stopped
+        cfg.train.seed = self.base.train.seed + int(attrs.get(RESUME_ATTR, trial.number))
         return cfg
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def checkpoint_of(self, number: int) -> TrialCheckpoint | None:
+        return None if self.checkpoint_dir is None else TrialCheckpoint(self.checkpoint_dir / f"running_{number}.npz")
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         try:
             cfg = self.config_for(trial)
         except Exception as exc:  # noqa: BLE001
-            self._end(trial, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
+            trial.set_user_attr("fail_reason", f"sampling failed: {exc}")
+            _end(trial, self.hooks, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
             raise
-        if self.max_params is not None:
-            size = count_params(build_model(cfg.model, self.data.num_classes))
-            if size > self.max_params:
-                reason = f"model has {size:,} parameters > --max-params {self.max_params:,}"
-                trial.set_user_attr("params", size)
-                trial.set_user_attr("fail_reason", reason)
-                for h in self.hooks:
-                    h.on_trial_begin(trial, cfg)
-                self._end(trial, TrialOutcome("PRUNED", cfg, reason=reason))
-                raise optuna.TrialPruned(reason)
-        callbacks: list[keras.callbacks.Callback] = []
-        pruner = None
-        if not self.multi:
-            pruner = PruningCallback(trial)
-            callbacks.append(pruner)
-        for h in self.hooks:
-            callbacks.extend(h.on_trial_begin(trial, cfg))
-        d = self.data
-        try:
-            result = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, callbacks=callbacks)
-        except Exception as exc:  # noqa: BLE001 - record why, then let Optuna mark it FAIL
-            reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
-            trial.set_user_attr("fail_reason", reason)
-            trial.set_user_attr("traceback", traceback.format_exc()[-2000:])
-            self._end(trial, TrialOutcome("FAIL", cfg, reason=reason))
-            raise
-        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: close the run (KILLED), then let Optuna mark it FAIL
-            reason = interrupt_reason(exc)
-            trial.set_user_attr("fail_reason", reason)
-            self._end(trial, TrialOutcome("FAIL", cfg, reason=reason))
-            raise
-        self._record(trial, result)
-        if result.stopped_reason == "nan":
-            reason = "loss became NaN or inf"
-            trial.set_user_attr("fail_reason", reason)
-            self._end(trial, TrialOutcome("PRUNED", cfg, result, reason=reason))
-            raise optuna.TrialPruned(reason)
-        if pruner is not None and pruner.pruned_at is not None:
-            reason = f"pruned at epoch {pruner.pruned_at} (val_accuracy {result.history['val_accuracy'][-1]:.4f})"
-            guard = trial.study.pruner
-            if isinstance(guard, NoSkillGuard) and guard.learnt_nothing(pruner.pruned_at,
-                                                                        result.history["val_accuracy"][-1]):
-                reason += f": under {guard.factor:g}x the no-skill accuracy {guard.no_skill:.4f}"
-            self._end(trial, TrialOutcome("PRUNED", cfg, result, reason=reason))
-            raise optuna.TrialPruned(reason)
-        ev = evaluate(d.y_val, predict_proba(result.model, d.x_val), d.classes)
-        self._maybe_checkpoint(trial, result)
-        self._end(trial, TrialOutcome("COMPLETE", cfg, result, ev))
-        if self.multi:
-            return tuple(self._value(o, result) for o in self.objectives)
-        return self._value(self.objectives[0], result)
+        checkpoint = self.checkpoint_of(trial.number)
+        resumed = self._take_over(trial, checkpoint)
+        control = OptunaRungs(
+            trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
+            no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
+            time_left=self.budget_check, resumed=resumed,
+        )
+        outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
+                            limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
+        if outcome.state == "FAIL":
+            raise outcome.error if outcome.error is not None else RuntimeError(outcome.reason)
+        if outcome.state == "PRUNED":
+            raise optuna.TrialPruned(outcome.reason)
+        values = tuple(self._value(o, outcome.result) for o in self.objectives)
+        return values if self.multi else values[0]
+
+    def _rule(self, trial: optuna.Trial) -> str:
+        if self.pruner in ("none", "successive-halving"):
+            return self.pruner
+        return "none" if self.multi else self.pruner  # Optuna's pruners take one objective
+
+    def _take_over(self, trial: optuna.Trial, checkpoint: TrialCheckpoint | None) -> list[dict]:
+        """A trial enqueued to continue an interrupted one: take its checkpoint and the rungs it had finished."""
+        old = trial.user_attrs.get(RESUME_ATTR)
+        if old is None or checkpoint is None:
+            return []
+        previous = self.checkpoint_of(int(old))
+        if previous is not None and previous.exists():
+            previous.move_to(checkpoint)
+        done = []
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number == int(old):
+                done = [r for r in t.user_attrs.get("rungs", []) or [] if isinstance(r, dict)]
+        for r in done:
+            if not self.multi and "step" in r and math.isfinite(float(r["score"])):
+                trial.report(float(r["score"]), int(r["step"]))
+        if done:
+            trial.set_user_attr("rungs", done)
+        return done
 
     @staticmethod
     def _value(objective: str, result: TrainResult) -> float:
         return float(result.params) if objective == "params" else result.best_val_accuracy
 
-    @staticmethod
-    def _record(trial: optuna.Trial, result: TrainResult) -> None:
-        trial.set_user_attr("params", result.params)
-        trial.set_user_attr("best_epoch", result.best_epoch)
-        trial.set_user_attr("epochs_run", result.epochs_run)
-        trial.set_user_attr("train_seconds", round(result.train_seconds, 3))
-        if result.epoch_times:
-            trial.set_user_attr("epoch_time", round(sum(result.epoch_times) / len(result.epoch_times), 3))
-        trial.set_user_attr("best_val_accuracy", result.best_val_accuracy)
-
-    def _maybe_checkpoint(self, trial: optuna.Trial, result: TrainResult) -> None:
+    def _keep(self, trial: optuna.Trial, result: TrainResult) -> None:
         """Keep the model file of a trial that beats every finished one (only those can be champions)."""
         if self.checkpoint_dir is None or self.multi:
             return
@@ -173,19 +337,6 @@ class Objective:
             result.model.save(tmp)
             tmp.replace(self.checkpoint_dir / f"trial_{trial.number}.keras")
 
-    def _end(self, trial: optuna.Trial, outcome: TrialOutcome) -> None:
-        for h in self.hooks:
-            h.on_trial_end(trial, outcome)
-
-
-def interrupt_reason(exc: BaseException) -> str:
-    """``fail_reason`` of a trial stopped by Ctrl-C ("interrupted") or SIGTERM ("interrupted (terminated)")."""
-    return "interrupted (terminated)" if type(exc).__name__ == "Terminated" else "interrupted"
-
-
-def directions(objectives: Sequence[str]) -> list[str]:
-    return [OBJECTIVES[o] for o in objectives]
-
 
 def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
     return {
@@ -195,3 +346,13 @@ def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
         "params": trial.user_attrs.get("params"),
         "best_epoch": trial.user_attrs.get("best_epoch"),
     }
+
+
+def planned_cost(cost: ModelCost, ladder: Ladder, n_train: int, n_val: int, throughput: Throughput,
+                 reach: Sequence[float] | None = None) -> float:
+    """Expected seconds of a trial of ``cost`` on ``ladder`` (each rung weighted by the share of trials reaching it)."""
+    reach = ladder.reach() if reach is None else reach
+    total = 0.0
+    for i, (images, vs) in enumerate(zip(ladder.images(n_train), ladder.val_sizes(n_val))):
+        total += reach[i] * throughput.seconds(rung_work(images, cost.flops, vs))
+    return total

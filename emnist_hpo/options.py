@@ -15,7 +15,9 @@ from .errors import ConfigError
 #: ``--sampler`` names (Optuna samplers).
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 #: ``--pruner`` names.
-PRUNERS = ("hyperband", "median", "successive-halving", "none")
+PRUNERS = ("successive-halving", "hyperband", "median", "none")
+#: ``--fidelity`` names (emnist_hpo.fidelity).
+FIDELITIES = ("data", "epochs", "none")
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
 
@@ -33,7 +35,9 @@ class StudyOptions:
     study_name: str | None = None  # default emnist-<split> (+ "-pareto" for multi-objective)
     search_space: str = "search_spaces/default.yaml"  # YAML search space
     sampler: str | None = None  # tpe | random | qmc | cmaes | nsga2 (default tpe, nsga2 for two objectives)
-    pruner: str = "hyperband"  # hyperband | median | successive-halving | none
+    pruner: str = "successive-halving"  # successive-halving | hyperband | median | none (over the fidelity rungs)
+    fidelity: str = "data"  # data | epochs | none: what the rungs grow (emnist_hpo.fidelity)
+    reduction_factor: int = 3  # eta: the best 1/eta of a rung go on; rung shares shrink by eta
     seed: int = 0  # seeds the sampler, the data split and trial training
     timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
@@ -47,6 +51,9 @@ class StudyOptions:
     finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
     folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
     max_params: int | None = None  # prune (before training) any sampled model with more parameters
+    max_flops: int | None = None  # prune (before training) any sampled model needing more forward FLOPs per image
+    warm_start_from: tuple[str, ...] = ()  # other studies (or splits) whose best trials are queued first
+    warm_start_top: int = 5  # how many of each such study's best trials
     trial_plots: bool = True  # PNG confusion matrix and curves for every finished trial (False: the champion's only)
     progress: bool = True  # progress bar over trials
     checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
@@ -65,6 +72,16 @@ class StudyOptions:
             raise ConfigError(f"--folds must be >= 1 (folds={self.folds})")
         if self.max_params is not None and self.max_params < 1:
             raise ConfigError(f"--max-params must be >= 1 (max_params={self.max_params})")
+        if self.max_flops is not None and self.max_flops < 1:
+            raise ConfigError(f"--max-flops must be >= 1 (max_flops={self.max_flops})")
+        if self.fidelity not in FIDELITIES:
+            raise ConfigError(f"--fidelity must be one of {', '.join(FIDELITIES)} (fidelity={self.fidelity!r})")
+        if not 2 <= self.reduction_factor <= 10:
+            raise ConfigError(f"--reduction-factor must be in 2..10 (reduction_factor={self.reduction_factor})")
+        if self.warm_start_top < 1:
+            raise ConfigError(f"--warm-start-top must be >= 1 (warm_start_top={self.warm_start_top})")
+        for source in self.warm_start_from:
+            check_name(source, "--warm-start-from")
         if self.max_train_samples is not None and self.max_train_samples < 10:
             raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
         if not 0 < self.val_fraction < 1:
@@ -78,6 +95,9 @@ class StudyOptions:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
+        if len(self.objectives) > 1 and self.pruner in ("hyperband", "median"):
+            raise ConfigError(f"--pruner {self.pruner} takes one objective (Optuna's pruners are single-objective); "
+                              f"use successive-halving or none with --objectives {','.join(self.objectives)}")
         if self.worker < 0:
             raise ConfigError(f"worker must be >= 0 (worker={self.worker})")
         if self.workers < 1:

@@ -1,15 +1,22 @@
-"""Optuna pruners of a study, each with a guard against trials that learn nothing.
+"""The pruners of a study over the rungs of its fidelity ladder.
 
-A broad search space samples many trials that never leave chance level (a learning rate far
-too high or too low, plain SGD on a deep stack): in a 10-epoch study on the balanced sample
-6 of the first 10 sampled trials sat at ~1/47 validation accuracy. Hyperband cannot prune the first
-trials of a bracket (there is nothing to compare them with yet), and early stopping waits for
-its patience, so such a trial ran 5-10 epochs. :class:`NoSkillGuard` ends it after
-``after`` epochs when its validation accuracy is still below ``factor`` x the no-skill
-accuracy (always answering the most frequent class). A trial that learns slowly but learns
-(0.13, 0.10, 0.10, 0.14, ... 0.75 in the same study) is left to the pruner proper.
+A trial reports its validation accuracy at the end of each rung as step
+``eta**rung`` (:mod:`emnist_hpo.fidelity`); what decides whether it climbs on:
 
-``--pruner none`` prunes nothing, not even at chance level.
+- ``successive-halving`` (default): asynchronous successive halving, decided in
+  :class:`~emnist_hpo.objective.OptunaRungs` from the rung scores every trial
+  records, so it also prunes two-objective studies (on accuracy), where Optuna's
+  own pruners cannot run (``Trial.report`` is single-objective only).
+- ``hyperband``: Optuna's HyperbandPruner over the same rungs (brackets that
+  start judging at later rungs hedge against misleading early rungs).
+- ``median``: Optuna's MedianPruner at every rung.
+- ``none``: every trial climbs to the last rung.
+
+Every pruner but ``none`` also ends a trial whose rung score is under twice the
+no-skill accuracy (always answering the most frequent class): in a 10-epoch study
+on the balanced sample 6 of the first 10 sampled trials sat at ~1/47, and
+successive halving cannot prune the first trials of a rung, having nothing to
+compare them with.
 """
 
 from __future__ import annotations
@@ -17,40 +24,8 @@ from __future__ import annotations
 import numpy as np
 import optuna
 
+from .fidelity import Ladder
 from .options import PRUNERS  # the names (validated with the other options)
-
-
-class NoSkillGuard:
-    """Mixin for an Optuna pruner: also prune a trial whose accuracy after ``after`` epochs is below
-    ``factor`` x ``no_skill``; otherwise the pruner decides. ``no_skill`` 0 turns the guard off."""
-
-    no_skill: float = 0.0  # accuracy of always answering the most frequent validation class
-    after: int = 2  # epochs a trial gets before the guard looks (steps are 1-based epochs)
-    factor: float = 2.0  # below factor x no_skill after that counts as having learnt nothing
-
-    def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
-        step = trial.last_step
-        if step is not None and self.learnt_nothing(step, trial.intermediate_values[step]):
-            return True
-        return super().prune(study, trial)  # type: ignore[misc]
-
-    def learnt_nothing(self, epoch: int, accuracy: float) -> bool:
-        """True when ``accuracy`` after ``epoch`` (1-based) epochs is what the guard prunes."""
-        return self.no_skill > 0 and epoch >= self.after and accuracy < self.factor * self.no_skill
-
-
-# Subclasses, not wrappers: Optuna's TPE sampler recognises a HyperbandPruner by its class and
-# then learns from the trials of the same bracket only, as Hyperband intends.
-class GuardedHyperband(NoSkillGuard, optuna.pruners.HyperbandPruner):
-    """Optuna's Hyperband, plus the no-skill guard."""
-
-
-class GuardedMedian(NoSkillGuard, optuna.pruners.MedianPruner):
-    """Optuna's median rule, plus the no-skill guard."""
-
-
-class GuardedSuccessiveHalving(NoSkillGuard, optuna.pruners.SuccessiveHalvingPruner):
-    """Optuna's asynchronous successive halving, plus the no-skill guard."""
 
 
 def no_skill_accuracy(labels: np.ndarray) -> float:
@@ -61,21 +36,16 @@ def no_skill_accuracy(labels: np.ndarray) -> float:
     return float(np.bincount(labels.astype(np.int64).ravel()).max() / labels.size)
 
 
-def make_pruner(name: str, epochs: int, no_skill: float = 0.0) -> optuna.pruners.BasePruner:
-    """The pruner ``name`` (one of :data:`PRUNERS`) for trials of up to ``epochs`` epochs.
+def make_pruner(name: str, ladder: Ladder) -> optuna.pruners.BasePruner:
+    """The Optuna pruner that decides for ``name`` (one of :data:`PRUNERS`) on ``ladder``'s rungs.
 
-    ``no_skill`` (see :func:`no_skill_accuracy`) arms the guard of every pruner but ``none``.
+    ``successive-halving`` and ``none`` decide outside Optuna's pruner (a NopPruner is set).
     """
-    pruner: optuna.pruners.BasePruner
     if name == "hyperband":
-        pruner = GuardedHyperband(min_resource=1, max_resource=max(epochs, 1), reduction_factor=3)
-    elif name == "median":
-        pruner = GuardedMedian(n_startup_trials=4, n_warmup_steps=1)
-    elif name == "successive-halving":
-        pruner = GuardedSuccessiveHalving(min_resource=1, reduction_factor=3)
-    elif name == "none":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(1, ladder.final.step),
+                                              reduction_factor=ladder.eta)
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=0)
+    if name in ("successive-halving", "none"):
         return optuna.pruners.NopPruner()
-    else:
-        raise ValueError(f"pruner must be one of {', '.join(PRUNERS)} (pruner={name!r})")
-    pruner.no_skill = float(no_skill)
-    return pruner
+    raise ValueError(f"pruner must be one of {', '.join(PRUNERS)} (pruner={name!r})")

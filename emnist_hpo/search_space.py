@@ -48,6 +48,7 @@ _KNOWN: dict[str, tuple[type, Callable[[Any], bool] | None, str]] = {
     "padding": (str, lambda v: v in PADDINGS, "one of " + ", ".join(PADDINGS)),
     "pool": (str, lambda v: v in POOLS, "one of " + ", ".join(POOLS)),
     "batch_norm": (bool, None, "true or false"),
+    "global_pool": (bool, None, "true or false"),
     "conv_dropout": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "dense_layers": (int, lambda v: v >= 0, ">= 0"),
     "dense_units": (int, lambda v: v >= 1, ">= 1"),
@@ -221,6 +222,7 @@ class SearchSpace:
         m.padding = g("padding", "same").suggest(trial)
         m.pool = g("pool", "max").suggest(trial)
         m.batch_norm = g("batch_norm", False).suggest(trial)
+        m.global_pool = g("global_pool", False).suggest(trial)
         m.conv_dropout = g("conv_dropout", 0.0).suggest(trial)
         n_dense = g("dense_layers", 1).suggest(trial)
         m.dense = [self.params["dense_units"].suggest(trial, f"dense_units_{i}") for i in range(n_dense)]
@@ -249,6 +251,7 @@ class SearchSpace:
             "convs_per_block": m.conv_blocks[0].convs,
             "pool": m.pool,
             "batch_norm": m.batch_norm,
+            "global_pool": m.global_pool,
             "conv_dropout": m.conv_dropout,
             "dense_layers": len(m.dense),
             "batch_size": t.batch_size,
@@ -276,6 +279,14 @@ class SearchSpace:
             if spec.kind != "fixed":
                 out[name] = value
         return out
+
+    def accepts(self, params: Mapping[str, Any]) -> bool:
+        """Whether every value of ``params`` (trial params, e.g. from another study) lies in this space."""
+        for name, value in params.items():
+            spec = self.params.get(name.rsplit("_", 1)[0] if name[-1].isdigit() else name)
+            if spec is not None and (value is None or not spec.contains(value)):
+                return False
+        return True
 
     def describe(self) -> dict[str, Any]:
         """A JSON-able view of the space (for logging as an artifact)."""

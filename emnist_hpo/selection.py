@@ -18,8 +18,9 @@ import numpy as np
 import optuna
 from sklearn.model_selection import StratifiedKFold
 
+from .config import ExperimentConfig
 from .dataset import PreparedData, Rows
-from .objective import Objective
+from .fidelity import Ladder
 from .training import train
 
 
@@ -67,31 +68,43 @@ def finalists_of(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
     return sorted(pool, key=lambda t: -t.values[0])[:k]
 
 
+@dataclass
+class Candidate:
+    """A trial to re-evaluate, in either engine's terms."""
+
+    number: int  # trial number
+    original: float  # its single validation score
+    params: int  # parameter count
+    config: ExperimentConfig  # what it trained
+
+
+def candidates_of(trials: Sequence[optuna.trial.FrozenTrial], config_of: Callable) -> list[Candidate]:
+    return [Candidate(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0), config_of(t))
+            for t in trials]
+
+
 def reevaluate(
-    objective: Objective,
-    trials: Sequence[optuna.trial.FrozenTrial],
+    candidates: Sequence[Candidate],
     data: PreparedData,
     n_folds: int,
     seed: int,
-    config_of: Callable,
+    ladder: Ladder | None = None,
     log: Callable[[str], None] = print,
 ) -> list[Finalist]:
-    """Re-train every finalist on each fold with a fresh seed; return them with their scores.
-
-    """
+    """Re-train every candidate up the whole ``ladder`` on each fold with a fresh seed; return them with their scores."""
     x_pool, y_pool = data.train_and_val()
     fold_idx = folds(data, n_folds, seed + 7919)
     out = []
-    for rank, t in enumerate(trials):
-        f = Finalist(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0))
-        base = config_of(objective, t)
+    for rank, c in enumerate(candidates):
+        f = Finalist(c.number, c.original, c.params)
         for i, (tr, va) in enumerate(fold_idx):
-            cfg = copy.deepcopy(base)
-            cfg.train.seed = seed + 100_003 * (i + 1) + t.number
-            r = train(cfg, Rows(x_pool, tr), y_pool[tr], Rows(x_pool, va), y_pool[va], data.num_classes)  # no copies
+            cfg = copy.deepcopy(c.config)
+            cfg.train.seed = seed + 100_003 * (i + 1) + c.number
+            r = train(cfg, Rows(x_pool, tr), y_pool[tr], Rows(x_pool, va), y_pool[va], data.num_classes,  # no copies
+                      ladder=ladder)
             f.scores.append(r.best_val_accuracy)
             f.params = r.params
-        log(f"finalist {rank + 1}/{len(trials)}: trial {t.number} original {f.original:.4f} -> "
+        log(f"finalist {rank + 1}/{len(candidates)}: trial {c.number} original {f.original:.4f} -> "
             f"re-evaluated {f.mean:.4f} +/- {f.std:.4f} over {len(f.scores)} folds")
         out.append(f)
     return out

@@ -136,7 +136,7 @@ CASES = [
     ("max-train", lambda r: [*STUDY, "--max-train-samples", "5"], ["--max-train-samples must be >= 10", "=5"]),
     ("val-fraction", lambda r: [*STUDY, "--val-fraction", "1.5"], ["--val-fraction must be in (0, 1)", "1.5"]),
     ("sampler", lambda r: [*STUDY, "--sampler", "grid"], ["--sampler must be one of tpe", "'grid'"]),
-    ("pruner", lambda r: [*STUDY, "--pruner", "always"], ["--pruner must be one of hyperband", "'always'"]),
+    ("pruner", lambda r: [*STUDY, "--pruner", "always"], ["--pruner must be one of successive-halving", "'always'"]),
     ("objectives", lambda r: [*STUDY, "--objectives", "params"], ["--objectives must be 'accuracy' or", "'params'"]),
     ("timeout", lambda r: [*STUDY, "--timeout", "-5"], ["--timeout must be > 0", "-5"]),
     ("study-name", lambda r: [*STUDY, "--study-name", "../../etc"], ["--study-name must be", "'../../etc'"]),
@@ -147,7 +147,7 @@ CASES = [
      ["'emnist-digits'", "'digits'", "not 'letters'"]),
     # search-space and experiment YAML
     ("space-missing", lambda r: [*STUDY, "--search-space", "nope.yaml"],
-     ["search space file not found", "'nope.yaml'"]),
+     ["search space 'nope.yaml' not found", "default, small"]),
     ("space-key", lambda r: [*STUDY, "--search-space", _file(r, "k.yaml", SPACE + "colour: {choices: [red]}\n")],
      ["colour"]),
     ("space-range", lambda r: [*STUDY, "--search-space", _file(r, "r.yaml", SPACE.replace(

@@ -159,3 +159,41 @@ def test_ctrl_c_and_sigterm_close_the_trial_and_say_how_to_resume(workdir, sig, 
     parents = [r for r in runs if r.data.tags["emnist_hpo.kind"] == "study"]
     assert [r.info.status for r in parents] == ["KILLED"]
     assert all(r.info.status != "RUNNING" for r in runs)
+
+
+TINY = """\
+description: "a seed experiment inside space.yaml"
+model:
+  conv_blocks: [{filters: 8, kernel: 3}]
+  dense: []
+train:
+  learning_rate: 0.003
+"""
+
+
+def test_an_interrupted_seed_trial_continues_from_its_last_epoch(workdir):
+    """Ctrl-C in the second epoch of the seed trial; the same command again continues it from epoch 2."""
+    cwd, env = workdir
+    (cwd / "experiments").mkdir()
+    (cwd / "experiments" / "tiny.yaml").write_text(TINY)
+    args = [a for a in ARGS if a != "--no-warm-start"]
+    args[args.index("--trials") + 1], args[args.index("--epochs") + 1] = "2", "3"
+    args += ["--seed-experiments", "tiny"]
+    code, err = _run_until_pause(cwd, env, "training#2", args=args, sig=signal.SIGINT)
+    assert code == 130, err[-3000:]
+    assert "0 finished trials saved; trial 0 stopped mid-training and continues from its last finished epoch" in err
+    study, _, _ = _stores(cwd)
+    assert [(t.state.name, t.user_attrs.get("seed_experiment")) for t in study.trials] == [("FAIL", "tiny")]
+    assert (cwd / "mlruns" / "checkpoints" / "emnist-digits" / "running_0.npz").is_file()
+
+    res = _run(cwd, env, args=args)
+    assert "trial(s) 0 were interrupted: queued to continue from their last epoch" in res.stderr
+    study, client, runs = _stores(cwd)
+    states = [(t.state.name, t.user_attrs.get("seed_experiment"), t.user_attrs.get("resume_of")) for t in study.trials]
+    assert states[:2] == [("FAIL", "tiny", None), ("COMPLETE", "tiny", 0)]  # the seed is not lost, nor run twice
+    assert len([s for s in states if s[1] == "tiny"]) == 2 and len(states) == 3
+    resumed = study.trials[1]
+    assert resumed.user_attrs["epochs_run"] == 3  # two epochs from the checkpoint, the third trained here
+    steps = [m.step for m in client.get_metric_history(_trial_run(runs, 1).info.run_id, "loss")]
+    assert steps == [3]  # its run logged only the epoch it trained
+    assert not (cwd / "mlruns" / "checkpoints" / "emnist-digits" / "running_1.npz").exists()  # done: removed

@@ -13,10 +13,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_hpo.config import DataConfig
 from emnist_hpo.data import load_split
-from emnist_hpo.dataset import prepare
-from emnist_hpo.pruners import no_skill_accuracy
 from emnist_hpo.study import StudyOptions, run_study
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,11 +76,13 @@ def test_letters_study_records_every_trial_in_optuna(env, letters):
     assert two_conv.user_attrs["params"] == 926_298  # conv64-3x3/pool/conv64-3x3/pool/512/128 on 26 classes
     for t in finished:
         assert t.user_attrs["epoch_time"] > 0 and t.user_attrs["mlflow_run_id"]
-    # the default pruner is Hyperband with the no-skill guard armed at this split's most frequent class share
-    pruner = letters.study.pruner
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
-    data = prepare("letters", env["data"], DataConfig(max_train_samples=2000), progress=False)
-    assert pruner.no_skill == pytest.approx(no_skill_accuracy(data.y_val)) and 0 < pruner.no_skill < 0.1
+        # every rung a trial finished is recorded for its peers: score, images seen, seconds, FLOPs of the work
+        rungs = t.user_attrs["rungs"]
+        assert len(rungs) == t.user_attrs["rung_reached"] + 1 and rungs[-1]["score"] == t.values[0]
+        assert rungs[-1]["images"] == t.user_attrs["images_seen"] > 0 and rungs[-1]["work"] > 0
+        assert t.user_attrs["flops"] > 0
+    # what the plan said is on the parent run: the ladder of 1,600 images x 1 epoch is a single rung
+    assert letters.plan is not None and len(letters.plan.ladder.rungs) == 1 and letters.plan.configs == 2
 
 
 def test_every_trial_is_a_nested_mlflow_run_with_metrics_and_reports(env, letters):
@@ -222,10 +221,10 @@ def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
         (["--split", "digits", "--trials", "0"], "--trials must be >= 1 (trials=0)"),
         (["--split", "digits", "--epochs", "0"], "--epochs must be >= 1 (epochs=0)"),
         (["--split", "digits", "--sampler", "grid"], "--sampler must be one of tpe, random, qmc, cmaes, nsga2"),
-        (["--split", "digits", "--pruner", "always"], "--pruner must be one of hyperband"),
+        (["--split", "digits", "--pruner", "always"], "--pruner must be one of successive-halving"),
         (["--split", "digits", "--objectives", "params"], "--objectives must be 'accuracy' or 'accuracy,params'"),
         (["--split", "digits", "--data-dir", "/nonexistent/emnist"], "/nonexistent/emnist"),
-        (["--split", "digits", "--search-space", "nope.yaml"], "search space file not found: 'nope.yaml'"),
+        (["--split", "digits", "--search-space", "nope.yaml"], "search space 'nope.yaml' not found"),
         (["--split", "digits", "--study-name", "../../etc"], "--study-name must be 1-128 letters"),
         (["--split", "digits", "--folds", "0"], "--folds must be >= 1 (folds=0)"),
     ],

@@ -1,0 +1,139 @@
+"""Multi-fidelity rules, tested directly: the ladder's rungs, nested shares, promotion, the rung decisions."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+
+from emnist_hpo.cost import ModelCost
+from emnist_hpo.fidelity import MIN_RUNG_SEEN, make_ladder, nested_order, promotable
+from emnist_hpo.objective import OptunaRungs
+from emnist_hpo.pruners import PRUNERS, make_pruner, no_skill_accuracy
+from emnist_hpo.training import RungResult
+
+NO_SKILL = 1 / 47  # the balanced split: 47 classes of equal size
+
+
+def test_no_skill_accuracy_is_the_most_frequent_class_share():
+    assert no_skill_accuracy(np.array([0, 1, 2, 3])) == 0.25
+    assert no_skill_accuracy(np.array([5, 5, 5, 1], dtype=np.uint8)) == 0.75
+    assert no_skill_accuracy(np.array([], dtype=np.int64)) == 0.0
+
+
+@pytest.mark.parametrize("n, classes", [(13_385, 47), (74_446, 47), (558_345, 47), (10_545, 62)])
+def test_data_ladder_budgets_grow_by_eta_and_end_on_all_the_data(n, classes):
+    ladder = make_ladder("data", 10, n, classes, eta=3)
+    seen = ladder.images(n)
+    assert ladder.final.fraction == 1.0 and ladder.final.epochs == 10 and ladder.final.final
+    assert seen[-1] == n * 10
+    assert all(s >= MIN_RUNG_SEEN for s in seen)  # no rung too small to rank anything
+    for a, b in zip(seen, seen[1:]):  # each rung about eta times the one before
+        assert 2.0 <= b / a <= 4.5
+    fractions = [r.fraction for r in ladder.rungs]
+    assert fractions == sorted(fractions)  # nested: shares only grow
+    assert [r.step for r in ladder.rungs] == [3**i for i in range(len(ladder.rungs))]
+    # as many rungs (up to 5) as keep the smallest budget at MIN_RUNG_SEEN images or more
+    assert len(ladder.rungs) == min(5, 1 + int(np.floor(np.log(n * 10 / MIN_RUNG_SEEN) / np.log(3))))
+
+
+def test_small_runs_get_one_rung_and_epochs_ladder_ends_where_hyperband_did():
+    assert len(make_ladder("data", 1, 800, 10).rungs) == 1
+    epochs = make_ladder("epochs", 10, 13_385, 47)
+    assert [r.epochs for r in epochs.rungs] == [1, 2, 6, 1]  # rungs end after 1, 3, 9 and 10 epochs
+    assert all(r.fraction == 1.0 for r in epochs.rungs)
+    assert len(make_ladder("none", 10, 13_385, 47).rungs) == 1
+    with pytest.raises(ValueError, match="fidelity must be one of data, epochs, none"):
+        make_ladder("bogus", 10, 100, 10)
+
+
+def test_every_prefix_of_the_nested_order_is_stratified():
+    labels = np.repeat(np.arange(10), [500, 300, 200, 100, 100, 100, 100, 100, 50, 450])
+    order = nested_order(labels, seed=1)
+    assert sorted(order) == list(range(len(labels)))
+    for m in (200, 500, 1000):
+        counts = np.bincount(labels[order[:m]], minlength=10)
+        expected = np.bincount(labels) * m / len(labels)
+        assert np.all(np.abs(counts - expected) <= 1.0 + 1e-9)
+
+
+def test_promotion_keeps_the_best_third_and_only_the_best_while_peers_are_few():
+    assert promotable(0.5, [0.5], 3)  # the first trial of a rung goes on
+    assert not promotable(0.4, [0.5, 0.4], 3)  # fewer than eta peers: only the best so far
+    peers = [0.1 * i for i in range(1, 10)]
+    assert [promotable(v, peers, 3) for v in peers] == [False] * 6 + [True] * 3
+
+
+def _trial(study, rungs=None):
+    trial = study.ask()
+    trial.suggest_float("x", 0, 1)
+    if rungs is not None:
+        trial.set_user_attr("rungs", [{"rung": i, "score": s} for i, s in enumerate(rungs)])
+    return trial
+
+
+def _control(trial, ladder, pruner="successive-halving", report=True):
+    return OptunaRungs(trial, ladder, ModelCost(1000, 10**6), pruner=pruner, no_skill=NO_SKILL, report=report,
+                       data_sizes=(13_385, 3_347))
+
+
+LADDER = make_ladder("data", 10, 13_385, 47)
+
+
+def _end(control, index, score):
+    return control.after(RungResult(index, score, 1000, 1.0, 2), final=index == len(LADDER.rungs) - 1)
+
+
+def test_the_first_trial_at_chance_is_pruned_at_its_first_rung():
+    study = optuna.create_study(direction="maximize")
+    why = _end(_control(_trial(study), LADDER), 0, NO_SKILL)
+    assert why and "no-skill" in why
+
+
+def test_a_slow_learner_above_twice_chance_climbs_when_it_is_the_best_so_far():
+    study = optuna.create_study(direction="maximize")
+    assert _end(_control(_trial(study), LADDER), 0, 0.13) is None
+
+
+def test_successive_halving_prunes_all_but_the_best_third_of_a_rung():
+    study = optuna.create_study(direction="maximize")
+    for score in (0.30, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.75):
+        t = _trial(study, [score])
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    control = _control(_trial(study), LADDER)
+    assert "rank 6 of 9" in _end(control, 0, 0.52)
+    control = _control(_trial(study), LADDER)
+    assert _end(control, 0, 0.68) is None  # third of 10
+    assert control.trial.user_attrs["rungs"][0]["score"] == 0.68  # recorded for the peers that come later
+
+
+def test_two_objective_studies_are_pruned_on_accuracy_without_optuna_reports():
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for score in (0.6, 0.7, 0.8):
+        t = _trial(study, [score])
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+    control = _control(_trial(study), LADDER, report=False)
+    assert "rank 4 of 4" in _end(control, 0, 0.5)
+    assert control.trial.storage.get_trial(control.trial._trial_id).intermediate_values == {}  # noqa: SLF001
+
+
+def test_optunas_hyperband_decides_on_the_rung_steps_and_keeps_its_brackets():
+    pruner = make_pruner("hyperband", LADDER)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)  # TPE learns per bracket, recognising the class
+    study = optuna.create_study(direction="maximize", pruner=pruner)
+    control = _control(_trial(study), LADDER, pruner="hyperband")
+    assert _end(control, 0, 0.5) is None
+    assert control.trial.storage.get_trial(control.trial._trial_id).intermediate_values == {1: 0.5}  # noqa: SLF001
+
+
+def test_none_prunes_nothing_not_even_at_chance_and_the_last_rung_is_never_pruned():
+    study = optuna.create_study(direction="maximize")
+    assert _end(_control(_trial(study), LADDER, pruner="none"), 0, NO_SKILL) is None
+    assert _end(_control(_trial(study), LADDER), len(LADDER.rungs) - 1, NO_SKILL) is None
+
+
+def test_unknown_pruner_names_the_allowed_ones():
+    assert PRUNERS == ("successive-halving", "hyperband", "median", "none")
+    with pytest.raises(ValueError, match=r"pruner must be one of successive-halving, hyperband, median, none "
+                                         r"\(pruner='asha'\)"):
+        make_pruner("asha", LADDER)
