@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import socket
 import threading
 import time
@@ -82,7 +83,12 @@ def _no_download(*args: object, **kwargs: object) -> None:
 
 def test_check_split_names_allowed_values() -> None:
     assert data.SPLITS == ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
-    assert data.check_split("ByMerge") == "bymerge"
+    assert data.check_split("bymerge") == "bymerge"
+    # exactly: "DIGITS" would name a second study, experiment and model (emnist-DIGITS) beside emnist-digits
+    for wrong, hint in (("ByMerge", "lowercase: did you mean 'bymerge'?"), (" digits", "did you mean 'digits'?"),
+                        ("leters", "did you mean 'letters'?")):
+        with pytest.raises(ConfigError, match=rf"unknown split '{re.escape(wrong)}'; allowed: byclass, .*{re.escape(hint)}"):
+            data.check_split(wrong)
     with pytest.raises(ConfigError, match=r"unknown split 'foo'; allowed: byclass, bymerge, balanced, "
                                           r"letters, digits, mnist"):
         data.check_split("foo")

@@ -43,7 +43,7 @@ learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
         ("pool: {choices: [max, median]}", "pool.choices must be one of max, avg (pool='median')"),
         ("batch_size: {choices: [64, '128']}", "batch_size.choices must be of type int, got '128'"),
         ("label_smoothing: {low: 0, high: 0.2, log: true}", "low must be > 0 for a log range (low=0.0)"),
-        ("kernel: {choices: [4]}", "kernel.choices must be an odd integer >= 1 (kernel=4)"),
+        ("kernel: {choices: [4]}", "kernel.choices must be an odd integer in 1..27 (kernel=4)"),
         ("conv_blocks: {low: 1, high: 5}", "conv_blocks must be <= 4 for kernel 3 with padding 'same'"),
         ("optimizer: {choices: [adam], step: 1}", "unknown key 'step' beside 'choices'"),
         ("augment: {low: 0.0}", "a range needs 'high'"),
