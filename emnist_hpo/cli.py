@@ -309,7 +309,7 @@ def disk_full(exc: BaseException) -> str | None:
             path = exc.filename if exc.filename is not None else exc.filename2
             return f"{exc.strerror or 'no space left on device'} while writing {_what_is(path)}"
         if "database or disk is full" in str(exc):
-            return "the database or disk is full while writing to a store (SQLite: database or disk is full)"
+            return "SQLite's 'database or disk is full' while writing to a store database"
         exc = exc.__cause__ or exc.__context__
     return None
 

@@ -181,10 +181,13 @@ class ExperimentConfig:
         _choice(where, "train.optimizer", t.optimizer, OPTIMIZERS)
         _choice(where, "train.schedule", t.schedule, SCHEDULES)
         if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
-            raise ConfigError(f"{where}: train.learning_rate must be a finite number > 0 (learning_rate={t.learning_rate})")
+            raise ConfigError(
+                f"{where}: train.learning_rate must be a finite number > 0 (learning_rate={t.learning_rate})"
+            )
         _at_least(where, "train.weight_decay", t.weight_decay, 0)
         _between(where, "train.warmup_epochs", t.warmup_epochs, 0, LIMITS["warmup_epochs"])
-        _between(where, "train.early_stopping_patience", t.early_stopping_patience, 0, LIMITS["early_stopping_patience"])
+        _between(where, "train.early_stopping_patience", t.early_stopping_patience, 0,
+                 LIMITS["early_stopping_patience"])
         _fraction(where, "train.label_smoothing", t.label_smoothing, upper_open=True)
         _fraction(where, "train.momentum", t.momentum, upper_open=True)
         _choice(where, "train.precision", t.precision, PRECISIONS)
@@ -384,7 +387,9 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
         try:
             return float(value)
         except OverflowError:
-            raise ConfigError(f"{where}: {path} must be a finite number, got an integer too large for a float") from None
+            raise ConfigError(
+                f"{where}: {path} must be a finite number, got an integer too large for a float"
+            ) from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: {path} must be a string, got {short(value)}")
@@ -434,8 +439,10 @@ class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise _Refused(f"alias *{event.anchor} (YAML anchors and aliases are not allowed here; write the values out)",
-                           event.start_mark)
+            raise _Refused(
+                f"alias *{event.anchor} (YAML anchors and aliases are not allowed here; write the values out)",
+                event.start_mark,
+            )
         self._depth += 1
         try:
             if self._depth > MAX_YAML_DEPTH:

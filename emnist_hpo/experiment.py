@@ -68,7 +68,8 @@ def overrides(
         raise ConfigError(f"--seed must be >= 0 (seed={seed})")
     if seed is not None and seed > MAX_SEED:
         raise ConfigError(
-            f"--seed must be <= {MAX_SEED} (2**31-1: every seed derived from it must stay below 2**32) (seed={seed})"
+            f"--seed must be <= {MAX_SEED} = 2**31-1, so that every seed derived from it stays below 2**32 "
+            f"(seed={seed})"
         )
     out: dict[str, Any] = {"train": {}, "data": {}}
     if epochs is not None:

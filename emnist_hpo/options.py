@@ -98,7 +98,7 @@ class StudyOptions:
             raise ConfigError(f"--seed must be >= 0 (seed={self.seed})")
         if self.seed > MAX_SEED:
             raise ConfigError(
-                f"--seed must be <= {MAX_SEED} (2**31-1: every seed derived from it must stay below 2**32) "
+                f"--seed must be <= {MAX_SEED} = 2**31-1, so that every seed derived from it stays below 2**32 "
                 f"(seed={self.seed})"
             )
         if self.early_stopping_patience < 0:

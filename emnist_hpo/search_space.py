@@ -140,7 +140,9 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
         try:
             return float(v) if vtype is float else v
         except OverflowError:
-            raise ConfigError(f"{where}: {name}{what} must be a finite number, got an integer too large for a float") from None
+            raise ConfigError(
+                f"{where}: {name}{what} must be a finite number, got an integer too large for a float"
+            ) from None
 
     if not isinstance(spec, Mapping):
         return Param(name, "fixed", value=check_value(spec, ""))

@@ -159,6 +159,14 @@ def _gzip_bomb() -> bytes:
     return head + gzip.compress(bytes(64 << 20), compresslevel=9, mtime=0) * 64
 
 
+def _sparse_images(root: Path) -> str:
+    """A digits folder whose train images file is 900 MB long, all of it a hole (no disk used, nothing to read)."""
+    folder = _nist_folder(root, "oversized")
+    with open(Path(folder) / "emnist-digits-train-images-idx3-ubyte.gz", "r+b") as f:
+        f.truncate(900_000_000)
+    return folder
+
+
 def _foreign_sqlite(root: Path) -> str:
     path = root / "inputs" / "app.db"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -413,6 +421,8 @@ CASES = [
      ["emnist-digits-test-labels-idx1-ubyte.gz", "4294967295", "1,000,000 labels"]),
     ("data-gzip-bomb", lambda r: [*STUDY, "--data-dir", _nist_folder(r, "bomb", **{"train-images": _gzip_bomb()})],
      ["emnist-digits-train-images-idx3-ubyte.gz", "23520 bytes of data", "at least"]),
+    ("data-file-too-large", lambda r: [*STUDY, "--data-dir", _sparse_images(r)],
+     ["emnist-digits-train-images-idx3-ubyte.gz", "900,000,000 bytes is larger than any EMNIST images file"]),
     # a full disk
     ("disk-full", lambda r: ["run", "two_conv", *RUN[1:]], ["disk full", "No space left on device",
                                                             "an MLflow artifact", "mlruns/artifacts", "run the same command"],
@@ -522,3 +532,44 @@ def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypat
     assert any(f"checkpoint {checkpoint} not loaded" in m and "retraining trial 0" in m for m in said), said
     assert not marker.exists()
     assert res.registered is not None and res.params is not None and res.params != evil.count_params()
+
+
+def test_the_largest_seed_runs_and_resumes(tmp_path, sample_dir, isolated_in):
+    """--seed 2**31-1, the documented maximum, runs and resumes: the resumed process's sampler seed (seed + 1000)
+    and the trials' training seeds (seed + trial number) all stay below 2**32, as NumPy requires."""
+    import optuna
+
+    from emnist_hpo.config import MAX_SEED
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    argv = [*STUDY, "--seed", str(MAX_SEED), "--data-dir", str(sample_dir), "--no-register", "--no-final-fit",
+            "--no-trial-plots"]
+    with isolated_in(tmp_path):
+        assert main(argv) == 0
+        assert main([*argv, "--trials", "2"]) == 0  # a second process opens the study: seed + 1000
+    study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_disk_full_names_what_was_written_and_other_errors_still_raise(monkeypatch, capsys):
+    """ENOSPC/EDQUOT, however deeply wrapped, is one line naming the file; any other OSError stays a traceback."""
+    from emnist_hpo import cli
+
+    assert cli.disk_full(OSError(errno.ENOSPC, "No space left on device", "/w/mlruns/checkpoints/s/trial_3.keras")) == (
+        "No space left on device while writing a trial checkpoint /w/mlruns/checkpoints/s/trial_3.keras")
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/w/mlruns/mlflow.db-wal")
+        except OSError as inner:
+            raise RuntimeError("write failed") from inner
+    except RuntimeError as outer:
+        assert cli.disk_full(outer) == "Disk quota exceeded while writing the store database /w/mlruns/mlflow.db-wal"
+    assert cli.disk_full(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert cli.disk_full(ValueError("bad")) is None
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/x")
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", denied)
+    with pytest.raises(PermissionError):  # not a user error: the traceback is what helps
+        cli.main(["compare"])
