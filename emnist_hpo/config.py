@@ -475,6 +475,7 @@ def read_yaml(path: str | Path) -> Any:
             "save the file as UTF-8"
         ) from None
     loader = _StrictLoader(text)
+    loader.name = p.name  # PyYAML's marks say "<unicode string>" otherwise
     try:
         return loader.get_single_data()
     except _Refused as exc:
