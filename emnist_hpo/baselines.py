@@ -17,7 +17,6 @@ Like :mod:`emnist_hpo.training`, nothing here knows about MLflow or Optuna.
 
 from __future__ import annotations
 
-import inspect
 import io
 import pickle
 import time
@@ -26,30 +25,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import config
 from .config import ExperimentConfig
-from .errors import ConfigError
 from .training import TrainResult
 
 #: ``model.kind`` values trained here.
-CLASSICAL_KINDS = ("random_forest", "svm", "knn")
+CLASSICAL_KINDS = config.CLASSICAL_KINDS
 #: Images scaled and scored per batch.
 BATCH = 4096
-
-
-def _estimator_class(kind: str) -> type:
-    if kind == "random_forest":
-        from sklearn.ensemble import RandomForestClassifier
-
-        return RandomForestClassifier
-    if kind == "svm":
-        from sklearn.svm import SVC
-
-        return SVC
-    if kind == "knn":
-        from sklearn.neighbors import KNeighborsClassifier
-
-        return KNeighborsClassifier
-    raise ConfigError(f"model.kind must be one of {', '.join(CLASSICAL_KINDS)} for a classical model (kind={kind!r})")
 
 
 def is_classical(cfg: ExperimentConfig) -> bool:
@@ -60,22 +43,11 @@ def make_estimator(cfg: ExperimentConfig, where: str = "config") -> Any:
     """The unfitted estimator of ``cfg``: ``model.options`` are its keyword arguments.
 
     An option the estimator does not take is a :class:`ConfigError` naming it and the
-    allowed ones; ``random_state`` defaults to ``train.seed`` where the estimator has one.
+    allowed ones, a bad value one naming it with scikit-learn's rule (checked when the
+    experiment is loaded, :func:`config.classical_estimator`); ``random_state``
+    defaults to ``train.seed`` where the estimator has one.
     """
-    cls = _estimator_class(cfg.model.kind)
-    allowed = sorted(p for p in inspect.signature(cls).parameters if p != "self")
-    options = dict(cfg.model.options)
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key 'model.options.{unknown[0]}' for {cls.__name__}; allowed: {', '.join(allowed)}"
-        )
-    if "random_state" in allowed:
-        options.setdefault("random_state", cfg.train.seed)
-    try:
-        return cls(**options)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: model.options rejected by {cls.__name__}: {exc}") from None
+    return config.classical_estimator(cfg.model.kind, cfg.model.options, cfg.train.seed, where)
 
 
 def features(x: np.ndarray) -> np.ndarray:

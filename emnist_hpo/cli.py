@@ -7,6 +7,8 @@ SIGTERM 143, each after closing the current trial's run and saying how to resume
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import shlex
 import signal
 import sys
@@ -61,10 +63,29 @@ def import_keras_quietly() -> None:
 
 
 def _positive_int(text: str) -> int:
+    """An integer (its range is checked with the other options, naming the option's rule)."""
     try:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+def _finite_float(text: str) -> float:
+    """A number; NaN and infinity are refused here (every range check would let one of them through)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text!r}")
+    return value
 
 
 def _common_data(p: argparse.ArgumentParser) -> None:
@@ -72,7 +93,7 @@ def _common_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=_positive_int, default=None, help="max epochs per training run")
     p.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="K",
                    help="stratified subset of K training images (quick runs)")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="validation share carved from train (0.2)")
+    p.add_argument("--val-fraction", type=_finite_float, default=0.2, help="validation share carved from train (0.2)")
     p.add_argument("--data-dir", default=None, help="folder of NIST's gzip IDX files or gzip.zip (else EMNIST_DATA_DIR)")
     p.add_argument("--tracking-uri", default=None, help="MLflow store (else MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
     p.add_argument("--seed", type=_positive_int, default=0, help="seeds sampling, data split and training")
@@ -105,13 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "split for its emnist-<split> study): balanced <-> bymerge share classes")
     s.add_argument("--warm-start-top", type=_positive_int, default=5, metavar="K",
                    help="how many of each --warm-start-from study's best trials")
-    s.add_argument("--timeout", type=float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
+    s.add_argument("--timeout", type=_finite_float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
                    "to re-evaluate the finalists and fit the champion within it")
     s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
     s.add_argument("--no-warm-start", action="store_true", help="do not enqueue the seed experiments first")
     s.add_argument("--seed-experiments", default="two_conv,one_conv,compact",
                    help="experiments enqueued first, in this order")
-    s.add_argument("--early-stopping", type=int, default=3, help="per-trial patience in epochs (0 = off)")
+    s.add_argument("--early-stopping", type=_positive_int, default=3, help="per-trial patience in epochs (0 = off)")
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
@@ -132,8 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("ui", help="serve the MLflow UI and the Optuna dashboard on the studies' stores")
     u.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///mlruns/optuna.db)")
     u.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
-    u.add_argument("--mlflow-port", type=_positive_int, default=5000)
-    u.add_argument("--dashboard-port", type=_positive_int, default=8080)
+    u.add_argument("--mlflow-port", type=_port, default=5000)
+    u.add_argument("--dashboard-port", type=_port, default=8080)
     u.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
 
     r = sub.add_parser("run", help="train, test and track one fixed experiment (experiments/<name>.yaml)")
@@ -163,6 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", default=None, help="NIST files for the test set and calibration (else EMNIST_DATA_DIR)")
     e.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
     return parser
+
+
+def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool = True) -> None:
+    """The stores' URLs as the command will use them: no in-memory SQLite, neither pointing at the other's
+    database (nothing is written; the study loop checks the rest when it opens them). ``optuna=False``: the
+    command uses no Optuna storage, only the tracking store's database is checked."""
+    from .config import resolve_storage, resolve_tracking_uri
+    from .coordination import check_separate_stores, check_sqlite_location
+
+    storage_url = resolve_storage(storage) if optuna else None
+    tracking = resolve_tracking_uri(tracking_uri)
+    if storage_url is not None:
+        check_sqlite_location(storage_url, "Optuna storage", "--storage")
+    check_sqlite_location(tracking, "MLflow tracking store", "--tracking-uri")
+    check_separate_stores(storage_url, tracking)
 
 
 def _study(args: argparse.Namespace) -> int:
@@ -201,6 +237,8 @@ def _study(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         workers=args.workers,
     )
+    opts.validate()
+    _check_stores(args.storage, args.tracking_uri)  # TODO(maintainer): move into the study's opening of the stores
     if args.engine == "keras-tuner":
         from .kt_engine import run_kt_study, summary_table as kt_summary
 
@@ -217,6 +255,7 @@ def _ui(args: argparse.Namespace) -> int:
     from .config import resolve_storage, resolve_tracking_uri  # light: the UIs need no Keras
     from .ui import serve
 
+    _check_stores(args.storage, args.tracking_uri)
     return serve(
         storage=resolve_storage(args.storage),
         tracking_uri=resolve_tracking_uri(args.tracking_uri),
@@ -228,6 +267,8 @@ def _ui(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment, summary_table
+
+    _check_stores(None, args.tracking_uri, optuna=False)
 
     res = run_experiment(
         args.experiment, args.split, epochs=args.epochs, max_train_samples=args.max_train_samples,
@@ -271,6 +312,44 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+#: errno values of a full disk or an exhausted quota.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> str | None:
+    """One line for an exception caused by a full disk (an OSError ENOSPC/EDQUOT, or SQLite's "database or
+    disk is full", however wrapped), naming what was being written; None for any other exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            path = exc.filename if exc.filename is not None else exc.filename2
+            return f"{exc.strerror or 'no space left on device'} while writing {_what_is(path)}"
+        if "database or disk is full" in str(exc):
+            return "SQLite's 'database or disk is full' while writing to a store database"
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _what_is(path) -> str:
+    """``path`` with what it is, as far as its place tells."""
+    if path is None:
+        return "a file"
+    text = str(path)
+    parts = text.replace("\\", "/").split("/")
+    if text.endswith((".db", ".db-wal", ".db-journal", ".db-shm")):
+        what = "the store database"
+    elif "artifacts" in parts or "mlartifacts" in parts:
+        what = "an MLflow artifact"
+    elif "checkpoints" in parts or text.endswith(".keras"):
+        what = "a trial checkpoint"
+    elif "keras_tuner" in parts:
+        what = "Keras Tuner state"
+    else:
+        what = "a file"
+    return f"{what} {text}"
+
+
 COMMANDS = {"study": _study, "ui": _ui, "run": _run, "compare": _compare, "predict": _predict, "export": _export}
 
 
@@ -285,6 +364,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmnistHpoError as exc:
         print(f"emnist-hpo: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
+    except Exception as exc:
+        full = disk_full(exc)
+        if full is None:
+            raise
+        # everything finished before this write was committed (trials, runs, artifacts): a rerun resumes
+        print(f"emnist-hpo: error: disk full: {full}; nothing finished was lost: free some space and run the "
+              "same command again to resume", file=sys.stderr)
+        return 2
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
         what = "terminated" if code == 143 else "interrupted"

@@ -9,7 +9,9 @@ the file and the key, never silently ignored.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -50,6 +52,31 @@ def absolute_sqlite(url: str) -> str:
         return url
     path, sep, query = url[len(prefix):].partition("?")
     return prefix + str(Path(path).resolve()) + sep + query
+
+
+#: The largest ``--seed`` / ``seed:``. Seeds derived from it (seed + trial number, seed + 1000 per process that
+#: opens a study, the re-evaluation's seed + 100,003 per fold) must stay below 2**32, which NumPy's and
+#: scikit-learn's seeds require: 2**31 - 1 leaves 2**31 for the offsets (two million resumes of one study).
+MAX_SEED = 2**31 - 1
+
+#: Upper bounds of the architecture and training numbers (experiment and search-space YAML), far above anything
+#: useful on 28x28 images and far below what would exhaust memory or run for weeks: a typo such as
+#: ``filters: 1000000000`` is an error naming the field, not a trial that fails or a process that is killed.
+LIMITS: dict[str, int] = {
+    "filters": 1024,  # conv channels per layer (the research's widest: 128)
+    "kernel": 28,  # a kernel wider than the image sees only padding
+    "convs": 8,  # conv layers per block
+    "conv_blocks": 8,  # blocks (each halves the map: 5 already take 28x28 to 0)
+    "dense_units": 8192,  # width of a hidden dense layer
+    "dense_layers": 8,  # hidden dense layers
+    "lstm_units": 4096,
+    "batch_size": 16384,
+    "epochs": 1000,
+    "warmup_epochs": 1000,
+    "early_stopping_patience": 1000,
+    "steps_per_execution": 1024,
+    "rotation": 180,  # degrees
+}
 
 
 MODEL_KINDS = ("cnn", "lstm", "random_forest", "svm", "knn")
@@ -137,39 +164,53 @@ class ExperimentConfig:
         _choice(where, "model.pool", m.pool, POOLS)
         if m.kind == "cnn" and not m.conv_blocks:
             raise ConfigError(f"{where}: model.conv_blocks must hold at least one block for kind 'cnn'")
+        _at_most(where, "model.conv_blocks", len(m.conv_blocks), LIMITS["conv_blocks"], what="blocks")
         for i, b in enumerate(m.conv_blocks):
-            _at_least(where, f"model.conv_blocks[{i}].filters", b.filters, 1)
-            _at_least(where, f"model.conv_blocks[{i}].kernel", b.kernel, 1)
-            _at_least(where, f"model.conv_blocks[{i}].convs", b.convs, 1)
+            _between(where, f"model.conv_blocks[{i}].filters", b.filters, 1, LIMITS["filters"])
+            _between(where, f"model.conv_blocks[{i}].kernel", b.kernel, 1, LIMITS["kernel"])
+            _between(where, f"model.conv_blocks[{i}].convs", b.convs, 1, LIMITS["convs"])
+        _at_most(where, "model.dense", len(m.dense), LIMITS["dense_layers"], what="layers")
         for i, w in enumerate(m.dense):
-            _at_least(where, f"model.dense[{i}]", w, 1)
-        _at_least(where, "model.lstm_units", m.lstm_units, 1)
+            _between(where, f"model.dense[{i}]", w, 1, LIMITS["dense_units"])
+        _between(where, "model.lstm_units", m.lstm_units, 1, LIMITS["lstm_units"])
         for name in ("conv_dropout", "dense_dropout", "bn_momentum"):
             _fraction(where, f"model.{name}", getattr(m, name), upper_open=True)
-        _at_least(where, "model.augment.rotation", m.augment.rotation, 0)
+        _between(where, "model.augment.rotation", m.augment.rotation, 0, LIMITS["rotation"])
         for name in ("shift", "zoom"):
             _fraction(where, f"model.augment.{name}", getattr(m.augment, name), upper_open=True)
-        _at_least(where, "train.epochs", t.epochs, 1)
-        _at_least(where, "train.batch_size", t.batch_size, 1)
+        _between(where, "train.epochs", t.epochs, 1, LIMITS["epochs"])
+        _between(where, "train.batch_size", t.batch_size, 1, LIMITS["batch_size"])
         _choice(where, "train.optimizer", t.optimizer, OPTIMIZERS)
         _choice(where, "train.schedule", t.schedule, SCHEDULES)
-        if not t.learning_rate > 0:
-            raise ConfigError(f"{where}: train.learning_rate must be > 0 (learning_rate={t.learning_rate})")
+        if not (t.learning_rate > 0 and math.isfinite(t.learning_rate)):
+            raise ConfigError(
+                f"{where}: train.learning_rate must be a finite number > 0 (learning_rate={t.learning_rate})"
+            )
         _at_least(where, "train.weight_decay", t.weight_decay, 0)
-        _at_least(where, "train.warmup_epochs", t.warmup_epochs, 0)
-        _at_least(where, "train.early_stopping_patience", t.early_stopping_patience, 0)
+        _between(where, "train.warmup_epochs", t.warmup_epochs, 0, LIMITS["warmup_epochs"])
+        _between(where, "train.early_stopping_patience", t.early_stopping_patience, 0,
+                 LIMITS["early_stopping_patience"])
         _fraction(where, "train.label_smoothing", t.label_smoothing, upper_open=True)
         _fraction(where, "train.momentum", t.momentum, upper_open=True)
         _choice(where, "train.precision", t.precision, PRECISIONS)
-        _at_least(where, "train.steps_per_execution", t.steps_per_execution, 1)
+        _between(where, "train.steps_per_execution", t.steps_per_execution, 1, LIMITS["steps_per_execution"])
+        _between(where, "train.seed", t.seed, 0, MAX_SEED)
         if not 0 < d.val_fraction < 1:
             raise ConfigError(f"{where}: data.val_fraction must be in (0, 1) (val_fraction={d.val_fraction})")
         if d.max_train_samples is not None:
             _at_least(where, "data.max_train_samples", d.max_train_samples, 1)
+        _between(where, "data.seed", d.seed, 0, MAX_SEED)
         if m.kind == "cnn":
             from .architecture import check_fits  # local: architecture sits beside config
 
             check_fits(m, where=where)
+        if m.kind in CLASSICAL_KINDS:
+            classical_estimator(m.kind, m.options, t.seed, where)  # bad options fail on load, not at fit time
+        elif m.options:
+            raise ConfigError(
+                f"{where}: model.options applies to the classical kinds {', '.join(CLASSICAL_KINDS)} only "
+                f"(kind={m.kind!r}, options={short(m.options)})"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -194,21 +235,101 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def short(value: Any, size: int = 80) -> str:
+    """``repr(value)`` abridged to about ``size`` characters: messages stay one readable line."""
+    r = reprlib.Repr()  # keyword arguments need Python 3.12
+    r.maxstring = r.maxother = size
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = 8
+    r.maxlevel = 3
+    text = r.repr(value)
+    return text if len(text) <= size + 10 else text[:size] + "..."
+
+
 def _choice(where: str, name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ConfigError(f"{where}: {name} must be one of {', '.join(allowed)} ({name.split('.')[-1]}={value!r})")
+        raise ConfigError(f"{where}: {name} must be one of {', '.join(allowed)} ({name.split('.')[-1]}={short(value)})")
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, int) or math.isfinite(value)  # ints are finite (and may be too large for a float)
 
 
 def _at_least(where: str, name: str, value: float, low: float) -> None:
-    if value < low:
-        raise ConfigError(f"{where}: {name} must be >= {low} ({name.split('.')[-1]}={value})")
+    # "not >=": NaN fails too; inf is no number any range here means
+    if not (value >= low and _finite(value)):
+        rule = f">= {low}" if value != value or value < low else f"a finite number >= {low}"
+        raise ConfigError(f"{where}: {name} must be {rule} ({name.split('.')[-1]}={value})")
+
+
+def _at_most(where: str, name: str, value: float, high: float, what: str = "") -> None:
+    if not value <= high:
+        unit = f" {what}" if what else ""
+        raise ConfigError(f"{where}: {name} must be <= {high}{unit} ({name.split('.')[-1]}={value}{unit})")
+
+
+def _between(where: str, name: str, value: float, low: float, high: float) -> None:
+    _at_least(where, name, value, low)
+    _at_most(where, name, value, high)
 
 
 def _fraction(where: str, name: str, value: float, upper_open: bool = False) -> None:
-    ok = 0 <= value < 1 if upper_open else 0 <= value <= 1
+    ok = 0 <= value < 1 if upper_open else 0 <= value <= 1  # False for NaN
     if not ok:
         rng = "[0, 1)" if upper_open else "[0, 1]"
         raise ConfigError(f"{where}: {name} must be in {rng} ({name.split('.')[-1]}={value})")
+
+
+# --------------------------------------------------------------------------- classical estimators
+
+#: ``model.kind`` values that are scikit-learn estimators rather than Keras models.
+CLASSICAL_KINDS = ("random_forest", "svm", "knn")
+
+
+def estimator_class(kind: str) -> type:
+    """The scikit-learn class of a classical ``model.kind`` (imported here, on demand)."""
+    if kind == "random_forest":
+        from sklearn.ensemble import RandomForestClassifier
+
+        return RandomForestClassifier
+    if kind == "svm":
+        from sklearn.svm import SVC
+
+        return SVC
+    if kind == "knn":
+        from sklearn.neighbors import KNeighborsClassifier
+
+        return KNeighborsClassifier
+    raise ConfigError(f"model.kind must be one of {', '.join(CLASSICAL_KINDS)} for a classical model (kind={kind!r})")
+
+
+def classical_estimator(kind: str, options: Mapping[str, Any], seed: int, where: str = "config") -> Any:
+    """The unfitted estimator of a classical kind, its ``options`` checked as scikit-learn checks them at fit time.
+
+    An option the estimator does not take is a :class:`ConfigError` naming it and the
+    allowed ones; a bad value is one naming the option with scikit-learn's own rule
+    (its parameter constraints, checked here rather than minutes into a fit).
+    ``random_state`` defaults to ``seed`` where the estimator has one.
+    """
+    import inspect
+
+    cls = estimator_class(kind)
+    allowed = sorted(p for p in inspect.signature(cls).parameters if p != "self")
+    opts = dict(options)
+    unknown = sorted(set(opts) - set(allowed), key=str)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key 'model.options.{unknown[0]}' for {cls.__name__}; allowed: {', '.join(allowed)}"
+        )
+    if "random_state" in allowed:
+        opts.setdefault("random_state", seed)
+    try:
+        est = cls(**opts)
+        validate = getattr(est, "_validate_params", None)  # scikit-learn >= 1.2: the checks fit() runs first
+        if validate is not None:
+            validate()
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: model.options rejected by {cls.__name__}: {' '.join(str(exc).split())}") from None
+    return est
 
 
 # --------------------------------------------------------------------------- building from dicts
@@ -219,10 +340,12 @@ def from_dict(cls: type, data: Any, where: str = "config", path: str = "") -> An
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{where}: {path or 'the top level'} must be a mapping, got {type(data).__name__} ({data!r})")
+        raise ConfigError(
+            f"{where}: {path or 'the top level'} must be a mapping, got {type(data).__name__} ({short(data)})"
+        )
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)
     if unknown:
         key = f"{path}.{unknown[0]}" if path else str(unknown[0])
         raise ConfigError(f"{where}: unknown key '{key}'; allowed: {', '.join(sorted(names))}")
@@ -244,27 +367,34 @@ def _convert(tp: Any, value: Any, where: str, path: str) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ConfigError(f"{where}: {path} must be a list, got {type(value).__name__} ({value!r})")
+            raise ConfigError(f"{where}: {path} must be a list, got {type(value).__name__} ({short(value)})")
         return [_convert(item, v, where, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: {path} must be a mapping, got {type(value).__name__} ({value!r})")
+            raise ConfigError(f"{where}: {path} must be a mapping, got {type(value).__name__} ({short(value)})")
         return dict(value)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: {path} must be true or false, got {value!r}")
+            raise ConfigError(f"{where}: {path} must be true or false, got {short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: {path} must be an integer, got {value!r}")
+            raise ConfigError(f"{where}: {path} must be an integer, got {short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: {path} must be a number, got {value!r}")
-        return float(value)
+            raise ConfigError(f"{where}: {path} must be a number, got {short(value)}")
+        if not _finite(value):
+            raise ConfigError(f"{where}: {path} must be a finite number, got {value!r}")
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(
+                f"{where}: {path} must be a finite number, got an integer too large for a float"
+            ) from None
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: {path} must be a string, got {value!r}")
+            raise ConfigError(f"{where}: {path} must be a string, got {short(value)}")
         return value
     return value
 
@@ -280,16 +410,85 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
     return out
 
 
+#: Experiment and search-space files are a few hundred bytes; anything over this is not one.
+MAX_YAML_BYTES = 1 << 20
+#: Nesting deeper than this is no experiment or search space (theirs is 4 at most) and would exhaust the stack.
+MAX_YAML_DEPTH = 32
+
+
+class _Refused(Exception):
+    """A YAML construct :class:`_StrictLoader` does not accept, with where it starts."""
+
+    def __init__(self, message: str, mark: Any):
+        super().__init__(message)
+        self.mark = mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without aliases and with bounded nesting.
+
+    An alias (``*name``) lets a few lines stand for billions of nodes ("billion laughs"): every
+    walk over the loaded data (merging, validation, error messages, deep copies) then hangs.
+    Deep nesting (``[[[[...]]]]``) makes the recursive composer raise RecursionError. Neither
+    has a use in these files, so both are refused while the file is composed, before any
+    Python object is built.
+    """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _Refused(
+                f"alias *{event.anchor} (YAML anchors and aliases are not allowed here; write the values out)",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise _Refused(f"nested deeper than {MAX_YAML_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
 def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing file or a syntax error is a :class:`ConfigError` naming the file."""
+    """Parse a YAML file; a missing, oversized, non-UTF-8 or malformed file is a :class:`ConfigError` naming it.
+
+    Loaded with :class:`_StrictLoader`: safe tags only, no aliases, at most
+    :data:`MAX_YAML_DEPTH` levels of nesting, at most :data:`MAX_YAML_BYTES` bytes.
+    """
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"file not found: {str(path)!r}")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise ConfigError(f"{p}: {size:,} bytes is too large for an experiment or search-space file "
+                          f"(at most {MAX_YAML_BYTES:,} bytes)")
+    raw = p.read_bytes()
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(
+            f"{p}: not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} (line {line}): {exc.reason}; "
+            "save the file as UTF-8"
+        ) from None
+    loader = _StrictLoader(text)
+    loader.name = p.name  # PyYAML's marks say "<unicode string>" otherwise
+    try:
+        return loader.get_single_data()
+    except _Refused as exc:
+        raise ConfigError(f"{p}: line {exc.mark.line + 1}, column {exc.mark.column + 1}: {exc}") from None
     except yaml.YAMLError as exc:
         msg = " ".join(str(exc).split())
-        raise ConfigError(f"{p}: not valid YAML: {msg}") from None
+        raise ConfigError(f"{p}: not valid YAML: {msg[:300]}") from None
+    except (ValueError, OverflowError) as exc:  # e.g. an integer of more than 4,300 digits
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(exc).split())[:300]}") from None
+    finally:
+        loader.dispose()
 
 
 def load_experiment(path: str | Path, overrides: Mapping[str, Any] | None = None) -> ExperimentConfig:

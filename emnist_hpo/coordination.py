@@ -102,9 +102,19 @@ def sqlite_file(url: str) -> Path | None:
 
 
 def check_sqlite_location(url: str, what: str, option: str) -> None:
-    """Raise :class:`StorageError` unless the SQLite file of ``url`` exists or can be created; writes nothing."""
+    """Raise :class:`StorageError` unless the SQLite file of ``url`` exists or can be created; writes nothing.
+
+    An SQLite URL without a file (``sqlite://``, ``sqlite:///:memory:``, ``file:`` URIs) is refused:
+    an in-memory store vanishes with the process, so a study in it can never be resumed, shared
+    with ``--workers`` processes or shown by ``ui``.
+    """
     path = sqlite_file(url)
     if path is None:
+        if url.startswith("sqlite:"):
+            raise StorageError(
+                f"{what} {url!r} is not an SQLite file: an in-memory database is lost when the process ends, so "
+                f"it cannot be resumed or shared with worker processes (give {option} sqlite:///PATH.db)"
+            )
         return
     if path.exists():
         if not path.is_file():
@@ -122,6 +132,94 @@ def check_sqlite_location(url: str, what: str, option: str) -> None:
         raise StorageError(
             f"{what} {url!r} cannot be created: {probe} is not a writable folder (give {option} a path you can write)"
         )
+
+
+#: Tables only Optuna's RDB storage creates, and tables only MLflow's SQLAlchemy store creates (both have
+#: ``alembic_version``, so it tells them apart from neither).
+OPTUNA_TABLES = frozenset({"version_info", "studies", "trials", "study_directions", "trial_values"})
+MLFLOW_TABLES = frozenset({"experiments", "runs", "metrics", "params", "registered_models", "model_versions"})
+
+
+def _hide_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return url
+    return url.replace(f":{password}@", ":***@", 1) if password else url
+
+
+def _database(url: str) -> tuple | None:
+    """What identifies the database of a SQLAlchemy URL: (backend, host, port, database); None if not one."""
+    from sqlalchemy.engine import make_url
+
+    db = sqlite_file(url)
+    if db is not None:
+        return ("sqlite", str(db.expanduser().resolve()))
+    if "://" not in url or url.startswith(("http:", "https:", "file:", "sqlite:")):
+        return None
+    try:
+        u = make_url(url)
+    except Exception:  # noqa: BLE001 - not a database URL: the store's own check says so
+        return None
+    return (u.get_backend_name(), (u.host or "localhost").lower(), u.port, u.database)
+
+
+def sqlite_tables(url: str) -> set[str]:
+    """The tables of an existing SQLite database file, read without writing anything (empty if none)."""
+    import sqlite3
+
+    db = sqlite_file(url)
+    if db is None or not db.is_file() or db.stat().st_size == 0:
+        return set()
+    try:
+        conn = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+        try:
+            return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            conn.close()
+    except sqlite3.DatabaseError as exc:
+        raise StorageError(f"{_hide_password(url)!r}: {db} is not an SQLite database ({exc})") from None
+
+
+def check_separate_stores(storage: str | None, tracking_uri: str | None) -> None:
+    """Refuse an Optuna storage and an MLflow tracking store that are one database, or one store's URL that
+    points at the other's database: each would write its tables into the other's. Reads, never writes.
+
+    Call it with the resolved URLs before either store is opened (either may be None: only the other's
+    database is then checked for the foreign tables). The two stores are told apart by their own tables,
+    :data:`OPTUNA_TABLES` and :data:`MLFLOW_TABLES`.
+    """
+    if storage is not None and tracking_uri is not None:
+        a, b = _database(storage), _database(tracking_uri)
+        if a is not None and a == b:
+            raise StorageError(
+                f"the Optuna storage (--storage {_hide_password(storage)!r}) and the MLflow tracking store "
+                f"(--tracking-uri {_hide_password(tracking_uri)!r}) are the same database; each needs its own "
+                "(e.g. sqlite:///mlruns/optuna.db and sqlite:///mlruns/mlflow.db)"
+            )
+    for url, option, what, own, foreign, foreign_name in (
+        (storage, "--storage", "Optuna storage", OPTUNA_TABLES, MLFLOW_TABLES, "MLflow tracking store"),
+        (tracking_uri, "--tracking-uri", "MLflow tracking store", MLFLOW_TABLES, OPTUNA_TABLES, "Optuna storage"),
+    ):
+        if url is None:
+            continue
+        tables = sqlite_tables(url)
+        theirs = sorted(tables & foreign)
+        if theirs and not tables & own:
+            raise StorageError(
+                f"{option} {_hide_password(url)!r} is an {foreign_name}'s database (it holds the tables "
+                f"{', '.join(theirs[:4])}): the {what} must not write its tables into it; give {option} "
+                "a database of its own"
+            )
+        if tables and not tables & own and tables - {"alembic_version", "sqlite_sequence"}:
+            others = sorted(tables)
+            raise StorageError(
+                f"{option} {_hide_password(url)!r} holds tables of another application "
+                f"({', '.join(others[:4])}{', ...' if len(others) > 4 else ''}), not an {what}'s; give {option} "
+                "a database of its own"
+            )
 
 
 def sqlite_wal(db: Path) -> None:

@@ -32,6 +32,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -47,6 +48,7 @@ import numpy as np
 from emnist_hpo.errors import ConfigError, DataError
 
 __all__ = [
+    "MAX_IMAGES",
     "NIST_URL",
     "OFFICIAL_SHA256",
     "SPLITS",
@@ -103,6 +105,12 @@ _CACHE_VERSION = 1
 _MAPPINGS = Path(__file__).resolve().parent / "mappings"
 _IDX_DTYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _GZIP_MAGIC = b"\x1f\x8b"
+#: The most images an EMNIST file may hold: NIST's largest (byclass and bymerge train) holds 697,932.
+#: A header claiming more (2**32 - 1, say) is refused before anything is allocated or inflated.
+MAX_IMAGES = 1_000_000
+_MAX_IMAGE_BYTES = MAX_IMAGES * IMAGE_SIZE * IMAGE_SIZE
+#: Bytes read past a file's data to say how much more it holds than its header (a gzip bomb stops here).
+_TRAILING_PROBE = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -137,11 +145,25 @@ class _Source:
 
 
 def check_split(split: str) -> str:
-    """Return the canonical split name; ConfigError for an unknown one."""
-    name = split.strip().lower() if isinstance(split, str) else split
-    if name not in SPLITS:
-        raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}")
-    return name
+    """Return ``split`` if it is one of :data:`SPLITS` exactly; ConfigError otherwise.
+
+    Exactly: the name becomes the study, the MLflow experiment and the registered model
+    (``emnist-<split>``), so ``DIGITS`` would start a second, empty history beside
+    ``digits``. A case or spacing slip gets a "did you mean".
+    """
+    if isinstance(split, str) and split in SPLITS:
+        return split
+    hint = ""
+    if isinstance(split, str):
+        import difflib
+
+        folded = split.strip().lower()
+        if folded in SPLITS:
+            hint = f" (split names are lowercase: did you mean {folded!r}?)"
+        else:
+            close = difflib.get_close_matches(folded, SPLITS, n=1, cutoff=0.75)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ConfigError(f"unknown split {split!r}; allowed: {', '.join(SPLITS)}{hint}")
 
 
 def _file_name(split: str, role: str) -> str:
@@ -181,113 +203,180 @@ def load_classes(split: str) -> tuple[str, ...]:
 # -------------------------------------------------------------- parsing ---
 
 
-def _gunzip(data: bytes, name: str) -> bytes:
-    try:
-        return gzip.decompress(data)
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as exc:
-        raise DataError(
-            f"{name}: truncated or corrupt gzip data ({exc}); delete the file and fetch it again"
-        ) from exc
+class _GzipErrors:
+    """``with _GzipErrors(name):`` turns a gzip stream's errors into a DataError naming the file."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is not None and isinstance(exc, (EOFError, gzip.BadGzipFile, zlib.error, OSError)):
+            raise DataError(
+                f"{self.name}: truncated or corrupt gzip data ({exc}); delete the file and fetch it again"
+            ) from exc
+        return False
 
 
-def read_idx(data: bytes, *, name: str = "<bytes>") -> np.ndarray:
-    """Parse an IDX file's bytes (gunzipped first if they are gzip) into an array.
+def _open_idx(data: bytes) -> io.BufferedIOBase:
+    """A stream of the IDX bytes in ``data``, gunzipped on the fly if they are gzip: nothing is inflated
+    beyond what is read, so a small file that inflates to gigabytes costs only what the header allows."""
+    return gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == _GZIP_MAGIC else io.BytesIO(data)
 
-    The header is a magic number ``0x0000TTDD`` (TT the element type, DD the number
-    of dimensions) and DD big-endian uint32 sizes; the data must be exactly their
-    product of elements. The result is read-only, native byte order.
-    """
-    if data[:2] == _GZIP_MAGIC:
-        data = _gunzip(data, name)
-    if len(data) < 4:
-        raise DataError(f"{name}: {len(data)} bytes is too short for an IDX header (4 bytes at least)")
-    (magic,) = struct.unpack(">I", data[:4])
-    type_code, ndim = data[2], data[3]
+
+def _read_into(stream: io.BufferedIOBase, buf: memoryview) -> int:
+    """Fill ``buf`` from ``stream``; the number of bytes read (fewer at end of stream)."""
+    got = 0
+    while got < len(buf):
+        n = stream.readinto(buf[got:])
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _trailing(stream: io.BufferedIOBase) -> tuple[int, bool]:
+    """Bytes left in ``stream``, counted up to :data:`_TRAILING_PROBE`; and whether there are more than that."""
+    n = 0
+    while n < _TRAILING_PROBE:
+        block = stream.read(min(1 << 16, _TRAILING_PROBE - n))
+        if not block:
+            return n, False
+        n += len(block)
+    return n, bool(stream.read(1))
+
+
+def _read_magic(stream: io.BufferedIOBase, name: str) -> int:
+    head = stream.read(4)
+    if len(head) < 4:
+        raise DataError(f"{name}: {len(head)} bytes is too short for an IDX header (4 bytes at least)")
+    (magic,) = struct.unpack(">I", head)
+    return magic
+
+
+def _read_dims(stream: io.BufferedIOBase, name: str, magic: int, max_bytes: int,
+               most: str = f"{MAX_IMAGES:,} images of {IMAGE_SIZE}x{IMAGE_SIZE}") -> tuple[np.dtype, tuple[int, ...]]:
+    """The element type and sizes of an IDX header whose magic number was read; refuses a header claiming more
+    than ``max_bytes`` of data before anything is allocated or inflated."""
+    type_code, ndim = (magic >> 8) & 0xFF, magic & 0xFF
     if magic >> 16 or type_code not in _IDX_DTYPES or ndim == 0:
         codes = ", ".join(f"{code:02X}" for code in _IDX_DTYPES)
         raise DataError(
             f"{name}: magic number 0x{magic:08X} is not an IDX magic number "
             f"(0x0000TTDD with TT one of {codes} and DD >= 1 dimensions)"
         )
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{name}: header of {ndim} dimensions needs {header} bytes, the file has {len(data)}")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
+    raw = stream.read(4 * ndim)
+    if len(raw) < 4 * ndim:
+        raise DataError(f"{name}: header of {ndim} dimensions needs {4 + 4 * ndim} bytes, the file has {4 + len(raw)}")
+    dims = struct.unpack(f">{ndim}I", raw)
     dtype = np.dtype(_IDX_DTYPES[type_code])
-    count = int(np.prod(dims, dtype=np.int64))
-    expected, actual = count * dtype.itemsize, len(data) - header
-    if actual != expected:
-        shape = " x ".join(map(str, dims))
+    count = math.prod(dims)
+    if count * dtype.itemsize > max_bytes:
         raise DataError(
-            f"{name}: header says {shape} = {count} items ({expected} bytes of data), "
-            f"but the file holds {actual} bytes of data"
+            f"{name}: header says {' x '.join(map(str, dims))} = {count} items ({count * dtype.itemsize:,} bytes of "
+            f"data), more than any EMNIST file holds (at most {max_bytes:,} bytes: {most}); not an EMNIST file"
         )
-    array = np.frombuffer(data, dtype=dtype, count=count, offset=header).reshape(dims)
-    return array if dtype.isnative else array.astype(dtype.newbyteorder("="))
+    return dtype, dims
 
 
-def _check_magic(data: bytes, name: str, expected: int, what: str) -> None:
-    magic = struct.unpack(">I", data[:4])[0] if len(data) >= 4 else None
+def _length_error(name: str, dims: tuple[int, ...], expected: int, actual: int, more: bool = False) -> DataError:
+    shape = " x ".join(map(str, dims))
+    holds = f"at least {actual}" if more else str(actual)
+    return DataError(
+        f"{name}: header says {shape} = {math.prod(dims)} items ({expected} bytes of data), "
+        f"but the file holds {holds} bytes of data"
+    )
+
+
+def _read_payload(stream: io.BufferedIOBase, name: str, dtype: np.dtype, dims: tuple[int, ...]) -> np.ndarray:
+    """The data after a header: exactly what the header says, checked to be all there and nothing more."""
+    expected = math.prod(dims) * dtype.itemsize
+    buf = np.empty(expected, dtype=np.uint8)
+    got = _read_into(stream, memoryview(buf))
+    if got < expected:
+        raise _length_error(name, dims, expected, got)
+    extra, more = _trailing(stream)
+    if extra:
+        raise _length_error(name, dims, expected, expected + extra, more)
+    array = buf.view(dtype).reshape(dims)
+    if not dtype.isnative:
+        array = array.astype(dtype.newbyteorder("="))
+    array.flags.writeable = False
+    return array
+
+
+def read_idx(data: bytes, *, name: str = "<bytes>", max_bytes: int | None = None) -> np.ndarray:
+    """Parse an IDX file's bytes (gunzipped on the fly if they are gzip) into an array.
+
+    The header is a magic number ``0x0000TTDD`` (TT the element type, DD the number
+    of dimensions) and DD big-endian uint32 sizes; the data must be exactly their
+    product of elements, at most ``max_bytes`` (default: the largest EMNIST image
+    file, :data:`MAX_IMAGES` images). The result is read-only, native byte order.
+    """
+    with _GzipErrors(name):
+        stream = _open_idx(data)
+        magic = _read_magic(stream, name)
+        dtype, dims = _read_dims(stream, name, magic, _MAX_IMAGE_BYTES if max_bytes is None else max_bytes)
+        return _read_payload(stream, name, dtype, dims)
+
+
+def _check_magic(magic: int | None, name: str, expected: int, what: str) -> None:
     if magic != expected:
         got = "no magic number" if magic is None else f"magic number 0x{magic:08X}"
         dims = "3 dimensions" if expected == _IMAGES_MAGIC else "1 dimension"
         raise DataError(f"{name}: {got}, but {what} files must start with 0x{expected:08X} (unsigned bytes, {dims})")
 
 
-def _stream_images(raw: bytes, chunk: int = 8192) -> np.ndarray | None:
-    """Gunzip a valid image file straight into upright uint8 images, a chunk of images at a time.
+def _expect_magic(stream: io.BufferedIOBase, name: str, expected: int, what: str) -> int:
+    head = stream.read(4)
+    magic = struct.unpack(">I", head)[0] if len(head) == 4 else None
+    _check_magic(magic, name, expected, what)
+    return expected
+
+
+def _parse_images(raw: bytes, name: str, chunk: int = 8192) -> np.ndarray:
+    """Upright uint8 images (N, 28, 28), gunzipped straight into place a chunk of images at a time.
 
     Full bymerge then needs its 0.55 GB of images once, not three times (the gunzipped
-    bytes, their transposed copy and the result). None when anything is unusual: the
-    caller re-parses the whole file, which names the problem.
+    bytes, their transposed copy and the result); a header claiming more than
+    :data:`MAX_IMAGES` images is refused before anything is inflated.
     """
     side = IMAGE_SIZE * IMAGE_SIZE
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(raw)) as f:
-            header = f.read(16)
-            if len(header) != 16:
-                return None
-            magic, n, rows, cols = struct.unpack(">4I", header)
-            if magic != _IMAGES_MAGIC or (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE) or n == 0:
-                return None
-            out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)
-            for lo in range(0, n, chunk):
-                k = min(chunk, n - lo)
-                block = f.read(k * side)
-                if len(block) != k * side:
-                    return None
-                # NIST stores each image transposed: turn it upright
-                out[lo:lo + k] = np.frombuffer(block, dtype=np.uint8).reshape(k, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 1)
-            if f.read(1):
-                return None
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError, struct.error):
-        return None
+    with _GzipErrors(name):
+        stream = _open_idx(raw)
+        magic = _expect_magic(stream, name, _IMAGES_MAGIC, "image")
+        dtype, dims = _read_dims(stream, name, magic, _MAX_IMAGE_BYTES)
+        n, rows, cols = dims
+        if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
+            raise DataError(
+                f"{name}: images are {rows}x{cols} pixels; EMNIST images must be {IMAGE_SIZE}x{IMAGE_SIZE}"
+            )
+        expected = n * side
+        out = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.uint8)  # pages are committed only as they are filled
+        block = np.empty(min(chunk, max(n, 1)) * side, dtype=np.uint8)
+        for lo in range(0, n, chunk):
+            k = min(chunk, n - lo)
+            got = _read_into(stream, memoryview(block)[: k * side])
+            if got < k * side:
+                raise _length_error(name, dims, expected, lo * side + got)
+            # NIST stores each image transposed: turn it upright
+            out[lo:lo + k] = block[: k * side].reshape(k, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 1)
+        extra, more = _trailing(stream)
+        if extra:
+            raise _length_error(name, dims, expected, expected + extra, more)
+    if n == 0:
+        raise DataError(f"{name}: holds no images")
     return out
 
 
-def _parse_images(raw: bytes, name: str) -> np.ndarray:
-    if raw[:2] == _GZIP_MAGIC:
-        streamed = _stream_images(raw)
-        if streamed is not None:
-            return streamed
-    data = _gunzip(raw, name) if raw[:2] == _GZIP_MAGIC else raw
-    _check_magic(data, name, _IMAGES_MAGIC, "image")
-    array = read_idx(data, name=name)
-    if array.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE):
-        raise DataError(
-            f"{name}: images are {array.shape[1]}x{array.shape[2]} pixels; "
-            f"EMNIST images must be {IMAGE_SIZE}x{IMAGE_SIZE}"
-        )
-    if len(array) == 0:
-        raise DataError(f"{name}: holds no images")
-    # NIST stores each image transposed: turn it upright, as one C-contiguous copy.
-    return np.ascontiguousarray(array.transpose(0, 2, 1))
-
-
 def _parse_labels(raw: bytes, name: str, split: str, num_classes: int) -> np.ndarray:
-    data = _gunzip(raw, name) if raw[:2] == _GZIP_MAGIC else raw
-    _check_magic(data, name, _LABELS_MAGIC, "label")
-    labels = read_idx(data, name=name)
+    with _GzipErrors(name):
+        stream = _open_idx(raw)
+        magic = _expect_magic(stream, name, _LABELS_MAGIC, "label")
+        dtype, dims = _read_dims(stream, name, magic, MAX_IMAGES, f"{MAX_IMAGES:,} labels")
+        labels = _read_payload(stream, name, dtype, dims)
     low = _LABEL_OFFSET.get(split, 0)
     high = low + num_classes - 1
     bad = np.flatnonzero((labels < low) | (labels > high))
@@ -423,11 +512,37 @@ def _resolve_source(split: str, data_dir: str | os.PathLike[str] | None, downloa
     return _zip_source(split, cache_zip, "emnist package cache")
 
 
+def _max_file_bytes(role: str) -> int:
+    """The largest file (gzip'd or not) that can hold ``role``'s data: :data:`MAX_IMAGES` images or labels,
+    plus gzip's worst-case growth on incompressible data (5 bytes per 16 KB block) and its header."""
+    data = _MAX_IMAGE_BYTES if role.endswith("images") else MAX_IMAGES
+    return 16 + data + data // 1000 + 4096
+
+
+def _too_large(name: str, size: int, role: str) -> DataError:
+    kind = "images" if role.endswith("images") else "labels"
+    return DataError(
+        f"{name}: {size:,} bytes is larger than any EMNIST {kind} file can be (at most {_max_file_bytes(role):,} "
+        f"bytes: {MAX_IMAGES:,} {kind}); not an EMNIST file"
+    )
+
+
 def _read_source(source: _Source) -> dict[str, bytes]:
+    """The four files' bytes, each checked against the largest size an EMNIST file can have before it is read."""
+    names = _source_names(source)
     if source.zip_path is None:
+        for role, path in source.files.items():
+            size = Path(path).stat().st_size
+            if size > _max_file_bytes(role):
+                raise _too_large(names[role], size, role)
         return {role: Path(path).read_bytes() for role, path in source.files.items()}
     try:
         with zipfile.ZipFile(source.zip_path) as archive:
+            for role, member in source.files.items():
+                info = archive.getinfo(member)
+                if info.file_size > _max_file_bytes(role):
+                    raise _too_large(names[role], info.file_size, role)
+            # zipfile stops inflating a member at its recorded size (and then checks its CRC)
             return {role: archive.read(member) for role, member in source.files.items()}
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as exc:
         raise DataError(

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import baselines
-from .config import ExperimentConfig, load_experiment
+from .config import LIMITS, MAX_SEED, ExperimentConfig, load_experiment
 from .data import check_split
 from .dataset import PreparedData, prepare
 from .describe import describe_model
@@ -58,12 +58,19 @@ def overrides(
     """Command-line options as an override tree for :func:`load_experiment` (None: keep the YAML's)."""
     if epochs is not None and epochs < 1:
         raise ConfigError(f"--epochs must be >= 1 (epochs={epochs})")
+    if epochs is not None and epochs > LIMITS["epochs"]:
+        raise ConfigError(f"--epochs must be <= {LIMITS['epochs']} (epochs={epochs})")
     if max_train_samples is not None and max_train_samples < 10:
         raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={max_train_samples})")
     if val_fraction is not None and not 0 < val_fraction < 1:
         raise ConfigError(f"--val-fraction must be in (0, 1) (val_fraction={val_fraction})")
     if seed is not None and seed < 0:
         raise ConfigError(f"--seed must be >= 0 (seed={seed})")
+    if seed is not None and seed > MAX_SEED:
+        raise ConfigError(
+            f"--seed must be <= {MAX_SEED} = 2**31-1, so that every seed derived from it stays below 2**32 "
+            f"(seed={seed})"
+        )
     out: dict[str, Any] = {"train": {}, "data": {}}
     if epochs is not None:
         out["train"]["epochs"] = epochs

@@ -6,9 +6,11 @@ any heavy import or any store is touched.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
+from .config import LIMITS, MAX_SEED
 from .data import check_split
 from .errors import ConfigError
 
@@ -20,6 +22,15 @@ PRUNERS = ("successive-halving", "hyperband", "median", "none")
 FIDELITIES = ("data", "epochs", "none")
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
+#: ``--workers``: worker processes on one machine. Each holds its own copy of the data and of TensorFlow
+#: (~1 GB on full bymerge): more than this is a typo, not a machine. Scale out with more machines instead.
+MAX_WORKERS = 64
+#: ``--trials``: the study's target of finished trials.
+MAX_TRIALS = 100_000
+#: ``--folds``: re-evaluation folds per finalist (each a fold of train+validation of the validation's size).
+MAX_FOLDS = 20
+#: ``--finalists``: trials re-trained on every fold.
+MAX_FINALISTS = 100
 
 
 @dataclass
@@ -62,14 +73,10 @@ class StudyOptions:
 
     def validate(self) -> "StudyOptions":
         check_split(self.split)
-        if self.trials < 1:
-            raise ConfigError(f"--trials must be >= 1 (trials={self.trials})")
-        if self.epochs < 1:
-            raise ConfigError(f"--epochs must be >= 1 (epochs={self.epochs})")
-        if self.finalists < 0:
-            raise ConfigError(f"--finalists must be >= 0 (finalists={self.finalists})")
-        if self.folds < 1:
-            raise ConfigError(f"--folds must be >= 1 (folds={self.folds})")
+        _int_in("--trials", "trials", self.trials, 1, MAX_TRIALS)
+        _int_in("--epochs", "epochs", self.epochs, 1, LIMITS["epochs"])
+        _int_in("--finalists", "finalists", self.finalists, 0, MAX_FINALISTS)
+        _int_in("--folds", "folds", self.folds, 1, MAX_FOLDS)
         if self.max_params is not None and self.max_params < 1:
             raise ConfigError(f"--max-params must be >= 1 (max_params={self.max_params})")
         if self.max_flops is not None and self.max_flops < 1:
@@ -84,7 +91,7 @@ class StudyOptions:
             check_name(source, "--warm-start-from")
         if self.max_train_samples is not None and self.max_train_samples < 10:
             raise ConfigError(f"--max-train-samples must be >= 10 (max_train_samples={self.max_train_samples})")
-        if not 0 < self.val_fraction < 1:
+        if not 0 < self.val_fraction < 1:  # False for NaN too
             raise ConfigError(f"--val-fraction must be in (0, 1) (val_fraction={self.val_fraction})")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
         if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives) or self.objectives[0] != "accuracy":
@@ -102,14 +109,28 @@ class StudyOptions:
             raise ConfigError(f"worker must be >= 0 (worker={self.worker})")
         if self.workers < 1:
             raise ConfigError(f"--workers must be >= 1 (workers={self.workers})")
+        if self.workers > MAX_WORKERS:
+            raise ConfigError(
+                f"--workers must be <= {MAX_WORKERS} worker processes on one machine (workers={self.workers}); "
+                "to go wider, run the same study command on more machines sharing --storage and --tracking-uri"
+            )
         if self.seed < 0:
             raise ConfigError(f"--seed must be >= 0 (seed={self.seed})")
+        if self.seed > MAX_SEED:
+            raise ConfigError(
+                f"--seed must be <= {MAX_SEED} = 2**31-1, so that every seed derived from it stays below 2**32 "
+                f"(seed={self.seed})"
+            )
         if self.early_stopping_patience < 0:
             raise ConfigError(
                 f"--early-stopping must be >= 0 epochs, 0 = off (early_stopping={self.early_stopping_patience})"
             )
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"--timeout must be > 0 seconds (timeout={self.timeout})")
+        _int_in("--early-stopping", "early_stopping", self.early_stopping_patience, 0,
+                LIMITS["early_stopping_patience"])
+        if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ConfigError(f"--timeout must be > 0 seconds and finite (timeout={self.timeout})")
+        if not (0 <= self.tolerance < 1):
+            raise ConfigError(f"tolerance must be in [0, 1) (tolerance={self.tolerance})")
         if self.study_name is not None:
             check_name(self.study_name, "--study-name")
         return self
@@ -119,6 +140,13 @@ class StudyOptions:
         if self.study_name:
             return self.study_name
         return f"emnist-{self.split}" + ("-pareto" if len(self.objectives) > 1 else "")
+
+
+def _int_in(option: str, field: str, value: int, low: int, high: int) -> None:
+    if value < low:
+        raise ConfigError(f"{option} must be >= {low} ({field}={value})")
+    if value > high:
+        raise ConfigError(f"{option} must be <= {high} ({field}={value})")
 
 
 def check_name(name: str, option: str) -> str:

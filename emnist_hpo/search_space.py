@@ -17,12 +17,24 @@ never sampled.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .architecture import max_blocks
-from .config import OPTIMIZERS, PADDINGS, POOLS, SCHEDULES, AugmentConfig, ConvBlock, ExperimentConfig, read_yaml
+from .config import (
+    LIMITS,
+    OPTIMIZERS,
+    PADDINGS,
+    POOLS,
+    SCHEDULES,
+    AugmentConfig,
+    ConvBlock,
+    ExperimentConfig,
+    read_yaml,
+    short,
+)
 from .errors import ConfigError
 
 #: The largest augmentation an ``augment`` strength of 1.0 means.
@@ -39,25 +51,31 @@ def augment_strength(a: AugmentConfig) -> float | None:
     return s if all(abs(x - y) < 1e-9 for x, y in zip(scaled, (a.shift, a.zoom))) else None
 
 
-# name -> (value type, validator of one value or None); value types: int, float, bool, str
+def _upto(low: int, limit: str) -> tuple[Callable[[Any], bool], str]:
+    # LIMITS is read at each check, so a test can raise a limit (monkeypatch.setitem) to provoke a failing trial
+    return (lambda v: low <= v <= LIMITS[limit]), f"in {low}..{LIMITS[limit]}"
+
+
+# name -> (value type, validator of one value or None, the rule in words); value types: int, float, bool, str.
+# Integer maxima are config.LIMITS: far above anything useful on 28x28 images, far below a typo's 10**9.
 _KNOWN: dict[str, tuple[type, Callable[[Any], bool] | None, str]] = {
-    "conv_blocks": (int, lambda v: v >= 1, ">= 1"),
-    "convs_per_block": (int, lambda v: v >= 1, ">= 1"),
-    "filters": (int, lambda v: v >= 1, ">= 1"),
-    "kernel": (int, lambda v: v >= 1 and v % 2 == 1, "an odd integer >= 1"),
+    "conv_blocks": (int, *_upto(1, "conv_blocks")),
+    "convs_per_block": (int, *_upto(1, "convs")),
+    "filters": (int, *_upto(1, "filters")),
+    "kernel": (int, lambda v: 1 <= v < LIMITS["kernel"] and v % 2 == 1, f"an odd integer in 1..{LIMITS['kernel'] - 1}"),
     "padding": (str, lambda v: v in PADDINGS, "one of " + ", ".join(PADDINGS)),
     "pool": (str, lambda v: v in POOLS, "one of " + ", ".join(POOLS)),
     "batch_norm": (bool, None, "true or false"),
     "global_pool": (bool, None, "true or false"),
     "conv_dropout": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "dense_layers": (int, lambda v: v >= 0, ">= 0"),
-    "dense_units": (int, lambda v: v >= 1, ">= 1"),
+    "dense_layers": (int, *_upto(0, "dense_layers")),
+    "dense_units": (int, *_upto(1, "dense_units")),
     "dense_dropout": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
-    "batch_size": (int, lambda v: v >= 1, ">= 1"),
+    "batch_size": (int, *_upto(1, "batch_size")),
     "optimizer": (str, lambda v: v in OPTIMIZERS, "one of " + ", ".join(OPTIMIZERS)),
-    "learning_rate": (float, lambda v: v > 0, "> 0"),
+    "learning_rate": (float, lambda v: 0 < v < math.inf, "a finite number > 0"),
     "schedule": (str, lambda v: v in SCHEDULES, "one of " + ", ".join(SCHEDULES)),
-    "weight_decay": (float, lambda v: v >= 0, ">= 0"),
+    "weight_decay": (float, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
     "label_smoothing": (float, lambda v: 0 <= v < 1, "in [0, 1)"),
     "augment": (float, lambda v: 0 <= v <= 1, "in [0, 1]"),
 }
@@ -115,10 +133,17 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
             else isinstance(v, str)
         )
         if not ok_type:
-            raise ConfigError(f"{where}: {name}{what} must be of type {vtype.__name__}, got {v!r}")
+            raise ConfigError(f"{where}: {name}{what} must be of type {vtype.__name__}, got {short(v)}")
+        if vtype is float and not (isinstance(v, int) or math.isfinite(v)):
+            raise ConfigError(f"{where}: {name}{what} must be a finite number ({name}={v!r})")
         if check is not None and not check(v):
-            raise ConfigError(f"{where}: {name}{what} must be {rule} ({name}={v!r})")
-        return float(v) if vtype is float else v
+            raise ConfigError(f"{where}: {name}{what} must be {rule} ({name}={short(v)})")
+        try:
+            return float(v) if vtype is float else v
+        except OverflowError:
+            raise ConfigError(
+                f"{where}: {name}{what} must be a finite number, got an integer too large for a float"
+            ) from None
 
     if not isinstance(spec, Mapping):
         return Param(name, "fixed", value=check_value(spec, ""))
@@ -126,18 +151,22 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
     if "choices" in keys:
         extra = keys - {"choices"}
         if extra:
-            raise ConfigError(f"{where}: {name}: unknown key '{sorted(extra)[0]}' beside 'choices'; allowed: choices")
+            raise ConfigError(
+                f"{where}: {name}: unknown key '{sorted(extra, key=str)[0]}' beside 'choices'; allowed: choices"
+            )
         choices = spec["choices"]
         if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: {name}.choices must be a non-empty list (choices={choices!r})")
+            raise ConfigError(f"{where}: {name}.choices must be a non-empty list (choices={short(choices)})")
         vals = tuple(check_value(c, ".choices") for c in choices)
         if len(set(vals)) != len(vals):
-            raise ConfigError(f"{where}: {name}.choices must not repeat a value (choices={choices!r})")
+            raise ConfigError(f"{where}: {name}.choices must not repeat a value (choices={short(choices)})")
         return Param(name, "categorical", choices=vals)
     allowed = {"low", "high", "log", "step"}
     extra = keys - allowed
     if extra:
-        raise ConfigError(f"{where}: {name}: unknown key '{sorted(extra)[0]}'; allowed: choices, high, log, low, step")
+        raise ConfigError(
+            f"{where}: {name}: unknown key '{sorted(extra, key=str)[0]}'; allowed: choices, high, log, low, step"
+        )
     if not {"low", "high"} <= keys:
         missing = sorted({"low", "high"} - keys)[0]
         raise ConfigError(f"{where}: {name}: a range needs '{missing}' (or give 'choices', or a fixed value)")
@@ -148,13 +177,13 @@ def _parse_param(name: str, spec: Any, where: str) -> Param:
         raise ConfigError(f"{where}: {name}: low must be <= high (low={low}, high={high})")
     log = spec.get("log", False)
     if not isinstance(log, bool):
-        raise ConfigError(f"{where}: {name}.log must be true or false, got {log!r}")
+        raise ConfigError(f"{where}: {name}.log must be true or false, got {short(log)}")
     if log and low <= 0:
         raise ConfigError(f"{where}: {name}: low must be > 0 for a log range (low={low})")
     step = spec.get("step")
     if step is not None:
-        if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-            raise ConfigError(f"{where}: {name}.step must be a number > 0 (step={step!r})")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0 < step < math.inf:
+            raise ConfigError(f"{where}: {name}.step must be a finite number > 0 (step={short(step)})")
         if log:
             raise ConfigError(f"{where}: {name}: step and log cannot be combined (step={step}, log=true)")
     return Param(name, "int" if vtype is int else "float", low=low, high=high, log=log, step=step)
@@ -171,8 +200,10 @@ class SearchSpace:
     @classmethod
     def from_dict(cls, data: Any, where: str = "<dict>") -> "SearchSpace":
         if not isinstance(data, Mapping) or not data:
-            raise ConfigError(f"{where}: a search space must be a non-empty mapping of parameter names, got {data!r}")
-        unknown = sorted(set(data) - set(_KNOWN))
+            raise ConfigError(
+                f"{where}: a search space must be a non-empty mapping of parameter names, got {short(data)}"
+            )
+        unknown = sorted(set(data) - set(_KNOWN), key=str)
         if unknown:
             raise ConfigError(f"{where}: unknown key '{unknown[0]}'; allowed: {', '.join(sorted(_KNOWN))}")
         missing = [k for k in _REQUIRED if k not in data]

@@ -8,6 +8,7 @@ table's rows and every artifact file are unchanged.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import os
@@ -126,7 +127,97 @@ def _png(root: Path, name: str, size: tuple[int, int], truncate: bool = False) -
     return str(path)
 
 
-# Each case: (id, function of the working folder -> argv, substrings the one error line must hold).
+def _bytes(root: Path, name: str, data: bytes) -> str:
+    path = root / "inputs" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return str(path)
+
+
+def _laughs() -> str:
+    """The "billion laughs": ten lines whose aliases stand for 10**9 strings."""
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    for i in range(1, 10):
+        this, prev = chr(97 + i), chr(96 + i)
+        lines.append(f"{this}: &{this} [" + ", ".join([f"*{prev}"] * 10) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def _deep(key: str = "train") -> str:
+    return f"{key}: " + "[" * 50_000 + "]" * 50_000 + "\n"
+
+
+def _images_header(n: int) -> bytes:
+    return b"\x00\x00\x08\x03" + np.array([n, 28, 28], ">u4").tobytes()
+
+
+def _gzip_bomb() -> bytes:
+    """A 4 MB gzip file that inflates to 4 GiB: a valid header for 30 images, their data, then gzip members of zeros.
+
+    Made from one 64 MiB member repeated, so building it allocates 64 MiB, never gigabytes."""
+    head = gzip.compress(_images_header(30) + bytes(30 * 28 * 28), mtime=0)
+    return head + gzip.compress(bytes(64 << 20), compresslevel=9, mtime=0) * 64
+
+
+def _sparse_images(root: Path) -> str:
+    """A digits folder whose train images file is 900 MB long, all of it a hole (no disk used, nothing to read)."""
+    folder = _nist_folder(root, "oversized")
+    with open(Path(folder) / "emnist-digits-train-images-idx3-ubyte.gz", "r+b") as f:
+        f.truncate(900_000_000)
+    return folder
+
+
+def _foreign_sqlite(root: Path) -> str:
+    path = root / "inputs" / "app.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        with sqlite3.connect(path) as conn:
+            conn.execute("CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT)")
+    return str(path)
+
+
+def _disk_full_at_run_start(monkeypatch, root: Path) -> None:
+    """The MLflow store's disk is full as `run` starts its run (nothing is written: the write is what fails)."""
+    from emnist_hpo.tracking import Tracker
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(root / "mlruns" / "artifacts" / "1" / "run"))
+
+    monkeypatch.setattr(Tracker, "start_run", full)
+
+
+def _sqlite_full_at_run_start(monkeypatch, root: Path) -> None:
+    """As MLflow reports SQLite's full disk: its own exception, caused by sqlite3's OperationalError."""
+    from emnist_hpo.tracking import Tracker
+
+    def full(self, *args, **kwargs):
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full [SQL: INSERT INTO runs ...]") from exc
+
+    monkeypatch.setattr(Tracker, "start_run", full)
+
+
+RUN = ["run", "--split", "digits", "--max-train-samples", "100", "--no-progress"]
+
+
+def _run_yaml(r: Path, name: str, text: str) -> list[str]:
+    """`run` of an experiment file with ``text``."""
+    return ["run", _file(r, name, text), *RUN[1:]]
+
+
+def _seed_yaml(r: Path, name: str, text: str) -> list[str]:
+    """A study whose seed experiment is a file with ``text``."""
+    return [*STUDY[:-2], "--no-progress", "--seed-experiments", _file(r, name, text)]
+
+
+def _space_yaml(r: Path, name: str, text: str) -> list[str]:
+    return [*STUDY, "--search-space", _file(r, name, text)]
+
+
+# Each case: (id, function of the working folder -> argv, substrings the one error line must hold[, patch]);
+# patch(monkeypatch, working folder) sets up a fault before the command runs.
 CASES = [
     # command-line options
     ("split", lambda r: ["study", "--split", "klingon"], ["'klingon'", "allowed: byclass, bymerge"]),
@@ -194,6 +285,150 @@ CASES = [
      ["space.yaml", "not a writable folder"]),
     ("tracking-db-closed-port", lambda r: [*STUDY, "--tracking-uri", "postgresql://postgres@127.0.0.1:1/m"],
      ["'postgresql://postgres@127.0.0.1:1/m'", "unreachable"]),
+    # YAML that would hang, exhaust the stack or decode wrongly (experiment and search-space files)
+    ("space-billion-laughs", lambda r: _space_yaml(r, "laughs.yaml", _laughs()), ["laughs.yaml", "alias *a"]),
+    ("experiment-billion-laughs", lambda r: _seed_yaml(r, "laughs-e.yaml", _laughs()), ["laughs-e.yaml", "alias *a"]),
+    ("run-billion-laughs", lambda r: _run_yaml(r, "laughs-r.yaml", _laughs()), ["laughs-r.yaml", "alias *a"]),
+    ("space-deep-nesting", lambda r: _space_yaml(r, "deep.yaml", _deep("filters")),
+     ["deep.yaml", "nested deeper than 32 levels"]),
+    ("experiment-deep-nesting", lambda r: _seed_yaml(r, "deep-e.yaml", _deep()),
+     ["deep-e.yaml", "nested deeper than 32 levels"]),
+    ("run-deep-nesting", lambda r: _run_yaml(r, "deep-r.yaml", _deep()), ["deep-r.yaml", "nested deeper than 32"]),
+    ("space-latin-1", lambda r: [*STUDY, "--search-space", _bytes(r, "latin1.yaml", SPACE.encode() + "# caf\u00e9\n".encode(
+        "latin-1"))], ["latin1.yaml", "not UTF-8", "0xe9", "line 7"]),
+    ("experiment-latin-1", lambda r: [*STUDY[:-2], "--no-progress", "--seed-experiments", _bytes(
+        r, "latin1-e.yaml", "description: \u00e9t\u00e9\n".encode("latin-1"))], ["latin1-e.yaml", "not UTF-8", "0xe9"]),
+    ("run-utf-16", lambda r: ["run", _bytes(r, "utf16.yaml", "train: {epochs: 1}\n".encode("utf-16")), *RUN[1:]],
+     ["utf16.yaml", "not UTF-8", "0xff"]),
+    ("run-huge-integer", lambda r: _run_yaml(r, "digits5000.yaml", "train: {epochs: " + "9" * 5000 + "}\n"),
+     ["digits5000.yaml", "5000 digits"]),
+    ("run-file-too-large", lambda r: _run_yaml(r, "big.yaml", "# padding\n" * 120_000),
+     ["big.yaml", "1,200,000 bytes is too large", "1,048,576"]),
+    ("run-mixed-keys", lambda r: _run_yaml(r, "keys.yaml", "1: one\nfoo: two\n"), ["keys.yaml", "unknown key '1'"]),
+    # NaN and infinity: on the command line and in YAML
+    ("val-fraction-nan", lambda r: [*STUDY, "--val-fraction", "nan"], ["--val-fraction", "finite", "'nan'"]),
+    ("timeout-inf", lambda r: [*STUDY, "--timeout", "inf"], ["--timeout", "finite", "'inf'"]),
+    ("timeout-nan", lambda r: [*STUDY, "--timeout", "NaN"], ["--timeout", "finite", "'NaN'"]),
+    ("timeout-overflow", lambda r: [*STUDY, "--timeout", "1e999"], ["--timeout", "finite", "'1e999'"]),
+    ("run-val-fraction-inf", lambda r: ["run", "two_conv", *RUN[1:], "--val-fraction=-inf"],
+     ["--val-fraction", "finite", "'-inf'"]),
+    ("space-nan", lambda r: _space_yaml(r, "nan.yaml", SPACE.replace("low: 1.0e-3", "low: .nan")),
+     ["nan.yaml", "learning_rate.low must be a finite number", "nan"]),
+    ("space-inf", lambda r: _space_yaml(r, "inf.yaml", SPACE.replace("high: 1.0e-2", "high: .inf")),
+     ["inf.yaml", "learning_rate.high must be a finite number", "inf"]),
+    ("space-step-nan", lambda r: _space_yaml(r, "step.yaml", SPACE + "conv_dropout: {low: 0.0, high: 0.5, step: .nan}\n"),
+     ["step.yaml", "conv_dropout.step", "nan"]),
+    ("run-nan", lambda r: _run_yaml(r, "wd.yaml", "train: {weight_decay: .nan}\n"),
+     ["wd.yaml", "train.weight_decay must be a finite number", "nan"]),
+    ("run-inf", lambda r: _run_yaml(r, "rot.yaml", "model: {augment: {rotation: .inf}}\n"),
+     ["rot.yaml", "model.augment.rotation must be a finite number", "inf"]),
+    ("experiment-inf", lambda r: _seed_yaml(r, "lr.yaml", "train: {learning_rate: -.inf}\n"),
+     ["lr.yaml", "train.learning_rate must be a finite number", "-inf"]),
+    # seeds: every derived seed (seed + 1000 per process, + trial number, ...) must stay below 2**32
+    ("seed-2**32-1", lambda r: [*STUDY, "--seed", "4294967295"], ["--seed must be <= 2147483647", "=4294967295"]),
+    ("seed-2**31", lambda r: [*STUDY, "--seed", "2147483648"], ["--seed must be <= 2147483647", "=2147483648"]),
+    ("run-seed", lambda r: ["run", "two_conv", *RUN[1:], "--seed", "4294967295"],
+     ["--seed must be <= 2147483647", "=4294967295"]),
+    ("experiment-seed", lambda r: _run_yaml(r, "seed.yaml", "train: {seed: 4294967296}\n"),
+     ["seed.yaml", "train.seed must be <= 2147483647", "4294967296"]),
+    # split names: exactly one of the six, everywhere a split is taken
+    ("split-case", lambda r: [*STUDY[:2], "DIGITS", *STUDY[3:]], ["'DIGITS'", "allowed: byclass", "did you mean 'digits'"]),
+    ("split-typo", lambda r: [*STUDY[:2], "leters", *STUDY[3:]], ["'leters'", "did you mean 'letters'"]),
+    ("run-split-case", lambda r: ["run", "two_conv", "--split", "Digits", *RUN[3:]], ["'Digits'", "did you mean 'digits'"]),
+    ("predict-split-case", lambda r: ["predict", "--split", "DIGITS", _png(r, "ok2.png", (64, 64))],
+     ["'DIGITS'", "did you mean 'digits'"]),
+    ("export-split-case", lambda r: ["export", "--split", "Mnist", "--output", str(r / "inputs" / "m.tflite")],
+     ["'Mnist'", "did you mean 'mnist'"]),
+    # counts with a ceiling
+    ("workers-too-many", lambda r: [*STUDY, "--workers", "1000"], ["--workers must be <= 64", "workers=1000"]),
+    ("trials-too-many", lambda r: [*STUDY, "--trials", "1000000000"], ["--trials must be <= 100000", "=1000000000"]),
+    ("epochs-too-many", lambda r: [*STUDY, "--epochs", "100000"], ["--epochs must be <= 1000", "=100000"]),
+    ("run-epochs-too-many", lambda r: ["run", "two_conv", *RUN[1:], "--epochs", "100000"],
+     ["--epochs must be <= 1000", "=100000"]),
+    ("folds-too-many", lambda r: [*STUDY, "--folds", "500"], ["--folds must be <= 20", "=500"]),
+    ("early-stopping-text", lambda r: [*STUDY, "--early-stopping", "three"], ["--early-stopping", "'three'"]),
+    ("ui-port", lambda r: ["ui", "--mlflow-port", "70000"], ["--mlflow-port", "1..65535", "'70000'"]),
+    # absurd architectures: errors naming the field
+    ("space-filters", lambda r: _space_yaml(r, "f.yaml", SPACE.replace("{choices: [4, 8]}", "1000000000")),
+     ["f.yaml", "filters must be in 1..1024", "1000000000"]),
+    ("space-kernel", lambda r: _space_yaml(r, "k29.yaml", SPACE.replace("kernel: 3", "kernel: {choices: [3, 29]}")),
+     ["k29.yaml", "kernel.choices must be an odd integer in 1..27", "29"]),
+    ("space-dense-units", lambda r: _space_yaml(r, "du.yaml", SPACE.replace("dense_units: 16", "dense_units: {low: 16, "
+                                                                                             "high: 100000}")),
+     ["du.yaml", "dense_units.high must be in 1..8192", "100000"]),
+    ("space-batch-size", lambda r: _space_yaml(r, "bs.yaml", SPACE + "batch_size: 10000000\n"),
+     ["bs.yaml", "batch_size must be in 1..16384", "10000000"]),
+    ("space-convs", lambda r: _space_yaml(r, "cpb.yaml", SPACE + "convs_per_block: 1000000000\n"),
+     ["cpb.yaml", "convs_per_block must be in 1..8", "1000000000"]),
+    ("run-filters", lambda r: _run_yaml(r, "filters.yaml", "model: {conv_blocks: [{filters: 1000000000}]}\n"),
+     ["filters.yaml", "model.conv_blocks[0].filters must be <= 1024", "1000000000"]),
+    ("run-kernel", lambda r: _run_yaml(r, "kernel.yaml", "model: {conv_blocks: [{filters: 8, kernel: 29}]}\n"),
+     ["kernel.yaml", "model.conv_blocks[0].kernel must be <= 28", "29"]),
+    ("run-dense", lambda r: _run_yaml(r, "dense.yaml", "model: {dense: [128, 50000000]}\n"),
+     ["dense.yaml", "model.dense[1] must be <= 8192", "50000000"]),
+    ("run-batch-size", lambda r: _run_yaml(r, "batch.yaml", "train: {batch_size: 100000000}\n"),
+     ["batch.yaml", "train.batch_size must be <= 16384", "100000000"]),
+    ("run-epochs", lambda r: _run_yaml(r, "ep.yaml", "train: {epochs: 1000000}\n"),
+     ["ep.yaml", "train.epochs must be <= 1000", "1000000"]),
+    ("run-lstm-units", lambda r: _run_yaml(r, "lstm.yaml", "model: {kind: lstm, lstm_units: 100000000}\n"),
+     ["lstm.yaml", "model.lstm_units must be <= 4096", "100000000"]),
+    ("experiment-filters", lambda r: _seed_yaml(r, "f-e.yaml", "model: {conv_blocks: [{filters: 8, convs: 1000000}]}\n"),
+     ["f-e.yaml", "model.conv_blocks[0].convs must be <= 8", "1000000"]),
+    # scikit-learn options of the classical baselines: checked when the YAML is loaded
+    ("sklearn-unknown", lambda r: _run_yaml(r, "rf.yaml", "model: {kind: random_forest, options: {n_trees: 5}}\n"),
+     ["rf.yaml", "model.options.n_trees", "n_estimators"]),
+    ("sklearn-value", lambda r: _run_yaml(r, "svm.yaml", "model: {kind: svm, options: {kernel: cubic}}\n"),
+     ["svm.yaml", "SVC", "'kernel'", "'cubic'"]),
+    ("sklearn-range", lambda r: _run_yaml(r, "knn.yaml", "model: {kind: knn, options: {n_neighbors: 0}}\n"),
+     ["knn.yaml", "'n_neighbors'", "Got 0"]),
+    ("sklearn-in-seed-experiment", lambda r: _seed_yaml(r, "rf-e.yaml", "model: {kind: random_forest, options: "
+                                                                         "{n_estimators: -5}}\n"),
+     ["rf-e.yaml", "'n_estimators'", "Got -5"]),
+    ("options-on-cnn", lambda r: _run_yaml(r, "opts.yaml", "model: {options: {n_estimators: 5}}\n"),
+     ["opts.yaml", "model.options applies to the classical kinds", "n_estimators"]),
+    # stores: in-memory, or one store pointing at the other's database
+    ("storage-memory", lambda r: [*STUDY, "--storage", "sqlite:///:memory:"], ["'sqlite:///:memory:'", "in-memory",
+                                                                                "sqlite:///PATH.db"]),
+    ("storage-memory-bare", lambda r: [*STUDY, "--storage", "sqlite://"], ["'sqlite://'", "in-memory"]),
+    ("tracking-memory", lambda r: [*STUDY, "--tracking-uri", "sqlite:///:memory:"],
+     ["MLflow tracking store 'sqlite:///:memory:'", "in-memory"]),
+    ("tracking-memory-bare", lambda r: ["run", "two_conv", *RUN[1:], "--tracking-uri", "sqlite://"],
+     ["'sqlite://'", "in-memory", "--tracking-uri"]),
+    ("ui-storage-memory", lambda r: ["ui", "--storage", "sqlite:///:memory:"], ["'sqlite:///:memory:'", "in-memory"]),
+    ("storage-is-mlflow-db", lambda r: [*STUDY, "--storage", f"sqlite:///{r}/mlruns/mlflow.db", "--tracking-uri",
+                                        f"sqlite:///{r}/elsewhere/mlflow.db"],
+     ["--storage", "mlruns/mlflow.db' is an MLflow tracking store's database", "experiments"]),
+    ("tracking-is-optuna-db", lambda r: [*STUDY, "--tracking-uri", f"sqlite:///{r}/mlruns/optuna.db", "--storage",
+                                         f"sqlite:///{r}/elsewhere/optuna.db"],
+     ["--tracking-uri", "mlruns/optuna.db' is an Optuna storage's database", "studies"]),
+    ("run-tracking-is-optuna-db", lambda r: ["run", "two_conv", *RUN[1:], "--tracking-uri",
+                                             f"sqlite:///{r}/mlruns/optuna.db"],
+     ["--tracking-uri", "optuna.db' is an Optuna storage's database"]),
+    ("storage-same-as-tracking", lambda r: [*STUDY, "--storage", "sqlite:///mlruns/mlflow.db"],
+     ["mlruns/mlflow.db", "Optuna storage", "MLflow tracking store", "same database"]),
+    ("storage-same-server-db", lambda r: [*STUDY, "--storage", "postgresql://u:hunter2@127.0.0.1:1/db",
+                                          "--tracking-uri", "postgresql+psycopg2://u@127.0.0.1:1/db"],
+     ["u:***@127.0.0.1:1/db", "same database"]),
+    ("ui-same-database", lambda r: ["ui", "--storage", "sqlite:///mlruns/mlflow.db"], ["mlflow.db", "same database"]),
+    ("storage-other-application", lambda r: [*STUDY, "--storage", f"sqlite:///{_foreign_sqlite(r)}"],
+     ["app.db", "tables of another application", "customers"]),
+    # data files that claim or inflate to gigabytes
+    ("data-2**32-images", lambda r: [*STUDY, "--data-dir", _nist_folder(r, "huge", **{
+        "train-images": gzip.compress(_images_header(2**32 - 1) + bytes(784), mtime=0)})],
+     ["emnist-digits-train-images-idx3-ubyte.gz", "4294967295 x 28 x 28", "at most 784,000,000 bytes"]),
+    ("data-2**32-labels", lambda r: [*STUDY, "--data-dir", _nist_folder(r, "hugel", **{
+        "test-labels": gzip.compress(b"\x00\x00\x08\x01" + np.array([2**32 - 1], ">u4").tobytes(), mtime=0)})],
+     ["emnist-digits-test-labels-idx1-ubyte.gz", "4294967295", "1,000,000 labels"]),
+    ("data-gzip-bomb", lambda r: [*STUDY, "--data-dir", _nist_folder(r, "bomb", **{"train-images": _gzip_bomb()})],
+     ["emnist-digits-train-images-idx3-ubyte.gz", "23520 bytes of data", "at least"]),
+    ("data-file-too-large", lambda r: [*STUDY, "--data-dir", _sparse_images(r)],
+     ["emnist-digits-train-images-idx3-ubyte.gz", "900,000,000 bytes is larger than any EMNIST images file"]),
+    # a full disk
+    ("disk-full", lambda r: ["run", "two_conv", *RUN[1:]], ["disk full", "No space left on device",
+                                                            "an MLflow artifact", "mlruns/artifacts", "run the same command"],
+     _disk_full_at_run_start),
+    ("sqlite-full", lambda r: ["run", "two_conv", *RUN[1:]], ["disk full", "database or disk is full"],
+     _sqlite_full_at_run_start),
     # images for predict (the stores hold a digits champion)
     ("image-empty", lambda r: ["predict", "--split", "digits", _file(r, "empty.png", "")], ["empty.png", "empty"]),
     ("image-text", lambda r: ["predict", "--split", "digits", _file(r, "note.png", "not an image")],
@@ -207,9 +442,17 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("make_argv, needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line_and_records_nothing(world, make_argv, needles, capsys):
+def test_the_table_holds_60_distinct_cases():
+    ids = [c[0] for c in CASES]
+    assert len(ids) == len(set(ids)) and len(ids) >= 60, len(ids)
+
+
+@pytest.mark.parametrize("make_argv, needles, patch", [(c[1], c[2], c[3] if len(c) > 3 else None) for c in CASES],
+                         ids=[c[0] for c in CASES])
+def test_bad_input_exits_2_with_one_line_and_records_nothing(world, make_argv, needles, patch, capsys, monkeypatch):
     argv = make_argv(world)
+    if patch is not None:
+        patch(monkeypatch, world)
     before = snapshot(world)
     code, out, err = _cli(argv, capsys)
     lines = [line for line in err.splitlines() if line.strip()]
@@ -289,3 +532,44 @@ def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypat
     assert any(f"checkpoint {checkpoint} not loaded" in m and "retraining trial 0" in m for m in said), said
     assert not marker.exists()
     assert res.registered is not None and res.params is not None and res.params != evil.count_params()
+
+
+def test_the_largest_seed_runs_and_resumes(tmp_path, sample_dir, isolated_in):
+    """--seed 2**31-1, the documented maximum, runs and resumes: the resumed process's sampler seed (seed + 1000)
+    and the trials' training seeds (seed + trial number) all stay below 2**32, as NumPy requires."""
+    import optuna
+
+    from emnist_hpo.config import MAX_SEED
+
+    (tmp_path / "space.yaml").write_text(SPACE)
+    argv = [*STUDY, "--seed", str(MAX_SEED), "--data-dir", str(sample_dir), "--no-register", "--no-final-fit",
+            "--no-trial-plots"]
+    with isolated_in(tmp_path):
+        assert main(argv) == 0
+        assert main([*argv, "--trials", "2"]) == 0  # a second process opens the study: seed + 1000
+    study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+
+
+def test_disk_full_names_what_was_written_and_other_errors_still_raise(monkeypatch, capsys):
+    """ENOSPC/EDQUOT, however deeply wrapped, is one line naming the file; any other OSError stays a traceback."""
+    from emnist_hpo import cli
+
+    assert cli.disk_full(OSError(errno.ENOSPC, "No space left on device", "/w/mlruns/checkpoints/s/trial_3.keras")) == (
+        "No space left on device while writing a trial checkpoint /w/mlruns/checkpoints/s/trial_3.keras")
+    try:
+        try:
+            raise OSError(errno.EDQUOT, "Disk quota exceeded", "/w/mlruns/mlflow.db-wal")
+        except OSError as inner:
+            raise RuntimeError("write failed") from inner
+    except RuntimeError as outer:
+        assert cli.disk_full(outer) == "Disk quota exceeded while writing the store database /w/mlruns/mlflow.db-wal"
+    assert cli.disk_full(OSError(errno.EACCES, "Permission denied", "/x")) is None
+    assert cli.disk_full(ValueError("bad")) is None
+
+    def denied(args):
+        raise PermissionError(errno.EACCES, "Permission denied", "/root/x")
+
+    monkeypatch.setitem(cli.COMMANDS, "compare", denied)
+    with pytest.raises(PermissionError):  # not a user error: the traceback is what helps
+        cli.main(["compare"])

@@ -182,3 +182,25 @@ def test_every_experiment_file_loads_and_describes_its_model():
             make_estimator(cfg)
     svm = load_experiment(REPO / "experiments" / "svm.yaml")
     assert svm.data.max_train_samples is not None  # kernel SVMs cap their training pool
+
+
+def test_classical_options_are_checked_when_the_yaml_is_loaded(tmp_path):
+    """scikit-learn's own parameter checks run on load, not minutes into a fit: a bad value names the option."""
+    from emnist_hpo.errors import ConfigError
+
+    for text, needle in (
+        ("model: {kind: random_forest, options: {n_estimators: 0}}", "'n_estimators' parameter of RandomForestClassifier"),
+        ("model: {kind: svm, options: {kernel: cubic}}", "'kernel' parameter of SVC"),
+        ("model: {kind: knn, options: {n_neighbors: 2.5}}", "'n_neighbors' parameter of KNeighborsClassifier"),
+        ("model: {kind: knn, options: {k: 3}}", "unknown key 'model.options.k' for KNeighborsClassifier; allowed: "),
+    ):
+        p = tmp_path / "classical.yaml"
+        p.write_text(text + "\n")
+        with pytest.raises(ConfigError) as err:
+            load_experiment(p)
+        assert needle in str(err.value) and "classical.yaml" in str(err.value)
+    p.write_text("model: {kind: random_forest, options: {n_estimators: 3}}\ntrain: {seed: 7}\n")
+    from emnist_hpo.baselines import make_estimator
+
+    est = make_estimator(load_experiment(p))
+    assert est.n_estimators == 3 and est.random_state == 7  # random_state defaults to train.seed

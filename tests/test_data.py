@@ -7,7 +7,9 @@ import gzip
 import hashlib
 import http.server
 import os
+import re
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -82,7 +84,12 @@ def _no_download(*args: object, **kwargs: object) -> None:
 
 def test_check_split_names_allowed_values() -> None:
     assert data.SPLITS == ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")
-    assert data.check_split("ByMerge") == "bymerge"
+    assert data.check_split("bymerge") == "bymerge"
+    # exactly: "DIGITS" would name a second study, experiment and model (emnist-DIGITS) beside emnist-digits
+    for wrong, hint in (("ByMerge", "lowercase: did you mean 'bymerge'?"), (" digits", "did you mean 'digits'?"),
+                        ("leters", "did you mean 'letters'?")):
+        with pytest.raises(ConfigError, match=rf"unknown split '{re.escape(wrong)}'; allowed: byclass, .*{re.escape(hint)}"):
+            data.check_split(wrong)
     with pytest.raises(ConfigError, match=r"unknown split 'foo'; allowed: byclass, bymerge, balanced, "
                                           r"letters, digits, mnist"):
         data.check_split("foo")
@@ -430,6 +437,60 @@ def test_broken_zip(tmp_path: Path) -> None:
     (folder / "emnist.zip").write_bytes(b"PK\x03\x04 half a zip")
     with pytest.raises(DataError, match=r"emnist.zip is not a readable zip archive .*delete it"):
         data.load_split("digits", folder)
+
+
+def _peak_bytes(fn) -> int:
+    """Peak bytes traced (Python and NumPy allocations) while ``fn()`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak
+
+
+def test_header_claiming_2_32_images_is_refused_before_allocating(nist) -> None:
+    huge = nist.gz(struct.pack(">4I", 0x803, 2**32 - 1, 28, 28) + bytes(784))
+    peak = _peak_bytes(lambda: _load_broken(nist, replace={"train-images": huge}))
+    message = _load_broken(nist, replace={"train-images": huge})
+    assert ("emnist-digits-train-images-idx3-ubyte.gz: header says 4294967295 x 28 x 28 = 3367254359280 items "
+            "(3,367,254,359,280 bytes of data), more than any EMNIST file holds (at most 784,000,000 bytes: "
+            "1,000,000 images of 28x28)") in message
+    assert peak < 16 << 20
+    labels = nist.gz(struct.pack(">2I", 0x801, 2**32 - 1))
+    message = _load_broken(nist, replace={"test-labels": labels})
+    assert "header says 4294967295 = 4294967295 items" in message and "1,000,000 labels" in message
+    with pytest.raises(DataError, match="more than any EMNIST file holds"):
+        data.read_idx(struct.pack(">4I", 0x803, 2**32 - 1, 2**32 - 1, 2**32 - 1))
+
+
+def test_gzip_bomb_is_never_inflated(nist) -> None:
+    """4 MB that inflate to 4 GiB past a 30-image header: refused after the header's data plus 1 MiB, in little memory."""
+    head = nist.gz(nist.idx(np.zeros((30, 28, 28), np.uint8)))
+    bomb = head + gzip.compress(bytes(64 << 20), compresslevel=9, mtime=0) * 64
+    assert len(bomb) < 8 << 20
+    start = time.perf_counter()
+    peak = _peak_bytes(lambda: _load_broken(nist, replace={"train-images": bomb}))
+    assert peak < 64 << 20 and time.perf_counter() - start < 10
+    message = _load_broken(nist, replace={"train-images": bomb})
+    assert ("emnist-digits-train-images-idx3-ubyte.gz: header says 30 x 28 x 28 = 23520 items (23520 bytes of data), "
+            "but the file holds at least") in message
+    labels_bomb = nist.gz(nist.idx(np.zeros(10, np.uint8))) + gzip.compress(bytes(16 << 20), mtime=0) * 16
+    assert "but the file holds at least" in _load_broken(nist, replace={"test-labels": labels_bomb})
+
+
+def test_a_file_larger_than_any_emnist_file_is_not_read(nist, tmp_path: Path, monkeypatch) -> None:
+    folder = nist.folder("digits", "oversized")
+    target = folder / nist.file_name("digits", "train-images")
+    with open(target, "r+b") as f:
+        f.truncate(900_000_000)  # a hole: no disk used
+    monkeypatch.setattr(Path, "read_bytes", lambda self: pytest.fail(f"read {self}"))
+    with pytest.raises(DataError, match=r"emnist-digits-train-images-idx3-ubyte.gz: 900,000,000 bytes is larger than "
+                                        r"any EMNIST images file can be \(at most 784,788,112 bytes: 1,000,000 images\)"):
+        data.load_split("digits", folder, download=False)
 
 
 def test_read_idx_validation() -> None:

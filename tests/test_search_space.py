@@ -43,7 +43,7 @@ learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
         ("pool: {choices: [max, median]}", "pool.choices must be one of max, avg (pool='median')"),
         ("batch_size: {choices: [64, '128']}", "batch_size.choices must be of type int, got '128'"),
         ("label_smoothing: {low: 0, high: 0.2, log: true}", "low must be > 0 for a log range (low=0.0)"),
-        ("kernel: {choices: [4]}", "kernel.choices must be an odd integer >= 1 (kernel=4)"),
+        ("kernel: {choices: [4]}", "kernel.choices must be an odd integer in 1..27 (kernel=4)"),
         ("conv_blocks: {low: 1, high: 5}", "conv_blocks must be <= 4 for kernel 3 with padding 'same'"),
         ("optimizer: {choices: [adam], step: 1}", "unknown key 'step' beside 'choices'"),
         ("augment: {low: 0.0}", "a range needs 'high'"),
@@ -136,3 +136,104 @@ def test_augmentation_maps_to_a_strength_only_on_the_space_scale():
     assert augment_strength(AugmentConfig()) == 0.0
     assert augment_strength(AugmentConfig(rotation=9, shift=0.09, zoom=0.09)) == pytest.approx(0.6)
     assert augment_strength(AugmentConfig(rotation=10, shift=0.3, zoom=0.3)) is None  # the research's: off the scale
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ("filters: {choices: [8, 1000000000]}", "filters.choices must be in 1..1024 (filters=1000000000)"),
+        ("kernel: 29", "kernel must be an odd integer in 1..27 (kernel=29)"),
+        ("convs_per_block: 1000000000", "convs_per_block must be in 1..8 (convs_per_block=1000000000)"),
+        ("dense_units: {low: 16, high: 1000000}", "dense_units.high must be in 1..8192 (dense_units=1000000)"),
+        ("dense_layers: {low: 0, high: 100}", "dense_layers.high must be in 0..8 (dense_layers=100)"),
+        ("batch_size: {choices: [64, 100000]}", "batch_size.choices must be in 1..16384 (batch_size=100000)"),
+        ("learning_rate: {low: 1.0e-3, high: .inf, log: true}", "learning_rate.high must be a finite number"),
+        ("weight_decay: .nan", "weight_decay must be a finite number (weight_decay=nan)"),
+        ("augment: {low: 0.0, high: 1.0, step: .inf}", "augment.step must be a finite number > 0 (step=inf)"),
+        ("learning_rate: {low: 1.0e-3, high: 1.0e+400}", "learning_rate.high must be a finite number"),
+    ],
+)
+def test_absurd_and_non_finite_space_values_name_the_field(tmp_path, edit, needle):
+    key = edit.split(":")[0]
+    lines = [line for line in MINIMAL.strip().splitlines() if not line.startswith(key + ":")]
+    with pytest.raises(ConfigError) as err:
+        _space(tmp_path, "\n".join(lines + [edit]))
+    assert needle in str(err.value) and "space.yaml" in str(err.value)
+
+
+def _laughs() -> str:
+    lines = ["a: &a [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lines += [f"{chr(97 + i)}: &{chr(97 + i)} [" + ", ".join([f"*{chr(96 + i)}"] * 10) + "]" for i in range(1, 10)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (_laughs().encode(), "line 2, column 8: alias *a (YAML anchors and aliases are not allowed"),
+        (b"base: &b {epochs: 3}\ntrain:\n  <<: *b\n", "alias *b"),
+        (("train: " + "[" * 100_000 + "]" * 100_000).encode(), "nested deeper than 32 levels"),
+        (("train:\n" + "".join("  " * i + f"k{i}:\n" for i in range(1, 40))).encode(), "nested deeper than 32 levels"),
+        ("description: \u00e9t\u00e9\n".encode("latin-1"), "not UTF-8 text: byte 0xe9 at offset 13 (line 1)"),
+        ("train: {epochs: 3}\n".encode("utf-16"), "not UTF-8 text: byte 0xff at offset 0"),
+        (b"# x\n" * 300_000, "1,200,000 bytes is too large for an experiment or search-space file"),
+        (b"train: {epochs: " + b"9" * 5000 + b"}\n", "not valid YAML: Exceeds the limit (4300 digits)"),
+        (b"train: !!python/object:os.system {}\n", "not valid YAML"),
+    ],
+)
+def test_yaml_that_would_hang_crash_or_decode_wrongly_is_refused_fast(tmp_path, data, needle):
+    import time
+
+    p = tmp_path / "exp.yaml"
+    p.write_bytes(data)
+    for load in (load_experiment, SearchSpace.load):
+        start = time.perf_counter()
+        with pytest.raises(ConfigError) as err:
+            load(p)
+        assert needle in str(err.value) and "exp.yaml" in str(err.value)
+        assert time.perf_counter() - start < 5
+
+
+def test_a_utf8_bom_and_anchors_without_aliases_load(tmp_path):
+    p = tmp_path / "exp.yaml"
+    p.write_bytes("\ufefftrain: &t {epochs: 3}\ndescription: \u00e9t\u00e9\n".encode("utf-8"))
+    cfg = load_experiment(p)
+    assert cfg.train.epochs == 3 and cfg.description == "\u00e9t\u00e9"
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model:\n  conv_blocks: [{filters: 2048}]\n", "model.conv_blocks[0].filters must be <= 1024 (filters=2048)"),
+        ("model:\n  conv_blocks: [{kernel: 29}]\n", "model.conv_blocks[0].kernel must be <= 28 (kernel=29)"),
+        ("model:\n  dense: [64, 64, 64, 64, 64, 64, 64, 64, 64]\n", "model.dense must be <= 8 layers (dense=9 layers)"),
+        ("model:\n  augment: {rotation: 720}\n", "model.augment.rotation must be <= 180 (rotation=720"),
+        ("train:\n  steps_per_execution: 1000000\n", "train.steps_per_execution must be <= 1024"),
+        ("train:\n  weight_decay: .inf\n", "train.weight_decay must be a finite number, got inf"),
+        ("train:\n  learning_rate: 1.0e+400\n", "train.learning_rate must be a finite number, got inf"),
+        ("data:\n  val_fraction: .nan\n", "data.val_fraction must be a finite number, got nan"),
+        ("data:\n  seed: -1\n", "data.seed must be >= 0 (seed=-1)"),
+        ("model:\n  kind: svm\n  options: {C: -1.0}\n", "The 'C' parameter of SVC must be a float in the range (0.0, inf"),
+        ("model:\n  kind: random_forest\n  options: {max_depth: deep}\n", "'max_depth' parameter of RandomForestClassifier"),
+        ("model:\n  kind: knn\n  options: {weights: heavy}\n", "'weights' parameter of KNeighborsClassifier"),
+        ("model:\n  options: {n_jobs: 2}\n", "model.options applies to the classical kinds random_forest, svm, knn"),
+    ],
+)
+def test_absurd_experiment_values_name_the_field(tmp_path, text, needle):
+    p = tmp_path / "exp.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_experiment(p)
+    assert needle in str(err.value) and "exp.yaml" in str(err.value)
+
+
+def test_the_programmatic_api_refuses_nan_too():
+    """ExperimentConfig built in Python (not from YAML) still fails on NaN/inf: every range check is finite."""
+    import dataclasses
+
+    for field, value in (("weight_decay", float("nan")), ("weight_decay", float("inf")), ("learning_rate", float("nan")),
+                         ("label_smoothing", float("nan")), ("momentum", float("inf"))):
+        cfg = ExperimentConfig()
+        cfg.train = dataclasses.replace(cfg.train, **{field: value})
+        with pytest.raises(ConfigError, match=f"train.{field}"):
+            cfg.validate()

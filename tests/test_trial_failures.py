@@ -26,6 +26,9 @@ learning_rate: {choices: [0.001, 1.0e+30]}
 
 
 def test_nan_and_out_of_memory_trials_do_not_end_the_study(tmp_path, sample_dir, monkeypatch):
+    from emnist_hpo.config import LIMITS
+
+    monkeypatch.setitem(LIMITS, "dense_units", 4_000_000_000)  # above the YAML ceiling on purpose: a real OOM
     monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path / "cache"))
     (tmp_path / "space.yaml").write_text(SPACE)
     storage, tracking = f"sqlite:///{tmp_path}/optuna.db", f"sqlite:///{tmp_path}/mlflow.db"
