@@ -357,12 +357,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    from .coordination import redact_arg, redact_secrets
+
     try:
+        if args.command == "predict":
+            from .predict import check_top
+
+            check_top(args.top, args.split)  # before the seconds of importing Keras
         if args.command != "ui":
             import_keras_quietly()
         return COMMANDS[args.command](args)
     except EmnistHpoError as exc:
-        print(f"emnist-hpo: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        print(f"emnist-hpo: error: {redact_secrets(' '.join(str(exc).split()))}", file=sys.stderr)
         return exc.exit_code
     except Exception as exc:
         full = disk_full(exc)
@@ -375,8 +381,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         code = 143 if isinstance(exc, Terminated) else 130
         what = "terminated" if code == 143 else "interrupted"
-        print(f"emnist-hpo: {what}; finished trials are saved. Resume with: python -m emnist_hpo "
-              f"{shlex.join(argv)}", file=sys.stderr)
+        # the interpreter that ran this (a venv's python need not be first on PATH); never a password
+        again = shlex.join([sys.executable, "-m", "emnist_hpo", *(redact_arg(a) for a in argv)])
+        print(f"emnist-hpo: {what}; finished trials are saved. Resume with: {again}"
+              + (" (put the password back in place of ***)" if "***" in again else ""), file=sys.stderr)
         return code
 
 

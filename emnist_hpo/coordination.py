@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import sys
 import time
@@ -46,6 +47,29 @@ PAUSE_ENV = "EMNIST_HPO_TEST_PAUSE_AT"
 LOCK_TIMEOUT_S = 600.0
 #: First key of every advisory lock this project takes on PostgreSQL ("EMNI").
 _PG_LOCK_SPACE = 0x454D4E49
+
+
+#: ``scheme://user:password@`` in any text. SQLAlchemy takes any character but ``@`` in a password (``/``
+#: included), so the pattern does too, but for spaces and quotes, which end a URL in a message ...
+_URL_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*):[^\s@'\"]*@")
+#: ... and in a single command-line argument, where spaces are part of it.
+_ARG_PASSWORD = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@'\"]*):[^@]*@")
+#: ``?password=...`` style query parameters (psycopg2 and MySQL drivers take them too).
+_QUERY_SECRET = re.compile(r"(?i)([?&](?:password|passwd|pwd|secret|token|access_token)=)[^&\s'\"]*")
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***`` (``postgresql://u:***@host/db``).
+
+    For messages, log lines and command lines that may show a storage or tracking URL; text without
+    credentials is returned unchanged.
+    """
+    return _QUERY_SECRET.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", str(text)))
+
+
+def redact_arg(arg: str) -> str:
+    """One command-line argument (``URL`` or ``--option=URL``) redacted; its password may hold spaces too."""
+    return redact_secrets(_ARG_PASSWORD.sub(r"\1:***@", str(arg), count=1))
 
 
 def _start_time(pid: int) -> str | None:

@@ -1,7 +1,9 @@
 """``python -m emnist_hpo export``: a small deployable TFLite model from a split's registered champion.
 
 The champion's Keras file (the pyfunc's ``keras_model`` artifact) is downloaded
-from the registry, given a float32 input of raw pixel values 0..255 (the
+from the registry (:func:`emnist_hpo.registry.fetch_version`: the version is
+checked to be this package's own kind of model, and no code stored in the
+registry runs), loaded in safe mode, given a float32 input of raw pixel values 0..255 (the
 Rescaling layer stays inside the model) and converted:
 
 - ``float``: a float32 TFLite model;
@@ -17,7 +19,6 @@ needs TensorFlow: on another Keras backend the command stops with an error.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import tempfile
@@ -30,7 +31,7 @@ import numpy as np
 
 from .data import check_split, load_split
 from .errors import ConfigError, RegistryError
-from .registry import CHAMPION_ALIAS, model_name
+from .registry import model_name
 
 FORMATS = ("tflite",)
 #: Training images that calibrate the int8 quantisation.
@@ -89,30 +90,15 @@ def _quiet_stderr() -> Iterator[list[str]]:
 
 
 def download_champion(tracking_uri: str, split: str, dst: Path):
-    """Download the champion version's model folder; return (version, Keras file path, classes)."""
-    import mlflow
-    from mlflow.models import Model
+    """Download the champion version's Keras file and classes (checked, see
+    :func:`emnist_hpo.registry.fetch_version`); return (version, Keras file path, classes)."""
+    from .registry import champion_client, champion_version_number, fetch_version, guarded_mlflow
 
-    from .tracking import make_client
-
-    name = model_name(split)
-    client = make_client(tracking_uri)
-    try:
-        mv = client.get_model_version_by_alias(name, CHAMPION_ALIAS)
-    except Exception:  # noqa: BLE001 - no such model or alias
-        raise RegistryError(
-            f"no champion model for split {split!r} in {tracking_uri!r} (models:/{name}@{CHAMPION_ALIAS}): run "
-            f"`python -m emnist_hpo study --split {split}` first"
-        ) from None
-    source = client.get_model_version_download_uri(name, mv.version)
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dst), tracking_uri=tracking_uri))
-    artifacts = Model.load(str(local)).flavors.get("python_function", {}).get("artifacts", {})
-    if "keras_model" not in artifacts:
-        raise RegistryError(f"{name} v{mv.version} has no 'keras_model' artifact (not logged by this project?)")
-    keras_path = local / artifacts["keras_model"]["path"]
-    classes = json.loads((local / artifacts["classes"]["path"]).read_text(encoding="utf-8")) \
-        if "classes" in artifacts else None
-    return str(mv.version), keras_path, classes
+    client = champion_client(tracking_uri, split)
+    version = champion_version_number(client, tracking_uri, split)
+    with guarded_mlflow():
+        fetched = fetch_version(client, tracking_uri, model_name(split), version, dst)
+    return fetched.version, fetched.keras_path, fetched.classes
 
 
 def _float32_policies(config):
@@ -222,11 +208,15 @@ def export_tflite(split: str, *, int8: bool = False, output: str | None = None, 
     split = check_split(split)
     tf = _require_tensorflow()
     uri = resolve_tracking_uri(tracking_uri)
-    data = load_split(split, data_dir, progress=progress)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:  # the registry first: an unreachable server fails in seconds
         version, keras_path, classes = download_champion(uri, split, Path(tmp))
         keras_bytes = keras_path.stat().st_size
-        model = keras.saving.load_model(keras_path, compile=False, safe_mode=True)
+        try:
+            model = keras.saving.load_model(keras_path, compile=False, safe_mode=True)
+        except Exception as exc:  # noqa: BLE001 - a broken or unsafe Keras file
+            raise RegistryError(f"{model_name(split)} v{version} does not load "
+                                f"({' '.join(str(exc).split())[:200]})") from None
+    data = load_split(split, data_dir, progress=progress)
     if classes is not None and len(classes) != data.num_classes:
         raise RegistryError(f"the champion has {len(classes)} classes; split {split!r} has {data.num_classes}")
     x, y = data.x_test, data.y_test

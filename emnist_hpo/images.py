@@ -17,7 +17,7 @@ than NIST's pen are thickened; then the steps above run. The 2-pixel border is
 taken at the 28x28 output, where EMNIST's own characters span 24 pixels.
 
 Every problem with an input (not an image, empty, truncated, too small, blank,
-too large for memory) is an :class:`ImageError` naming the file and the rule.
+too large for memory, NaN or infinite pixels in a float TIFF) is an :class:`ImageError` naming the file and the rule.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def load_grey(path: str | Path) -> np.ndarray:
                 img.draft("RGB", (w * WORK_SIDE // max(w, h), h * WORK_SIDE // max(w, h)))  # DCT scaling
             img.load()
             img = ImageOps.exif_transpose(img)
-            grey = _to_grey(img)
+            grey = _to_grey(img, name)
         except ImageError:
             raise
         except Exception as exc:  # noqa: BLE001 - truncated or corrupt pixel data
@@ -121,12 +121,16 @@ def load_grey(path: str | Path) -> np.ndarray:
     return grey
 
 
-def _to_grey(img: Image.Image) -> np.ndarray:
+def _to_grey(img: Image.Image, name: str = "<image>") -> np.ndarray:
     """Greys 0..255 of any Pillow mode; transparent areas take the colour that contrasts with the ink."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        a = np.asarray(img, dtype=np.float32)
+        # float64: the span of a float32 image (up to 6.8e38) overflows float32
+        a = np.asarray(img, dtype=np.float64)
+        bad = int(a.size - np.count_nonzero(np.isfinite(a)))
+        if bad:  # a float TIFF with NaN or inf: no intensity scale exists
+            raise ImageError(f"{name}: {bad:,} of {a.size:,} pixels are NaN or infinite; pixel values must be finite")
         lo, hi = float(a.min()), float(a.max())
-        return (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+        return ((a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)).astype(np.float32)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info)
     if not has_alpha:
         return np.asarray(img.convert("L"), dtype=np.float32)
@@ -210,6 +214,8 @@ def to_emnist(grey: np.ndarray, name: str = "<image>") -> Prepared:
     grey = np.asarray(grey, dtype=np.float32)
     if grey.ndim != 2 or min(grey.shape) < MIN_SIDE:
         raise ImageError(f"{name}: expected a 2-D image at least {MIN_SIDE}x{MIN_SIDE}, got shape {grey.shape}")
+    if not np.isfinite(grey).all():
+        raise ImageError(f"{name}: the image has NaN or infinite values; pixel values must be finite")
     full_h, full_w = grey.shape
     work = _reduce(grey, WORK_SIDE)
     scale = work.shape[1] / full_w

@@ -4,6 +4,11 @@ Each image is read and converted by :mod:`emnist_hpo.images`; the champion
 (``models:/emnist-<split>@champion``) scores all readable images in one batch.
 An image that cannot be used gets its own error and the others are still
 answered; the command then exits with code 2.
+
+The champion is loaded by :func:`emnist_hpo.registry.load_champion`: its Keras
+file and class names only, in safe mode; no code stored in the registry runs.
+``top`` must be in 1..N, N the split's number of classes (10 for digits, 62
+for byclass): a larger value is an error rather than silently fewer lines.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import check_split
+from .config import resolve_tracking_uri
+from .data import check_split, load_classes
+from .errors import ConfigError
 from .images import ImageError, prepare_file
-from .registry import load_champion
-from .tracking import resolve_tracking_uri
 
 
 @dataclass
@@ -37,7 +42,10 @@ def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = 
                    model=None) -> list[Prediction]:
     """Top-``top`` characters for every image in ``paths`` by the split's champion (or ``model``)."""
     split = check_split(split)
+    check_top(top, split)
     if model is None:
+        from .registry import load_champion  # MLflow and Keras: only once the arguments are known to be good
+
         with warnings.catch_warnings():  # MLflow's type-hint advice about the pyfunc (its input is checked there)
             warnings.filterwarnings("ignore", message=".*type hints.*")
             model = load_champion(resolve_tracking_uri(tracking_uri), split)
@@ -49,6 +57,9 @@ def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = 
             ok.append(i)
         except ImageError as exc:
             results[i].error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one odd file must not cost the others their answers
+            results[i].error = f"{path}: the image cannot be converted ({type(exc).__name__}: " \
+                               f"{' '.join(str(exc).split())[:160]})"
     if images:
         proba = model.predict(np.stack(images))
         classes = [str(c) for c in proba.columns]
@@ -57,6 +68,14 @@ def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = 
             best = np.argsort(-row, kind="stable")[:top]
             results[i].top = [(classes[j], float(row[j])) for j in best]
     return results
+
+
+def check_top(top: int, split: str) -> int:
+    """``top`` if it is in 1..N (N: the split's classes); else :class:`ConfigError` naming it and the range."""
+    n = len(load_classes(split))
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= n:
+        raise ConfigError(f"--top must be in 1..{n}, the number of classes of split {split!r} (top={top!r})")
+    return top
 
 
 def format_text(results: Sequence[Prediction]) -> list[str]:

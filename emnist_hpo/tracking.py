@@ -27,6 +27,8 @@ from .coordination import (
     check_sqlite_location,
     current_owner,
     pause_point,
+    redact_arg,
+    redact_secrets,
     sqlite_file,
     sqlite_wal,
     store_lock,
@@ -92,7 +94,7 @@ def make_client(tracking_uri: str) -> "MlflowClient":
         raise
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise StorageError(
-            f"MLflow tracking store {redact(tracking_uri)!r} cannot be used: {_one_line(exc)} (give --tracking-uri "
+            f"MLflow tracking store {redact(tracking_uri)!r} cannot be used: {redact_secrets(_one_line(exc))} (give --tracking-uri "
             "sqlite:///PATH.db, a database URL such as postgresql://HOST/DB, or http://HOST:PORT of an MLflow server)"
         ) from None
     return client
@@ -125,7 +127,7 @@ def check_tracking_uri(tracking_uri: str) -> None:
             engine.dispose()
         except Exception as exc:  # noqa: BLE001
             raise StorageError(
-                f"MLflow tracking store {redact(tracking_uri)!r} is unreachable: {_one_line(exc)}"
+                f"MLflow tracking store {redact(tracking_uri)!r} is unreachable: {redact_secrets(_one_line(exc))}"
             ) from None
     check_sqlite_location(tracking_uri, "MLflow tracking store", "--tracking-uri")
 
@@ -145,17 +147,14 @@ def _check_http(uri: str, timeout: float = 5.0) -> None:
         ) from None
     except Exception as exc:  # noqa: BLE001
         raise StorageError(
-            f"MLflow tracking server {redact(uri)!r} is unreachable ({_one_line(exc)}); start it or pass another "
+            f"MLflow tracking server {redact(uri)!r} is unreachable ({redact_secrets(_one_line(exc))}); start it or pass another "
             f"--tracking-uri"
         ) from None
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    p = urlparse(url)
-    if p.password:
-        return url.replace(f":{p.password}@", ":***@", 1)
-    return url
+    """``url`` with any password replaced by ``***`` (also one percent-encoded or holding ``/``)."""
+    return redact_arg(url)
 
 
 def _one_line(exc: BaseException) -> str:

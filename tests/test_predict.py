@@ -184,3 +184,45 @@ def test_tiny_or_flat_arrays_are_refused():
         to_emnist(np.zeros((4, 40)))
     with pytest.raises(ImageError, match="blank"):
         to_emnist(np.full((50, 50), 128.0))
+
+
+def test_float_tiff_with_nan_or_inf_gets_its_own_error(digits_champion, rendered, tmp_path, capsys):
+    """A 32-bit float TIFF (Pillow mode F) holding inf or NaN: its own error line; the other images are answered."""
+    good = str(rendered[0][0])
+    ink = np.zeros((64, 64), np.float32)
+    ink[12:52, 28:36] = 1.0
+    paths = []
+    for name, value in (("inf.tif", np.inf), ("nan.tif", np.nan), ("neg_inf.tif", -np.inf)):
+        a = ink.copy()
+        a[0, 0] = value
+        Image.fromarray(a, mode="F").save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    assert Image.open(paths[0]).mode == "F"
+    rc = main(["predict", "--split", "digits", "--tracking-uri", digits_champion["tracking"], "--json", good, *paths])
+    assert rc == 2
+    out = json.loads(capsys.readouterr().out)
+    assert "top" in out[0] and len(out[0]["top"]) == 3
+    for o, path in zip(out[1:], paths):
+        assert "top" not in o and o["error"].startswith(path) and "NaN or infinite" in o["error"], o
+
+
+@pytest.mark.parametrize("top", ["0", "-1", "11"])
+def test_top_outside_one_to_the_number_of_classes_is_one_line(top, rendered, tmp_path, capsys):
+    """Checked before anything loads: the tracking store is not even created."""
+    store = tmp_path / "mlflow.db"
+    rc = main(["predict", "--split", "digits", "--top", top, "--tracking-uri", f"sqlite:///{store}",
+               str(rendered[0][0])])
+    captured = capsys.readouterr()
+    assert rc == 2 and captured.out == ""
+    assert captured.err == f"emnist-hpo: error: --top must be in 1..10, the number of classes of split 'digits' " \
+                           f"(top={top})\n"
+    assert not store.exists()
+
+
+def test_top_can_list_every_class(digits_champion, rendered, capsys):
+    rc = main(["predict", "--split", "digits", "--top", "10", "--tracking-uri", digits_champion["tracking"],
+               "--json", str(rendered[0][0])])
+    assert rc == 0
+    top = json.loads(capsys.readouterr().out)[0]["top"]
+    assert sorted(t["char"] for t in top) == [str(d) for d in range(10)]
+    assert abs(sum(t["prob"] for t in top) - 1.0) < 1e-4
