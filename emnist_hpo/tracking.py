@@ -58,12 +58,27 @@ TAG_PARENT = "mlflow.parentRunId"
 TAG_ENGINE = "emnist_hpo.engine"  # "optuna" | "keras-tuner": the search engine of a study's runs
 TAG_RUN_NAME = "mlflow.runName"
 TAG_NOTE = "mlflow.note.content"  # a run's or experiment's Markdown description in the MLflow UI
-#: MLflow 3's experiment type: without it the UI may open an experiment on its GenAI overview (traces,
-#: token usage); "custom_model_development" ("Machine learning") opens it on the runs table.
+#: MLflow 3's experiment type: "custom_model_development" ("Machine learning") marks a model-training
+#: experiment, as MLflow's own demo marks its GenAI one. MLflow UIs that decide the view per experiment open
+#: it on the runs table and never ask the user for its type; 3.17 decides by its view switch (:data:`UI_MODEL_TRAINING`).
 TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+#: MLflow 3.17's UI opens an experiment in the view of its "GenAI / Model training" switch, which each
+#: browser keeps (localStorage ``mlflow.workflowType_v1``) and which starts on GenAI: the overview of traces
+#: and token usage. The experiment's ``mlflow.experimentKind`` tag does not override it; this URL parameter
+#: does, so every link this project prints carries it.
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page (after the server's address) of an experiment's runs table, or of one run, in the
+    "Model training" view."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{page}?{UI_MODEL_TRAINING}"
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -214,9 +229,15 @@ class Tracker:
         if new is not None:
             self._set_experiment_tag(self.experiment_id, TAG_NOTE, new)
 
+    def experiment_link(self) -> str:
+        """The experiment's runs table in the MLflow UI (see :func:`ui_path`): a URL for a server, else the path."""
+        return self._link(ui_path(self.experiment_id))
+
     def run_link(self, run_id: str) -> str:
         """Where the MLflow UI shows ``run_id``: a full URL for a tracking server, else the UI's page path."""
-        path = f"#/experiments/{self.experiment_id}/runs/{run_id}"
+        return self._link(ui_path(self.experiment_id, run_id))
+
+    def _link(self, path: str) -> str:
         if urlparse(self.tracking_uri).scheme in ("http", "https"):
             return f"{redact(self.tracking_uri).rstrip('/')}/{path}"
         return path

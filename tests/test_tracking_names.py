@@ -116,6 +116,11 @@ def test_each_trial_run_has_a_note_naming_its_optuna_trial_without_the_password(
     assert "s3cret" not in exp_note
 
 
-def test_run_link_points_at_the_run_page(store):
+def test_links_open_the_runs_table_in_the_model_training_view(store):
     tracker, parent, _ = store
-    assert tracker.run_link(parent) == f"#/experiments/{tracker.experiment_id}/runs/{parent}"
+    exp = tracker.experiment_id
+    assert tracker.experiment_link() == f"#/experiments/{exp}/runs?workflowType=machine_learning"
+    assert tracker.run_link(parent) == f"#/experiments/{exp}/runs/{parent}?workflowType=machine_learning"
+    server = Tracker.__new__(Tracker)  # the same links on a tracking server: full URLs, password redacted
+    server.tracking_uri, server.experiment_id = "http://user:pw@mlflow:5000/", "7"
+    assert server.experiment_link() == "http://user:***@mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
