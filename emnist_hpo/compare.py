@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from .data import SPLITS
-from .describe import describe_params, human_count
+from .describe import describe_params, log_ticks
 from .errors import ConfigError, EmnistHpoError
 from .published import for_split
 from .registry import CHAMPION_ALIAS, model_name
@@ -495,21 +495,6 @@ _INTRO = ("Accuracies are test accuracies unless named otherwise; deltas are per
           "same_data: trained and validated on the champion's data (baselines are shown only when tested on the "
           "champion's test set). train_size: training images of the study or run (the champion's final fit also "
           "uses the validation images).")
-
-
-def log_ticks(values: Iterable[float]) -> tuple[list[float], list[str]]:
-    """Tick positions and labels (1k, 10k, 100k, 1M) for a log axis over ``values``.
-
-    Powers of ten; with 1-2-5 steps in between when the values span less than two decades.
-    """
-    vals = [float(v) for v in values if v is not None and not pd.isna(v) and float(v) > 0]
-    if not vals:
-        return [], []
-    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
-    hi = max(hi, lo + 1)
-    steps = (1, 2, 5) if hi - lo <= 2 else (1,)
-    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in steps if m * 10.0 ** e <= 10.0 ** hi]
-    return ticks, [human_count(t) for t in ticks]
 
 
 def pareto_figure(split: str, pts: pd.DataFrame, board: pd.DataFrame):

@@ -12,7 +12,8 @@ reads in the MLflow UI (tag ``mlflow.note.content``, the registry's descriptions
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+import math
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -107,6 +108,29 @@ def human_count(n: float) -> str:
             text = f"{v:.0f}" if v >= 100 or v == int(v) else f"{v:.3g}"
             return text + suffix
     return f"{n:.0f}" if n == int(n) else f"{n:g}"
+
+
+def _positive(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):  # None, pandas' NA
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def log_ticks(values: Iterable[float]) -> tuple[list[float], list[str]]:
+    """Tick positions and labels (1k, 10k, 100k, 1M) for a log axis over ``values``.
+
+    Powers of ten; with 1-2-5 steps in between when the values span less than two decades.
+    """
+    vals = [f for f in map(_positive, values) if f is not None]
+    if not vals:
+        return [], []
+    lo, hi = math.floor(math.log10(min(vals))), math.ceil(math.log10(max(vals)))
+    hi = max(hi, lo + 1)
+    steps = (1, 2, 5) if hi - lo <= 2 else (1,)
+    ticks = [m * 10.0 ** e for e in range(lo, hi + 1) for m in steps if m * 10.0 ** e <= 10.0 ** hi]
+    return ticks, [human_count(t) for t in ticks]
 
 
 #: Marks the list of studies at the end of an experiment's note, kept up to date by the tracker.

@@ -327,6 +327,9 @@ def test_multi_objective_study_plots_show_the_pareto_front():
     page = plots_html(study)
     assert "<h2>Pareto front</h2>" in page and "<h2>intermediate values</h2>" not in page
     assert page.count("Plotly.newPlot") == 5  # history, importances, parallel coordinates, slice, Pareto front
+    # the parameter axis of the Pareto front: log scale, read as 50k, 100k, 200k
+    compact = page.replace(" ", "")
+    assert '"ticktext":["10k","20k","50k","100k","200k","500k","1M"]' in compact and '"type":"log"' in compact
 
 
 def test_printed_summary_lists_the_engines(store):

@@ -124,3 +124,29 @@ def test_links_open_the_runs_table_in_the_model_training_view(store):
     server = Tracker.__new__(Tracker)  # the same links on a tracking server: full URLs, password redacted
     server.tracking_uri, server.experiment_id = "http://user:pw@mlflow:5000/", "7"
     assert server.experiment_link() == "http://user:***@mlflow:5000/#/experiments/7/runs?workflowType=machine_learning"
+
+
+def test_registered_model_and_version_descriptions(tmp_path):
+    """The registry says what the model is, what it takes and how to load it; each version where it came from."""
+    from emnist_hpo.registry import _describe
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracker = Tracker(uri, "emnist-digits")
+    run = tracker.start_run("champion-trial-4")
+    client = tracker.client
+    client.create_registered_model("emnist-digits")
+    mv = client.create_model_version("emnist-digits", source=f"{tmp_path.as_uri()}/model", run_id=run)
+    tags = {"study": "emnist-digits", "trial": 4, "val_accuracy": "0.812300", "params": 190_000, "final_fit": True,
+            "engine": "optuna"}
+    _describe(tracker, "emnist-digits", mv.version, "digits", tags, 0.8011)
+    model = client.get_registered_model("emnist-digits").description
+    assert "EMNIST **digits** (10 classes)" in model
+    assert "uint8 images of shape (N, 28, 28)" in model and 'load_model("models:/emnist-digits@champion")' in model
+    assert "python -m emnist_hpo predict --split digits" in model
+    version = client.get_model_version("emnist-digits", mv.version).description
+    assert version.startswith("Champion of study `emnist-digits` (trial 4, optuna).")
+    assert "test accuracy 0.8011, validation accuracy 0.8123, 190,000 parameters" in version.lower()
+    # a description someone wrote in the registry stays; the version's is the project's own
+    client.update_registered_model("emnist-digits", description="ours, by hand")
+    _describe(tracker, "emnist-digits", mv.version, "digits", tags, 0.8011)
+    assert client.get_registered_model("emnist-digits").description == "ours, by hand"
