@@ -76,7 +76,7 @@ class _HelpFormatter(argparse.HelpFormatter):
         if "(default" in text or not action.option_strings or action.default is None or action.default is False \
                 or action.default == argparse.SUPPRESS:
             return text
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if action.nargs == 0:  # a flag: off unless given
             return text
         return f"{text} (default: %(default)s)"
 

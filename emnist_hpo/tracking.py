@@ -425,6 +425,9 @@ class MlflowTrialHooks(TrialHooks):
         name = f"trial-{trial.number}" + (f" seed={seed}" if seed else "")  # renamed with its outcome at the end
         run_id = self.tracker.start_run(name, tags, parent_run_id=self.parent_run_id)
         trial.set_user_attr("mlflow_run_id", run_id)
+        # The run's page, for the Optuna dashboard's trial table: a URL on a tracking server, else the path
+        # after the MLflow UI's address (`python -m emnist_hpo ui`).
+        trial.set_user_attr("mlflow_run", self.tracker.run_link(run_id))
         params = {f"trial.{k}": v for k, v in trial.params.items()}
         params.update(config.flat_params())
         self.tracker.log_params(run_id, params)

@@ -101,6 +101,7 @@ def test_each_trial_run_has_a_note_naming_its_optuna_trial_without_the_password(
     trial = FakeTrial(7, user_attrs={"seed_experiment": "compact"})
     hooks.on_trial_begin(trial, ExperimentConfig())
     run_id = trial.user_attrs["mlflow_run_id"]
+    assert trial.user_attrs["mlflow_run"] == tracker.run_link(run_id)  # the Optuna trial points at its run
     note = client.get_run(run_id).data.tags[TAG_NOTE]
     assert "Optuna trial **7** of study `emnist-letters`" in note
     assert "postgresql+psycopg2://emnist:***@db:5432/optuna" in note and "s3cret" not in note
