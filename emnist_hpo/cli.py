@@ -88,46 +88,90 @@ def _port(text: str) -> int:
     return value
 
 
-def _common_data(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", required=True, help="byclass, bymerge, balanced, letters, digits or mnist")
-    p.add_argument("--epochs", type=_positive_int, default=None, help="max epochs per training run")
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in its help: "(default: X)" from the parser, or written in the help where the
+    default is not a plain value (an environment variable, the experiment's own, computed)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or not action.option_strings or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        if action.nargs == 0:  # a flag: off unless given
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+_TRACKING_HELP = "MLflow tracking store (default: MLFLOW_TRACKING_URI, else sqlite:///mlruns/mlflow.db)"
+_STORAGE_HELP = "Optuna storage URL, any SQLAlchemy URL (default: EMNIST_HPO_STORAGE, else sqlite:///mlruns/optuna.db)"
+_DATA_HELP = ("folder of NIST's gzip IDX files or gzip.zip (default: EMNIST_DATA_DIR, else the emnist package's "
+              "cache, else a download)")
+_SPLITS_HELP = "byclass, bymerge, balanced, letters, digits or mnist"
+
+
+def _common_data(p: argparse.ArgumentParser, *, experiment: bool = False) -> None:
+    """Options of ``study`` and ``run``; ``experiment``: unset values fall back to the experiment file's."""
+    own = " (default: the experiment's own)"
+    p.add_argument("--split", required=True, help=_SPLITS_HELP)
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="max epochs per training run" + (own if experiment else " (default: 10)"))
     p.add_argument("--max-train-samples", type=_positive_int, default=None, metavar="K",
-                   help="stratified subset of K training images (quick runs)")
-    p.add_argument("--val-fraction", type=_finite_float, default=0.2, help="validation share carved from train (0.2)")
-    p.add_argument("--data-dir", default=None, help="folder of NIST's gzip IDX files or gzip.zip (else EMNIST_DATA_DIR)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (else MLFLOW_TRACKING_URI or sqlite:///mlruns/mlflow.db)")
-    p.add_argument("--seed", type=_positive_int, default=0, help="seeds sampling, data split and training")
+                   help="stratified subset of K training images, for quick runs (default: all)")
+    p.add_argument("--val-fraction", type=_finite_float, default=0.2,
+                   help="validation share carved from train" + (own if experiment else ""))
+    p.add_argument("--data-dir", default=None, help=_DATA_HELP)
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
+    p.add_argument("--seed", type=_positive_int, default=0,
+                   help="seeds sampling, data split and training" + (own if experiment else ""))
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="emnist-hpo", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = _Parser(
+        prog="emnist-hpo", formatter_class=_HelpFormatter,
+        description="Hyperparameter search and experiment tracking for the best and smallest CNN on every EMNIST "
+                    "split (Optuna + MLflow + Keras 3). Also run as: python -m emnist_hpo COMMAND.",
+        epilog="Each command has its own options: emnist-hpo COMMAND --help.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
 
-    s = sub.add_parser("study", help="run or resume an Optuna study on one split")
+    def command(name: str, text: str, description: str | None = None) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=text, description=description or text[:1].upper() + text[1:] + ".",
+                              formatter_class=_HelpFormatter)
+
+    s = command("study", "run or resume an Optuna study on one split",
+                "Run or resume an Optuna study on one split: every trial an MLflow run, the champion re-evaluated, "
+                "tested once and registered as model emnist-<split>. Running the same command again resumes it.")
     _common_data(s)
-    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study ends with (20)")
-    s.add_argument("--storage", default=None, help="Optuna storage URL (sqlite:///mlruns/optuna.db; any SQLAlchemy URL)")
-    s.add_argument("--study-name", default=None, help="default emnist-<split>")
-    s.add_argument("--search-space", default="search_spaces/default.yaml", help="YAML search space (file or name)")
-    s.add_argument("--sampler", default=None, help="tpe, random, qmc, cmaes, nsga2 (tpe; nsga2 for two objectives)")
+    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study ends with")
+    s.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    s.add_argument("--study-name", default=None,
+                   help="the study to run or resume (default: emnist-<split>; emnist-<split>-pareto for two objectives; "
+                        "emnist-<split>-kt-<tuner> with --engine keras-tuner)")
+    s.add_argument("--search-space", default="search_spaces/default.yaml",
+                   help="YAML search space: a file, or a name in search_spaces/")
+    s.add_argument("--sampler", default=None,
+                   help="tpe, random, qmc, cmaes or nsga2 (default: tpe; nsga2 for two objectives)")
     s.add_argument("--pruner", default="successive-halving",
                    help="successive-halving (the best 1/eta of each rung go on), hyperband, median (one objective "
                         "only), none; all but none also end a trial still under twice the no-skill accuracy at a rung")
     s.add_argument("--fidelity", default="data",
-                   help="data: rungs train on 1/eta^k of the training set for 2 epochs, the last on all of it for "
-                        "--epochs; epochs: rungs after 1, eta, eta^2 ... epochs on all the data; none: one rung")
+                   help="what the rungs grow. data: rung k of R sees 1/eta^(R-1-k) of the last rung's images, as two "
+                        "passes over a nested share of the training set; the last trains --epochs on all of it. "
+                        "epochs: rungs end after 1, eta, eta^2 ... epochs on all the data. none: one rung")
     s.add_argument("--reduction-factor", type=_positive_int, default=3, metavar="ETA",
                    help="eta: the best 1/eta of a rung go on, and each rung has eta times the data of the one before")
     s.add_argument("--max-flops", type=_positive_int, default=None, metavar="N",
-                   help="prune sampled models needing more than N forward FLOPs per image before training")
+                   help="prune sampled models needing more than N forward FLOPs per image before training "
+                        "(default: no limit)")
     s.add_argument("--warm-start-from", default="", metavar="STUDY[,STUDY]",
                    help="queue the best trials of other studies in the same storage first (a study name, or a "
-                        "split for its emnist-<split> study): balanced <-> bymerge share classes")
+                        "split for its emnist-<split> study): balanced <-> bymerge share classes (default: none)")
     s.add_argument("--warm-start-top", type=_positive_int, default=5, metavar="K",
                    help="how many of each --warm-start-from study's best trials")
-    s.add_argument("--timeout", type=_finite_float, default=None, help="wall-clock budget in seconds for the whole study: the search stops in time "
-                   "to re-evaluate the finalists and fit the champion within it")
+    s.add_argument("--timeout", type=_finite_float, default=None,
+                   help="wall-clock budget in seconds for the whole study: the search stops in time to "
+                        "re-evaluate the finalists and fit the champion within it (default: none)")
     s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
     s.add_argument("--no-warm-start", action="store_true", help="do not enqueue the seed experiments first")
     s.add_argument("--seed-experiments", default="two_conv,one_conv,compact",
@@ -137,52 +181,54 @@ def build_parser() -> argparse.ArgumentParser:
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
     s.add_argument("--finalists", type=_positive_int, default=5,
-                   help="top-k trials re-trained on other folds before crowning the best mean (0 = off)")
-    s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist (3)")
+                   help="top-k trials re-trained on other folds before crowning the best mean, 0 = off")
+    s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist")
     s.add_argument("--no-trial-plots", action="store_true",
                    help="log trial reports as CSV only and draw the PNGs for the champion's trial only (faster trials)")
     s.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
-                   help="prune sampled models with more than N parameters before training")
+                   help="prune sampled models with more than N parameters before training (default: no limit)")
     s.add_argument("--workers", type=_positive_int, default=1,
-                   help="trials run at once, each worker a subprocess on the same study (1)")
+                   help="trials run at once, each worker a subprocess on the same study")
     s.add_argument("--engine", choices=("optuna", "keras-tuner"), default="optuna",
-                   help="search engine (optuna); keras-tuner keeps its state in mlruns/keras_tuner/<study-name>")
+                   help="search engine; keras-tuner keeps its state in mlruns/keras_tuner/<study-name>")
     s.add_argument("--tuner", choices=("hyperband", "bayesian"), default=None,
-                   help="Keras Tuner algorithm for --engine keras-tuner (hyperband)")
+                   help="Keras Tuner algorithm for --engine keras-tuner (default: hyperband)")
 
-    u = sub.add_parser("ui", help="serve the MLflow UI and the Optuna dashboard on the studies' stores")
-    u.add_argument("--storage", default=None, help="Optuna storage URL (default sqlite:///mlruns/optuna.db)")
-    u.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
-    u.add_argument("--mlflow-port", type=_port, default=5000)
-    u.add_argument("--dashboard-port", type=_port, default=8080)
-    u.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    u = command("ui", "serve the MLflow UI and the Optuna dashboard on the studies' stores")
+    u.add_argument("--storage", default=None, help=_STORAGE_HELP)
+    u.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
+    u.add_argument("--mlflow-port", type=_port, default=5000, help="port of the MLflow UI")
+    u.add_argument("--dashboard-port", type=_port, default=8080, help="port of the Optuna dashboard")
+    u.add_argument("--host", default="127.0.0.1", help="address to bind")
 
-    r = sub.add_parser("run", help="train, test and track one fixed experiment (experiments/<name>.yaml)")
+    r = command("run", "train, test and track one fixed experiment (experiments/<name>.yaml)")
     r.add_argument("experiment", help="experiment YAML, or a name in experiments/ (lenet, svm, ...)")
-    _common_data(r)
+    _common_data(r, experiment=True)
     r.set_defaults(val_fraction=None, seed=None)  # unset: the experiment's own values
 
-    c = sub.add_parser("compare", help="write the cross-split leaderboard (champions, baselines, published figures)")
-    c.add_argument("--output", default=None, help="folder for the report files (mlruns/compare)")
-    c.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+    c = command("compare", "write the cross-split leaderboard (champions, baselines, published figures)")
+    c.add_argument("--output", default=None, help="folder for the report files (default: mlruns/compare)")
+    c.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
 
-    p = sub.add_parser("predict", help="classify image files with a split's registered champion",
-                       description="Top-3 characters per image (PNG, JPEG, ...; dark ink on light paper or the "
-                                   "reverse). Exit code 2 if any image could not be classified; the others are "
-                                   "still answered.")
+    p = command("predict", "classify image files with a split's registered champion",
+                "Top characters per image (PNG, JPEG, ...; dark ink on light paper or the reverse) by the "
+                "champion model of a split. Exit code 2 if any image could not be classified; the others are "
+                "still answered.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, one character each")
-    p.add_argument("--split", required=True, help="whose champion: byclass, bymerge, balanced, letters, digits, mnist")
+    p.add_argument("--split", required=True, help="whose champion: " + _SPLITS_HELP)
     p.add_argument("--json", action="store_true", help='print [{"image", "top": [{"char", "prob"}]}] (or "error")')
-    p.add_argument("--top", type=_positive_int, default=3, help="characters listed per image (3)")
-    p.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+    p.add_argument("--top", type=_positive_int, default=3, help="characters listed per image")
+    p.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
 
-    e = sub.add_parser("export", help="write a split's champion as a TFLite model and report its test accuracy")
-    e.add_argument("--split", required=True, help="byclass, bymerge, balanced, letters, digits or mnist")
-    e.add_argument("--format", choices=("tflite",), default="tflite", help="tflite (float32)")
+    e = command("export", "write a split's champion as a TFLite model and report its test accuracy")
+    e.add_argument("--split", required=True, help=_SPLITS_HELP)
+    e.add_argument("--format", choices=("tflite",), default="tflite", help="float32 TFLite")
     e.add_argument("--int8", action="store_true", help="also write a full-integer int8 model (PATH-int8.tflite)")
-    e.add_argument("--output", default=None, metavar="PATH", help="the float file (emnist-<split>-v<version>.tflite)")
-    e.add_argument("--data-dir", default=None, help="NIST files for the test set and calibration (else EMNIST_DATA_DIR)")
-    e.add_argument("--tracking-uri", default=None, help="MLflow store (default as for study)")
+    e.add_argument("--output", default=None, metavar="PATH",
+                   help="the float file (default: emnist-<split>-v<version>.tflite)")
+    e.add_argument("--data-dir", default=None, help="NIST files for the test set and calibration; " + _DATA_HELP[
+        len("folder of NIST's gzip IDX files or gzip.zip "):])
+    e.add_argument("--tracking-uri", default=None, help=_TRACKING_HELP)
     return parser
 
 

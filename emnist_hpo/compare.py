@@ -12,7 +12,9 @@ split it takes
   baseline of the split;
 * the published figures of :mod:`emnist_hpo.published`, with deltas;
 * a Pareto plot of validation accuracy against parameters over the split's
-  trials (those on the champion's data when there is one);
+  COMPLETE trials that learnt something (validation accuracy at or above twice
+  the no-skill accuracy: pruned and chance-level trials are left out), those on
+  the champion's data when there is one;
 * the search engines side by side: every study that crowned a champion (Optuna or
   Keras Tuner, ``emnist_hpo.engine``) with its budget (finished trials, epochs per
   trial), best validation and test accuracy, champion size and wall time, and
@@ -36,7 +38,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from .data import SPLITS
-from .describe import describe_params
+from .describe import describe_params, log_ticks
 from .errors import ConfigError, EmnistHpoError
 from .published import for_split
 from .registry import CHAMPION_ALIAS, model_name
@@ -60,8 +62,8 @@ FILES = ("leaderboard.csv", "published.csv", "engines.csv", "leaderboard.md", "c
 #: Leaderboard columns (accuracies are fractions; ``*_pp`` deltas are percentage points).
 COLUMNS = [
     "split", "role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
-    "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "architecture",
-    "same_data", "data_fingerprint", "test_fingerprint", "run_id",
+    "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "train_size",
+    "architecture", "same_data", "data_fingerprint", "test_fingerprint", "run_id",
 ]
 
 #: Engine comparison columns: one row per study (all its invocations) that crowned a champion.
@@ -76,7 +78,7 @@ class Comparison:
     leaderboard: pd.DataFrame  # one row per champion or baseline run, COLUMNS
     published: pd.DataFrame  # one row per published figure, with the champion's and the best run's deltas
     engines: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=ENGINE_COLUMNS))  # ENGINE_COLUMNS
-    trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # split -> trial points for the Pareto plot
+    trials: dict[str, pd.DataFrame] = field(default_factory=dict)  # split -> trial points (all; see ``eligible``)
     left_out: dict[str, int] = field(default_factory=dict)  # split -> baselines on other test data
 
 
@@ -161,6 +163,13 @@ def _champion_row(client, split: str) -> dict[str, Any] | None:
     val = _metric(run, "val_accuracy")
     if val is None and tags.get("val_accuracy"):
         val = float(tags["val_accuracy"])
+    train_size = None
+    parent_id = run.data.tags.get("mlflow.parentRunId")
+    if parent_id:
+        try:
+            train_size = _int(client.get_run(parent_id).data.params.get("train_size"))
+        except Exception:  # noqa: BLE001 - a deleted parent run leaves the cell empty
+            train_size = None
     return {
         "split": split,
         "role": "champion",
@@ -171,6 +180,7 @@ def _champion_row(client, split: str) -> dict[str, Any] | None:
         "model_size_bytes": _keras_bytes(client, mv.source),
         "train_seconds": _metric(trial_run, "train_seconds") if trial_run is not None else None,
         "epochs": epochs,
+        "train_size": train_size,
         "architecture": describe_params(run.data.params),
         "data_fingerprint": tags.get("data_fingerprint"),
         "test_fingerprint": tags.get("test_fingerprint"),
@@ -190,6 +200,7 @@ def _baseline_row(run, split: str) -> dict[str, Any]:
         "model_size_bytes": _int(_metric(run, "model_size_bytes")),
         "train_seconds": _metric(run, "train_seconds"),
         "epochs": _int(_metric(run, "epochs_run")) or None,
+        "train_size": _int(run.data.params.get("train_size")),
         "architecture": t.get("emnist_hpo.architecture") or describe_params(run.data.params),
         "data_fingerprint": t.get("emnist_hpo.data_fingerprint"),
         "test_fingerprint": t.get("emnist_hpo.test_fingerprint"),
@@ -197,25 +208,79 @@ def _baseline_row(run, split: str) -> dict[str, Any]:
     }
 
 
-def _trial_points(client, experiment_id: str, fingerprint: str | None) -> pd.DataFrame:
-    """Trials with both ``best_val_accuracy`` and ``params`` (of studies on ``fingerprint`` when given)."""
-    studies = {r.info.run_id: r.data.tags.get("emnist_hpo.data_fingerprint") for r in _search(client, experiment_id, "study")}
+#: Columns of a split's trial points (:attr:`Comparison.trials`).
+TRIAL_COLUMNS = ["study", "trial", "state", "val_accuracy", "params", "no_skill", "eligible", "pareto", "run_id"]
+#: A trial is on the Pareto plot only when COMPLETE with validation accuracy >= this many times the no-skill
+#: accuracy (always answering the most frequent class): the pruners' own bar for having learnt something.
+NO_SKILL_FACTOR = 2.0
+
+
+def _trial_points(client, experiment_id: str, fingerprint: str | None, split: str) -> pd.DataFrame:
+    """Trials with both ``best_val_accuracy`` and ``params`` (of studies on ``fingerprint`` when given).
+
+    ``eligible``: COMPLETE and at or above twice the no-skill accuracy of its validation set; ``pareto``:
+    on the front of the eligible trials (never a pruned, failed or chance-level one).
+    """
+    studies = {r.info.run_id: r for r in _search(client, experiment_id, "study")}
     rows = []
     for r in _search(client, experiment_id, "trial"):
         acc, params = _metric(r, "best_val_accuracy"), _metric(r, "params")
         if acc is None or params is None:
             continue
-        fp = studies.get(r.data.tags.get("mlflow.parentRunId", ""))
+        parent = studies.get(r.data.tags.get("mlflow.parentRunId", ""))
+        fp = parent.data.tags.get("emnist_hpo.data_fingerprint") if parent is not None else None
         if fingerprint is not None and fp != fingerprint:
             continue
         rows.append({
             "study": r.data.tags.get(TAG_STUDY), "trial": _int(r.data.tags.get(TAG_TRIAL)),
             "state": r.data.tags.get(TAG_STATE, "?"), "val_accuracy": acc, "params": int(params),
-            "run_id": r.info.run_id,
+            "run_id": r.info.run_id, "_fp": fp, "_parent": parent,
         })
-    df = pd.DataFrame(rows, columns=["study", "trial", "state", "val_accuracy", "params", "run_id"])
-    df["pareto"] = pareto_mask(df["params"].tolist(), df["val_accuracy"].tolist()) if len(df) else []
-    return df
+    no_skill: dict[str | None, float] = {}
+    for fp in {row["_fp"] for row in rows}:
+        group = [row for row in rows if row["_fp"] == fp]
+        no_skill[fp] = _no_skill(client, group, split)
+    for row in rows:
+        row["no_skill"] = no_skill[row.pop("_fp")]
+        row.pop("_parent")
+        row["eligible"] = row["state"] == "COMPLETE" and row["val_accuracy"] >= NO_SKILL_FACTOR * row["no_skill"]
+    df = pd.DataFrame(rows, columns=[c for c in TRIAL_COLUMNS if c != "pareto"])
+    df["eligible"] = df["eligible"].astype(bool)
+    df["pareto"] = False
+    if df["eligible"].any():
+        ok = df[df["eligible"]]
+        df.loc[ok.index, "pareto"] = pareto_mask(ok["params"].tolist(), ok["val_accuracy"].tolist())
+    return df[TRIAL_COLUMNS]
+
+
+def _no_skill(client, group: list[dict[str, Any]], split: str) -> float:
+    """The no-skill validation accuracy of trials on one data set (max class share of the validation labels).
+
+    From the study's param ``no_skill_accuracy`` when logged, else from the class counts (row sums) of a
+    COMPLETE trial's validation confusion matrix, else 1 / number of classes (exact on the balanced splits).
+    """
+    for row in group:
+        parent = row["_parent"]
+        value = parent.data.params.get("no_skill_accuracy") if parent is not None else None
+        if value is not None:
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    for row in group:
+        if row["state"] != "COMPLETE":
+            continue
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = client.download_artifacts(row["run_id"], "reports/validation_confusion_matrix.csv", tmp)
+                counts = pd.read_csv(local, index_col=0).to_numpy().sum(axis=1)
+            if counts.sum() > 0:
+                return float(counts.max() / counts.sum())
+        except Exception:  # noqa: BLE001 - no report on this run: try the next
+            continue
+    from .data import load_classes
+
+    return 1.0 / len(load_classes(split))
 
 
 def _engine_rows(client, experiment_id: str, split: str) -> list[dict[str, Any]]:
@@ -234,7 +299,7 @@ def _engine_rows(client, experiment_id: str, split: str) -> list[dict[str, Any]]
         if engine == "keras-tuner":
             algorithm = f"keras-tuner {t.get('keras_tuner.tuner') or p.get('tuner', '?')}"
         else:
-            algorithm = f"{p.get('sampler', 'default')} sampler, {p.get('pruner', '?')} pruner"
+            algorithm = f"{sampler_name(p)} sampler, {p.get('pruner', '?')} pruner"
         wall = sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time and r.info.start_time)
         rows.append({
             "split": split, "engine": engine, "algorithm": algorithm, "study": study,
@@ -251,6 +316,15 @@ def _engine_rows(client, experiment_id: str, split: str) -> list[dict[str, Any]]
         r["same_budget"] = None if not others else all(
             (o["trials"], o["epochs"]) == (r["trials"], r["epochs"]) for o in others)
     return sorted(rows, key=lambda r: (r["engine"], -(r["test_accuracy"] or 0)))
+
+
+def sampler_name(params: dict[str, str]) -> str:
+    """The sampler a study used: its ``sampler`` param, with "default" (or none) resolved as the study does
+    (tpe for one objective, nsga2 for two)."""
+    name = params.get("sampler") or "default"
+    if name in ("default", "None"):
+        return "nsga2" if len(params.get("objectives", "accuracy").split(",")) > 1 else "tpe"
+    return name
 
 
 def pareto_mask(params: list[float], accuracy: list[float]) -> list[bool]:
@@ -291,11 +365,11 @@ def collect(client, splits: Iterable[str] = SPLITS) -> Comparison:
             rows.append(champ)
         rows.extend(sorted(baselines, key=lambda b: -(b["test_accuracy"] or 0)))
         if exp is not None:
-            pts = _trial_points(client, exp.experiment_id, champ["data_fingerprint"] if champ else None)
+            pts = _trial_points(client, exp.experiment_id, champ["data_fingerprint"] if champ else None, split)
             if len(pts):
                 trials[split] = pts
     board = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("params", "model_size_bytes", "epochs"):
+    for col in ("params", "model_size_bytes", "epochs", "train_size"):
         board[col] = board[col].astype("Int64")
     for col in ("test_accuracy", "val_accuracy", "train_seconds"):
         board[col] = board[col].astype("float64")
@@ -356,7 +430,7 @@ def _fmt(v: Any, col: str) -> str:
         return f"{float(v):+.2f}"
     if col == "published_accuracy_pct":
         return f"{float(v):.2f}%"
-    if col in ("params", "epochs", "champion_params", "trials"):
+    if col in ("params", "epochs", "champion_params", "trials", "train_size"):
         return f"{int(v):,}"
     if col == "model_size_bytes":
         return f"{float(v) / 1e6:.2f} MB"
@@ -377,8 +451,8 @@ def _markdown_table(df: pd.DataFrame, cols: list[str]) -> str:
 
 
 _SHOWN = ["role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
-          "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "same_data",
-          "architecture"]
+          "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "train_size",
+          "same_data", "architecture"]
 _PUB_SHOWN = ["kind", "model", "published_accuracy_pct", "champion_test_accuracy", "champion_delta_pp",
               "best_run", "best_run_test_accuracy", "best_run_delta_pp", "source"]
 
@@ -419,35 +493,45 @@ def to_markdown(c: Comparison, store: str) -> str:
 _INTRO = ("Accuracies are test accuracies unless named otherwise; deltas are percentage points. Published figures "
           "are on the official NIST test sets: runs on a sample or subset are not directly comparable with them. "
           "same_data: trained and validated on the champion's data (baselines are shown only when tested on the "
-          "champion's test set).")
+          "champion's test set). train_size: training images of the study or run (the champion's final fit also "
+          "uses the validation images).")
 
 
 def pareto_figure(split: str, pts: pd.DataFrame, board: pd.DataFrame):
     import plotly.graph_objects as go
 
+    shown = pts[pts["eligible"]]
+    left_out = len(pts) - len(shown)
     fig = go.Figure()
-    for state, sub in pts.groupby("state"):
+    for study, sub in shown.groupby("study", dropna=False):
         fig.add_trace(go.Scatter(
-            x=sub["params"], y=sub["val_accuracy"], mode="markers", name=f"trials ({state.lower()})",
+            x=sub["params"], y=sub["val_accuracy"], mode="markers", name=f"trials of {study}",
             text=[f"{s} #{t}" for s, t in zip(sub["study"], sub["trial"])],
             hovertemplate="%{text}<br>params %{x:,}<br>val accuracy %{y:.4f}<extra></extra>",
             marker={"size": 8, "opacity": 0.75},
         ))
-    front = pts[pts["pareto"]].sort_values("params")
+    front = shown[shown["pareto"]].sort_values("params")
     fig.add_trace(go.Scatter(x=front["params"], y=front["val_accuracy"], mode="lines+markers", name="Pareto front",
                              line={"shape": "hv", "color": "crimson"}, marker={"color": "crimson", "size": 9}))
     sub = board[board["split"] == split]
+    xs = list(shown["params"])
     for role, symbol in (("champion", "star"), ("baseline", "diamond")):
         rows = sub[(sub["role"] == role) & sub["params"].notna() & sub["val_accuracy"].notna()]
+        xs += list(rows["params"])
         if len(rows):
             fig.add_trace(go.Scatter(
                 x=rows["params"], y=rows["val_accuracy"], mode="markers+text", name=role + "s" if role == "baseline" else role,
                 text=rows["name"] if role == "baseline" else ["champion"] * len(rows), textposition="top center",
                 marker={"symbol": symbol, "size": 14 if role == "champion" else 11},
             ))
+    no_skill = float(pts["no_skill"].max()) if len(pts) else 0.0
+    tickvals, ticktext = log_ticks(xs)
     fig.update_layout(
-        title=f"{split}: validation accuracy against parameters ({len(pts)} trials, {int(pts['pareto'].sum())} on the front)",
-        xaxis={"title": "parameters (classical baselines: stored numbers)", "type": "log"},
+        title=f"{split}: validation accuracy against parameters ({len(shown)} complete trials at or above "
+              f"{NO_SKILL_FACTOR:g}x the no-skill accuracy {no_skill:.3f}, {int(shown['pareto'].sum())} on the "
+              f"front; {left_out} pruned, failed or chance-level left out)",
+        xaxis={"title": "parameters (classical baselines: stored numbers)", "type": "log",
+               "tickvals": tickvals, "ticktext": ticktext},
         yaxis={"title": "validation accuracy"}, height=480, template="plotly_white",
     )
     return fig
@@ -518,7 +602,7 @@ def to_html(c: Comparison, store: str) -> str:
             parts.append(f"<p>{c.left_out[split]} baseline run(s) on other test data left out.</p>")
         if len(pub):
             parts.append("<h3>published</h3>" + _html_table(pub, _PUB_SHOWN))
-        if split in c.trials:
+        if split in c.trials and c.trials[split]["eligible"].any():
             parts.append(pio.to_html(pareto_figure(split, c.trials[split], c.leaderboard), full_html=False,
                                      include_plotlyjs=False))
     if len(c.engines):
@@ -605,8 +689,8 @@ def summary(c: Comparison) -> str:
     lines = []
     for _, r in c.leaderboard.iterrows():
         lines.append(f"  {r['split']:<9} {r['role']:<9} {_fmt(r['test_accuracy'], 'test_accuracy'):>7}  "
-                     f"{_fmt(r['params'], 'params'):>11}  {r['name']}")
-    out = ["  split     role        test       params  name"] + lines
+                     f"{_fmt(r['params'], 'params'):>11}  {_fmt(r['train_size'], 'train_size'):>9}  {r['name']}")
+    out = ["  split     role        test       params      train  name"] + lines
     if len(c.engines):
         out += ["", "  search engines (split, engine, trials x epochs, best val, test, params, wall time):"]
         for _, r in c.engines.iterrows():

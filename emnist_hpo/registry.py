@@ -162,12 +162,28 @@ def _log_and_register(tracker, run_id, model, classes, *, split, test_accuracy, 
     mv = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
     pause_point("register")  # test hook: a kill here leaves a version that no alias points at
     client.set_model_version_tag(name, mv.version, "test_accuracy", f"{test_accuracy:.6f}")
+    _describe(tracker, name, str(mv.version), split, tags, test_accuracy)
     current = champion_version(tracker, split)
     promote = current is None or test_accuracy > float(current.tags.get("test_accuracy", "-1"))
     if promote:
         _verify_version(tracker, name, str(mv.version), len(classes))  # the alias never points at a broken model
         client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     return Registered(name, str(mv.version), promote, current.version if current else None, info.model_uri)
+
+
+def _describe(tracker: Tracker, name: str, version: str, split: str, tags: Mapping[str, Any],
+              test_accuracy: float) -> None:
+    """Descriptions the registry UI shows: the model's (what it is, its input, how to load it), unless someone
+    wrote another, and the version's (study, trial, scores). A description never fails a registration."""
+    from .describe import model_version_description, registered_model_description
+
+    try:
+        if not (tracker.client.get_registered_model(name).description or "").strip():
+            tracker.client.update_registered_model(name, description=registered_model_description(split))
+        tracker.client.update_model_version(name, version,
+                                            description=model_version_description(tags, test_accuracy))
+    except Exception as exc:  # noqa: BLE001
+        logging.getLogger(__name__).debug("descriptions of %s v%s not set: %s", name, version, exc)
 
 
 def _verify_version(tracker: Tracker, name: str, version: str, num_classes: int) -> None:

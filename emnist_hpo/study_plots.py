@@ -80,7 +80,8 @@ def study_figures(study: optuna.Study) -> list[tuple[str, Any]]:
         ("slice", lambda: vis.plot_slice(study, **kw)),
     ]
     if multi:
-        plots.append(("Pareto front", lambda: vis.plot_pareto_front(study, target_names=["val_accuracy", "params"])))
+        plots.append(("Pareto front", lambda: _params_axis(
+            vis.plot_pareto_front(study, target_names=["val_accuracy", "params"]), study)))
     else:
         plots.append(("intermediate values", lambda: vis.plot_intermediate_values(study)))
     out = []
@@ -92,6 +93,18 @@ def study_figures(study: optuna.Study) -> list[tuple[str, Any]]:
         except Exception as exc:  # noqa: BLE001 - e.g. importances need two complete trials
             out.append((title, f"not available: {' '.join(str(exc).split())[:300]}"))
     return out
+
+
+def _params_axis(fig: Any, study: optuna.Study) -> Any:
+    """The Pareto plot's parameter axis on a log scale, read as 10k, 100k, 1M (parameter counts span decades)."""
+    from .describe import log_ticks
+
+    sizes = [t.values[1] for t in study.get_trials(deepcopy=False, states=[optuna.trial.TrialState.COMPLETE])
+             if t.values and len(t.values) > 1]
+    tickvals, ticktext = log_ticks(sizes)
+    if tickvals:
+        fig.update_yaxes(type="log", tickvals=tickvals, ticktext=ticktext)
+    return fig
 
 
 def plots_html(study: optuna.Study, warning: str | None = None) -> str:

@@ -33,6 +33,7 @@ from .coordination import (
     sqlite_wal,
     store_lock,
 )
+from .describe import experiment_note, note_with_study, study_line, trial_note, trial_run_name
 from .errors import StorageError
 from .hooks import TrialHooks, TrialOutcome
 from .reports import Evaluation, plot_confusion, plot_curves, write_evaluation
@@ -57,8 +58,29 @@ TAG_STATE = "optuna.trial_state"  # COMPLETE | PRUNED | FAIL
 TAG_REASON = "emnist_hpo.fail_reason"
 TAG_PARENT = "mlflow.parentRunId"
 TAG_ENGINE = "emnist_hpo.engine"  # "optuna" | "keras-tuner": the search engine of a study's runs
+TAG_RUN_NAME = "mlflow.runName"
+TAG_NOTE = "mlflow.note.content"  # a run's or experiment's Markdown description in the MLflow UI
+#: MLflow 3's experiment type: "custom_model_development" ("Machine learning") marks a model-training
+#: experiment, as MLflow's own demo marks its GenAI one. MLflow UIs that decide the view per experiment open
+#: it on the runs table and never ask the user for its type; 3.17 decides by its view switch (:data:`UI_MODEL_TRAINING`).
+TAG_EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
 
 _STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+#: MLflow 3.17's UI opens an experiment in the view of its "GenAI / Model training" switch, which each
+#: browser keeps (localStorage ``mlflow.workflowType_v1``) and which starts on GenAI: the overview of traces
+#: and token usage. The experiment's ``mlflow.experimentKind`` tag does not override it; this URL parameter
+#: does, so every link this project prints carries it.
+UI_MODEL_TRAINING = "workflowType=machine_learning"
+
+
+def ui_path(experiment_id: str, run_id: str | None = None) -> str:
+    """The MLflow UI page (after the server's address) of an experiment's runs table, or of one run, in the
+    "Model training" view."""
+    page = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "")
+    return f"{page}?{UI_MODEL_TRAINING}"
 
 
 def local_artifact_root(tracking_uri: str) -> str | None:
@@ -172,16 +194,52 @@ class Tracker:
         self.experiment_id = self._experiment(experiment_name)
 
     def _experiment(self, name: str) -> str:
+        """The experiment's id; created as a model-training experiment with a description, or given them."""
+        tags = {TAG_EXPERIMENT_KIND: MODEL_TRAINING_KIND, TAG_NOTE: experiment_note(name)}
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
+        if exp is None:
+            try:
+                return self.client.create_experiment(name, artifact_location=local_artifact_root(self.tracking_uri),
+                                                     tags=tags)
+            except Exception:  # noqa: BLE001 - another worker created it first
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        # An experiment made before these tags existed (or by hand): add what it lacks, never overwrite a
+        # kind or a note someone chose in the UI.
+        for key, value in tags.items():
+            if key not in exp.tags:
+                self._set_experiment_tag(exp.experiment_id, key, value)
+        return exp.experiment_id
+
+    def _set_experiment_tag(self, experiment_id: str, key: str, value: str) -> None:
         try:
-            return self.client.create_experiment(name, artifact_location=local_artifact_root(self.tracking_uri))
-        except Exception:  # noqa: BLE001 - another worker created it first
-            exp = self.client.get_experiment_by_name(name)
-            if exp is None:
-                raise
-            return exp.experiment_id
+            self.client.set_experiment_tag(experiment_id, key, value)
+        except Exception as exc:  # noqa: BLE001 - a description is not worth failing a study (a read-only user)
+            logging.getLogger(__name__).debug("experiment tag %s not set: %s", key, exc)
+
+    def note_study(self, study: str, engine: str, where: str | None) -> None:
+        """Add ``study`` to the study list of the experiment's note (only a note this project wrote has one)."""
+        try:
+            note = self.client.get_experiment(self.experiment_id).tags.get(TAG_NOTE, "")
+        except Exception:  # noqa: BLE001
+            return
+        new = note_with_study(note, study_line(study, engine, where))
+        if new is not None:
+            self._set_experiment_tag(self.experiment_id, TAG_NOTE, new)
+
+    def experiment_link(self) -> str:
+        """The experiment's runs table in the MLflow UI (see :func:`ui_path`): a URL for a server, else the path."""
+        return self._link(ui_path(self.experiment_id))
+
+    def run_link(self, run_id: str) -> str:
+        """Where the MLflow UI shows ``run_id``: a full URL for a tracking server, else the UI's page path."""
+        return self._link(ui_path(self.experiment_id, run_id))
+
+    def _link(self, path: str) -> str:
+        if urlparse(self.tracking_uri).scheme in ("http", "https"):
+            return f"{redact(self.tracking_uri).rstrip('/')}/{path}"
+        return path
 
     # ------------------------------------------------------------------ runs
     def start_run(self, name: str, tags: Mapping[str, Any] | None = None, parent_run_id: str | None = None) -> str:
@@ -306,6 +364,17 @@ class MlflowMetricsCallback(keras.callbacks.Callback):
         pause_point("training")
 
 
+def _shown_val(outcome: TrialOutcome) -> float | None:
+    """The validation accuracy a trial's name shows: its best when complete, the one it was pruned on otherwise."""
+    r = outcome.result
+    if r is None:
+        return None
+    if outcome.state == "PRUNED":
+        values = [v for v in r.history.get("val_accuracy", []) if math.isfinite(v)]
+        return values[-1] if values else None
+    return r.best_val_accuracy if math.isfinite(r.best_val_accuracy) else None
+
+
 class MlflowTrialHooks(TrialHooks):
     """Makes every trial a nested MLflow run of the study's parent run.
 
@@ -316,6 +385,12 @@ class MlflowTrialHooks(TrialHooks):
     and failed trials end with their state as a tag and the run's status
     (KILLED, FAILED). ``tracking_seconds`` (metric and trial attribute) is the
     time all of this took.
+
+    What a person reads in the UI: each run is renamed at the trial's end with its
+    outcome (:func:`~emnist_hpo.describe.trial_run_name`: ``trial-12 val=0.8123``,
+    ``trial-7 pruned@epoch2 val=0.4100``, ``trial-3 failed``) and carries a note
+    naming its Optuna trial (study, number, redacted storage URL); the study is
+    added to the experiment's note.
     """
 
     def __init__(self, tracker: Tracker, parent_run_id: str, split: str, study_name: str, plots: bool = True):
@@ -323,6 +398,16 @@ class MlflowTrialHooks(TrialHooks):
         self.tracker, self.parent_run_id = tracker, parent_run_id
         self.split, self.study_name = split, study_name
         self._runs: dict[int, tuple[str, float, MlflowMetricsCallback]] = {}
+        # Where the study lives, for each trial's note: the parent run says (storage already redacted).
+        parent = tracker.client.get_run(parent_run_id).data.tags
+        self.engine = parent.get(TAG_ENGINE, "optuna")
+        where = parent.get("optuna.storage") or parent.get("keras_tuner.project")
+        self.where = redact(where) if where else None
+        tracker.note_study(study_name, self.engine, self.where)
+
+    def _note(self, trial, state: str | None = None, reason: str | None = None) -> str:
+        return trial_note(trial.number, self.study_name, self.engine, storage=self.where,
+                          seed=trial.user_attrs.get("seed_experiment"), state=state, reason=reason)
 
     def on_trial_begin(self, trial, config):
         t0 = time.perf_counter()
@@ -331,12 +416,17 @@ class MlflowTrialHooks(TrialHooks):
             TAG_SPLIT: self.split,
             TAG_STUDY: self.study_name,
             TAG_TRIAL: trial.number,
+            TAG_NOTE: self._note(trial),
         }
         seed = trial.user_attrs.get("seed_experiment")
         if seed:
             tags["emnist_hpo.seed_experiment"] = seed
-        run_id = self.tracker.start_run(f"trial-{trial.number}", tags, parent_run_id=self.parent_run_id)
+        name = f"trial-{trial.number}" + (f" seed={seed}" if seed else "")  # renamed with its outcome at the end
+        run_id = self.tracker.start_run(name, tags, parent_run_id=self.parent_run_id)
         trial.set_user_attr("mlflow_run_id", run_id)
+        # The run's page, for the Optuna dashboard's trial table: a URL on a tracking server, else the path
+        # after the MLflow UI's address (`python -m emnist_hpo ui`).
+        trial.set_user_attr("mlflow_run", self.tracker.run_link(run_id))
         params = {f"trial.{k}": v for k, v in trial.params.items()}
         params.update(config.flat_params())
         self.tracker.log_params(run_id, params)
@@ -349,10 +439,17 @@ class MlflowTrialHooks(TrialHooks):
             return
         run_id, spent, cb = self._runs.pop(trial.number)
         t0 = time.perf_counter()
-        tags: dict[str, Any] = {TAG_STATE: outcome.state}
+        r = outcome.result
+        tags: dict[str, Any] = {
+            TAG_STATE: outcome.state,
+            TAG_RUN_NAME: trial_run_name(
+                trial.number, outcome.state, seed=trial.user_attrs.get("seed_experiment"), reason=outcome.reason,
+                val=_shown_val(outcome), epoch=len(r.history.get("val_accuracy", [])) if r is not None else None,
+                params=trial.user_attrs.get("params")),
+            TAG_NOTE: self._note(trial, outcome.state, (outcome.reason or "")[:300] or None),
+        }
         if outcome.reason:
             tags[TAG_REASON] = outcome.reason[:5000]
-        r = outcome.result
         summary: dict[str, float] = {}
         if r is not None:
             summary = {

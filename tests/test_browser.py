@@ -1,14 +1,19 @@
 """What a person sees: headless Chromium on the two UIs that `emnist_hpo.ui serve` starts.
 
-The MLflow UI must list the experiment ``emnist-letters`` with a parent run
-whose two nested runs appear under it when its row is expanded; the Optuna
-dashboard must list the study and show its two trials. Screenshots go to
-``test-results/browser/`` (git-ignored).
+The MLflow UI must open the experiment ``emnist-digits`` on its runs table (not
+MLflow 3's GenAI overview of traces and token usage) from the link this project
+prints, show each trial's validation accuracy there (in its name, and as the
+``val_accuracy`` column once chosen), and nest the trials under the study's
+parent run; the Optuna dashboard must list the study and show its trials.
+Screenshots go to ``test-results/browser/`` (git-ignored); ``mlflow-runs.png``
+and ``optuna-study.png`` are the ones in ``docs/``.
 
 Chromium is Debian's (``apt-get install -y chromium``), driven over the Chrome
 DevTools Protocol with the small standard-library WebSocket client below (both
 UIs are React single-page apps, so the page is polled until the text appears).
-The stores are those of a real 2-trial study on the letters sample.
+Each test starts a fresh Chromium profile: nothing a browser remembers (MLflow's
+GenAI / Model training switch included) carries over. The stores are those of a
+real 3-trial study on the digits sample, shared by the tests of this file.
 """
 
 from __future__ import annotations
@@ -34,14 +39,16 @@ try:  # the same `serve` subprocess helper as test_ui's (tests/ on sys.path, or 
 except ImportError:  # pragma: no cover
     from tests.test_ui import ServeProcess, free_port
 
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-results" / "browser"
-EXPERIMENT = "emnist-letters"
-PARENT, CHILDREN = "study-emnist-letters", ("trial-0", "trial-1")
-STUDY = "emnist-letters"
+SPLIT = "digits"
+EXPERIMENT = STUDY = f"emnist-{SPLIT}"
+PARENT = f"study-{STUDY}"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-dev-shm-usage", "--window-size=1400,1000", "--remote-debugging-port=0"]
+                  "--disable-dev-shm-usage", "--window-size=1600,900", "--remote-debugging-port=0"]
 
 
 # --------------------------------------------------------------------------- Chrome DevTools Protocol
@@ -199,67 +206,146 @@ def browser(tmp_path: Path):
 # --------------------------------------------------------------------------- stores and server
 
 
-def make_stores(root: Path, sample_dir: Path) -> tuple[str, str, str, str]:
-    """A real 2-trial study on the letters sample, into fresh stores under ``root``.
+def make_stores(root: Path, sample_dir: Path) -> dict[str, Any]:
+    """A real 3-trial study on the digits sample (2 epochs, 2,000 images), into fresh stores under ``root``.
 
-    Returns ``(optuna_url, tracking_uri, experiment_id, parent_run_id)``.
+    Returns the stores' URLs, the experiment's id and link, the parent run's id and the trial runs.
     """
     from mlflow.tracking import MlflowClient
 
     from emnist_hpo.study import StudyOptions, run_study
+    from emnist_hpo.tracking import Tracker
 
     optuna_url, tracking_uri = f"sqlite:///{root}/mlruns/optuna.db", f"sqlite:///{root}/mlruns/mlflow.db"
-    os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
     res = run_study(StudyOptions(
-        split="letters", trials=2, epochs=1, max_train_samples=1000, data_dir=str(sample_dir), storage=optuna_url,
-        tracking_uri=tracking_uri, search_space="small", warm_start=False, finalists=0, progress=False,
-        checkpoint_dir=str(root / "ckpt"),
+        split=SPLIT, trials=3, epochs=2, max_train_samples=2000, data_dir=str(sample_dir), storage=optuna_url,
+        tracking_uri=tracking_uri, search_space="small", warm_start=False, finalists=0, pruner="none",
+        progress=False, checkpoint_dir=str(root / "ckpt"),
     ), log=lambda m: None)
-    exp = MlflowClient(tracking_uri).get_experiment_by_name(EXPERIMENT)
-    return optuna_url, tracking_uri, exp.experiment_id, res.parent_run_id
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(EXPERIMENT)
+    trials = client.search_runs([exp.experiment_id], "tags.`emnist_hpo.kind` = 'trial'")
+    return {"storage": optuna_url, "tracking": tracking_uri, "experiment_id": exp.experiment_id,
+            "link": Tracker(tracking_uri, EXPERIMENT).experiment_link(), "parent": res.parent_run_id,
+            "trials": sorted(trials, key=lambda r: int(r.data.tags["optuna.trial_number"]))}
 
 
-@pytest.fixture
-def served(tmp_path: Path, sample_dir: Path, monkeypatch: pytest.MonkeyPatch):
-    """``serve`` on the stores of a real 2-trial study; yields (urls, experiment_id, parent_run_id); SIGINT afterwards."""
-    monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path / "cache"))
-    optuna_url, tracking_uri, exp_id, parent_id = make_stores(tmp_path, sample_dir)
-    server = ServeProcess(tmp_path, optuna_url, tracking_uri, free_port(), free_port())
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, sample_dir: Path):
+    """``serve`` on the stores of a real 3-trial study; yields (urls, stores); SIGINT afterwards."""
+    from emnist_hpo.coordination import saved_environ
+
+    root = tmp_path_factory.mktemp("browser")
+    with saved_environ("EMNIST_HPO_CACHE", "MLFLOW_TRACKING_URI"):
+        os.environ["EMNIST_HPO_CACHE"] = str(root / "cache")
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        stores = make_stores(root, sample_dir)
+    server = ServeProcess(root, stores["storage"], stores["tracking"], free_port(), free_port())
     try:
-        yield server.urls, exp_id, parent_id
+        yield server.urls, stores
     finally:
         assert server.stop(signal.SIGINT) == 0
 
 
-# --------------------------------------------------------------------------- the test
+def quiet_assistant(browser: "DevTools", mlflow_url: str) -> None:
+    """Keep MLflow's assistant panel closed (it opens itself on a first visit and hides half the page).
+
+    Only the assistant's keys: the view switch (GenAI / Model training) stays as a new browser has it.
+    """
+    browser.goto(f"{mlflow_url}/#/")
+    browser.wait_for("document.readyState === 'complete'", "the MLflow UI")
+    browser.evaluate("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                     "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+    browser.goto("about:blank")  # the next page is a new document that reads them
 
 
-def test_uis_show_experiment_nested_runs_and_study_trials(served, browser: DevTools) -> None:
-    urls, exp_id, parent_id = served
-    mlflow_url, dashboard_url = urls["MLflow UI"], urls["Optuna dashboard"]
-
-    # MLflow: the experiment's runs table shows the parent run; its children are nested under it.
-    browser.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs")
-    browser.wait_for(shows(EXPERIMENT, PARENT), f"experiment {EXPERIMENT} with run {PARENT}")
-    browser.screenshot("mlflow-runs-collapsed")
-    assert not any(child in browser.text() for child in CHILDREN), "nested runs are listed at the top level"
+def expand(browser: "DevTools", run_name: str) -> None:
     expanded = browser.evaluate(
         "(() => { const link = [...document.querySelectorAll('a')].find(a => a.textContent.trim() === "
-        f"{json.dumps(PARENT)}); const cell = link && link.closest('[role=\"gridcell\"]');"
+        f"{json.dumps(run_name)}); const cell = link && link.closest('[role=\"gridcell\"]');"
         " const button = cell && cell.querySelector('button'); if (!button) return false;"
         " button.click(); return true; })()")
-    assert expanded, "the parent run has no expander: its runs are not nested"
-    browser.wait_for(shows(PARENT, *CHILDREN), f"nested runs {CHILDREN} under {PARENT}")
+    assert expanded, f"the run {run_name} has no expander: its runs are not nested"
+
+
+def choose_columns(browser: "DevTools", *names: str) -> None:
+    """Tick ``names`` in the runs table's Columns menu, then close it (what a person does to add a metric)."""
+    browser.evaluate("[...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Columns').click()")
+    browser.wait_for("!!document.querySelector('input[placeholder=\"Search columns\"]')", "the Columns menu")
+    for name in names:
+        clicked = browser.evaluate(
+            "(() => { const els = [...document.querySelectorAll('label, span, div')].filter(e => "
+            f"e.textContent.trim() === {json.dumps(name)} && e.children.length <= 2); const el = els[els.length - 1];"
+            " if (!el) return false; const box = (el.closest('label') || el.parentElement)"
+            ".querySelector('input[type=checkbox]'); (box || el).click(); return true; })()")
+        assert clicked, f"no column {name} in the Columns menu"
+    browser.call("Input.dispatchKeyEvent", type="keyDown", key="Escape", code="Escape", windowsVirtualKeyCode=27)
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_mlflow_experiment_opens_on_the_runs_table_with_the_trials_val_accuracy(served, browser: "DevTools") -> None:
+    urls, stores = served
+    mlflow_url = urls["MLflow UI"]
+    quiet_assistant(browser, mlflow_url)
+
+    # The link the project prints, in a browser that never chose a view: MLflow 3.17 starts on GenAI.
+    browser.goto(f"{mlflow_url}/{stores['link']}")
+    browser.wait_for(shows(EXPERIMENT, "Run Name", PARENT), f"the runs table of {EXPERIMENT} with run {PARENT}")
+    href, text = browser.evaluate("location.href"), browser.text()
+    assert f"/experiments/{stores['experiment_id']}/runs" in href, href
+    assert "workflowType=machine_learning" in href, href
+    for genai in ("Token Usage", "Tokens per Trace", "No data available for the selected time range"):
+        assert genai not in text, f"the GenAI overview is shown ({genai!r}):\n{text[:1500]}"
+    assert "EMNIST digits (10 classes" in text  # the experiment's description heads the page
+
+    # The trials, nested under the study's run, each named with its validation accuracy.
+    expand(browser, PARENT)
+    names = [r.info.run_name for r in stores["trials"]]
+    assert len(names) == 3
+    for run in stores["trials"]:
+        number = run.data.tags["optuna.trial_number"]
+        assert run.info.run_name == f"trial-{number} val={run.data.metrics['best_val_accuracy']:.4f}"
+    browser.wait_for(shows(PARENT, *names), f"the trials {names} under {PARENT}")
+
+    # The val_accuracy metric itself, as a column: each trial's value (MLflow shows the last epoch's).
+    choose_columns(browser, "val_accuracy", "params")
+    values = [repr(r.data.metrics["val_accuracy"]) for r in stores["trials"]]
+    browser.wait_for(shows("val_accuracy", "params", *values), f"the val_accuracy column with {values}")
+    time.sleep(1)  # the menu's closing animation
+    browser.screenshot("mlflow-runs")
+
+
+def test_uis_show_nested_runs_and_study_trials(served, browser: "DevTools") -> None:
+    from emnist_hpo.tracking import ui_path
+
+    urls, stores = served
+    mlflow_url, dashboard_url = urls["MLflow UI"], urls["Optuna dashboard"]
+    quiet_assistant(browser, mlflow_url)
+    children = [r.info.run_name for r in stores["trials"]]
+
+    # MLflow: the experiment's runs table shows the parent run; its children are nested under it.
+    browser.goto(f"{mlflow_url}/{stores['link']}")
+    browser.wait_for(shows(EXPERIMENT, PARENT), f"experiment {EXPERIMENT} with run {PARENT}")
+    browser.screenshot("mlflow-runs-collapsed")
+    assert not any(child in browser.text() for child in children), "nested runs are listed at the top level"
+    expand(browser, PARENT)
+    browser.wait_for(shows(PARENT, *children), f"nested runs {children} under {PARENT}")
     text = browser.text()
-    assert text.index(PARENT) < text.index(CHILDREN[0]) and text.index(PARENT) < text.index(CHILDREN[1])
+    assert all(text.index(PARENT) < text.index(child) for child in children)
     browser.screenshot("mlflow-runs-expanded")
 
-    # The parent run's own page lists its child runs.
-    browser.goto(f"{mlflow_url}/#/experiments/{exp_id}/runs/{parent_id}")
-    browser.wait_for(shows(PARENT, "Child runs", *CHILDREN), f"the page of run {PARENT} with its child runs")
+    # The parent run's own page lists its child runs; a trial's page shows the note naming its Optuna trial.
+    browser.goto(f"{mlflow_url}/{ui_path(stores['experiment_id'], stores['parent'])}")
+    browser.wait_for(shows(PARENT, "Child runs", *children), f"the page of run {PARENT} with its child runs")
     browser.screenshot("mlflow-parent-run")
+    trial = stores["trials"][0]
+    browser.goto(f"{mlflow_url}/{ui_path(stores['experiment_id'], trial.info.run_id)}")
+    browser.wait_for(shows(trial.info.run_name, f"Optuna trial 0 of study {STUDY}"), "the trial's note")
+    browser.screenshot("mlflow-trial-run")
 
-    # Optuna dashboard: the study list, then the study's trials.
+    # Optuna dashboard: the study list, then the study's trials and its page.
     browser.goto(dashboard_url)
     browser.wait_for(shows(STUDY), f"study {STUDY} in the study list")
     browser.screenshot("optuna-studies")
@@ -267,9 +353,10 @@ def test_uis_show_experiment_nested_runs_and_study_trials(served, browser: DevTo
         "(() => { const a = [...document.querySelectorAll('a')].find(a => a.href.includes('/dashboard/studies/'));"
         " return a ? a.href : null; })()", "a link to the study")
     browser.goto(study_link.rstrip("/") + "/trials")
-    browser.wait_for(shows(STUDY, "Trial 0", "Trial 1", "Complete"), "the study's two complete trials")
+    browser.wait_for(shows(STUDY, "Trial 0", "Trial 1", "Trial 2", "Complete"), "the study's three complete trials")
     browser.screenshot("optuna-trials")
     browser.goto(study_link)
     browser.wait_for(shows(STUDY, "History", "Best Trial"), "the study's history page")
+    time.sleep(2)  # the plots draw after the text
     browser.screenshot("optuna-study")
-    assert len(list(SHOTS.glob("*.png"))) >= 6
+    assert len(list(SHOTS.glob("*.png"))) >= 7

@@ -11,7 +11,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.cli import main
-from emnist_hpo.compare import FILES, pareto_mask
+from emnist_hpo.compare import FILES, collect, log_ticks, pareto_mask, sampler_name
 from emnist_hpo.published import PUBLISHED, for_split
 from emnist_hpo.search_space import SearchSpace
 from emnist_hpo.study_plots import edge_params, edge_warning
@@ -95,6 +95,9 @@ def test_champion_row_matches_the_registry_and_its_runs(store, board):
     assert row["model_size_bytes"] > 4 * row["params"]  # the .keras file holds float32 weights
     research = for_split("letters", "research")[0].accuracy
     assert row["delta_vs_research_pp"] == pytest.approx(100 * row["test_accuracy"] - research, abs=1e-3)
+    # the study's training-set size: 80% of the 1,500-image subset (the rest is validation)
+    (parent,) = _runs(client, "letters", "tags.`emnist_hpo.kind` = 'study' and tags.`emnist_hpo.engine` = 'optuna'")
+    assert row["train_size"] == int(parent.data.params["train_size"]) == 1200
 
 
 def test_baseline_rows_match_their_runs_and_say_which_saw_the_same_data(store, board):
@@ -109,6 +112,7 @@ def test_baseline_rows_match_their_runs_and_say_which_saw_the_same_data(store, b
         assert row["val_accuracy"] == pytest.approx(run.data.metrics["best_val_accuracy"])
         assert row["params"] == int(run.data.metrics["params"])
         assert row["model_size_bytes"] == int(run.data.metrics["model_size_bytes"])
+        assert row["train_size"] == int(run.data.params["train_size"]) == (1200 if name == "lenet" else 1600)
         assert bool(row["same_data"]) is same
         assert row["delta_vs_champion_pp"] == pytest.approx(100 * (row["test_accuracy"] - champion["test_accuracy"]),
                                                             abs=1e-3)
@@ -134,16 +138,94 @@ def test_published_figures_have_sources_and_deltas(store, board):
     assert "WaveMix" in md and "SpinalNet" in md
 
 
-def test_html_report_has_the_pareto_plot_of_the_trials(store):
+def _letters_no_skill(store) -> float:
+    """The no-skill accuracy of the letters studies' validation set, from the data itself."""
+    from emnist_hpo.config import DataConfig
+    from emnist_hpo.dataset import prepare
+    from emnist_hpo.pruners import no_skill_accuracy
+
+    data = prepare("letters", store["data"], DataConfig(val_fraction=0.2, max_train_samples=1500, seed=0),
+                   progress=False)
+    return no_skill_accuracy(data.y_val)
+
+
+def test_html_report_has_the_pareto_plot_of_the_complete_trials_that_learnt(store):
     client = _client(store)
     trials = [r for r in _runs(client, "letters", "tags.`emnist_hpo.kind` = 'trial'")
               if "best_val_accuracy" in r.data.metrics and "params" in r.data.metrics]
     assert len(trials) == 4  # both engines' trials, on the same data
+    no_skill = _letters_no_skill(store)
+    shown = [r for r in trials if r.data.tags["optuna.trial_state"] == "COMPLETE"
+             and r.data.metrics["best_val_accuracy"] >= 2 * no_skill]
     page = (store["out"] / "compare.html").read_text()
-    assert f"letters: validation accuracy against parameters ({len(trials)} trials" in page
+    assert (f"letters: validation accuracy against parameters ({len(shown)} complete trials at or above 2x the "
+            f"no-skill accuracy {no_skill:.3f}") in page
+    assert f"{len(trials) - len(shown)} pruned, failed or chance-level left out" in page
     assert "digits: validation accuracy" not in page  # no trials on digits
-    assert page.count("Plotly.newPlot") == 3  # overview, one Pareto plot, the engines; plotly.js embedded once
+    assert page.count("Plotly.newPlot") == 2 + bool(shown)  # overview, the Pareto plot, the engines
     assert "test accuracy per split" in page
+    if shown:  # the parameter axis reads 10k, 100k, 1M
+        assert '"ticktext":["' in page.replace(", ", ",") and ('"100k"' in page or '"10k"' in page)
+
+
+def _fake_study(client, exp_id: str, fp: str, params: dict, trials: list[tuple]) -> list[str]:
+    """A study parent run and its trial runs ``(state, best_val_accuracy, params)``, as the study logs them."""
+    parent = client.create_run(exp_id, run_name="study-x", tags={
+        "emnist_hpo.kind": "study", "optuna.study_name": "x", "emnist_hpo.data_fingerprint": fp}).info.run_id
+    for k, v in params.items():
+        client.log_param(parent, k, v)
+    ids = []
+    for i, (state, acc, size) in enumerate(trials):
+        run = client.create_run(exp_id, run_name=f"trial-{i}", tags={
+            "emnist_hpo.kind": "trial", "optuna.study_name": "x", "optuna.trial_number": str(i),
+            "optuna.trial_state": state, "mlflow.parentRunId": parent}).info.run_id
+        client.log_metric(run, "best_val_accuracy", acc)
+        client.log_metric(run, "params", size)
+        ids.append(run)
+    return ids
+
+
+def test_pareto_front_leaves_out_pruned_failed_and_chance_level_trials(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("emnist-digits", artifact_location=(tmp_path / "art").as_uri())
+    # no-skill 0.1 logged by the study: chance-level (< 0.2) and pruned trials, though smallest, are off the front
+    _fake_study(client, exp, "fp1", {"no_skill_accuracy": "0.1"}, [
+        ("COMPLETE", 0.80, 100_000), ("COMPLETE", 0.15, 5_000), ("PRUNED", 0.12, 2_000), ("FAIL", 0.05, 1_000),
+        ("COMPLETE", 0.70, 50_000), ("COMPLETE", 0.75, 200_000)])
+    pts = collect(client, ["digits"]).trials["digits"].sort_values("params")
+    assert list(pts["params"]) == [1_000, 2_000, 5_000, 50_000, 100_000, 200_000]
+    assert list(pts["eligible"]) == [False, False, False, True, True, True]
+    assert list(pts["pareto"]) == [False, False, False, True, True, False]
+
+
+def test_no_skill_accuracy_comes_from_the_validation_counts_when_not_logged(tmp_path):
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = client.create_experiment("emnist-digits", artifact_location=(tmp_path / "art").as_uri())
+    ids = _fake_study(client, exp, "fp2", {}, [("COMPLETE", 0.55, 10_000), ("COMPLETE", 0.65, 20_000)])
+    # validation classes of 30, 25, 25 and 20 images (rows of the confusion matrix): no-skill 0.3
+    counts = pd.DataFrame([[20, 5, 5, 0], [0, 25, 0, 0], [5, 0, 20, 0], [0, 0, 0, 20]], index=list("abcd"),
+                          columns=list("abcd"))
+    (tmp_path / "reports").mkdir()
+    counts.to_csv(tmp_path / "reports" / "validation_confusion_matrix.csv")
+    client.log_artifact(ids[1], str(tmp_path / "reports" / "validation_confusion_matrix.csv"), "reports")
+    pts = collect(client, ["digits"]).trials["digits"].sort_values("params")
+    assert list(pts["no_skill"]) == [pytest.approx(0.3), pytest.approx(0.3)]
+    assert list(pts["eligible"]) == [False, True]  # 0.55 is under twice 0.3
+    assert list(pts["pareto"]) == [False, True]
+
+
+def test_log_axis_ticks_read_as_thousands_and_millions():
+    assert log_ticks([5_000, 900_000]) == ([1e3, 1e4, 1e5, 1e6], ["1k", "10k", "100k", "1M"])
+    vals, text = log_ticks([20_000, 300_000])
+    assert text == ["10k", "20k", "50k", "100k", "200k", "500k", "1M"] and vals[0] == 1e4 and vals[-1] == 1e6
+    assert log_ticks([]) == ([], [])
+
+
+def test_sampler_name_resolves_the_default():
+    assert sampler_name({"sampler": "default", "objectives": "accuracy"}) == "tpe"
+    assert sampler_name({"sampler": "default", "objectives": "accuracy,params"}) == "nsga2"
+    assert sampler_name({"sampler": "random", "objectives": "accuracy"}) == "random"
+    assert sampler_name({}) == "tpe"
 
 
 def test_comparison_is_logged_to_its_own_run(store):
@@ -198,8 +280,7 @@ def test_engines_are_compared_side_by_side_on_their_budgets(store):
         assert row["wall_seconds"] == pytest.approx(wall, abs=0.1) and wall > 0
         assert bool(row["same_budget"]) is True  # 2 trials x 1 epoch each, on the same data
     assert eng.set_index("engine").loc["keras-tuner", "algorithm"] == "keras-tuner bayesian"
-    assert "tpe sampler" in eng.set_index("engine").loc["optuna", "algorithm"] or \
-        "default sampler" in eng.set_index("engine").loc["optuna", "algorithm"]
+    assert eng.set_index("engine").loc["optuna", "algorithm"] == "tpe sampler, hyperband pruner"  # the default
     md = (store["out"] / "leaderboard.md").read_text()
     assert "## Search engines" in md and "| letters | keras-tuner | keras-tuner bayesian | letters-kt | 2 | 1 |" in md
     assert "search engines: champion test accuracy against study wall time" in (store["out"] / "compare.html").read_text()
@@ -246,6 +327,9 @@ def test_multi_objective_study_plots_show_the_pareto_front():
     page = plots_html(study)
     assert "<h2>Pareto front</h2>" in page and "<h2>intermediate values</h2>" not in page
     assert page.count("Plotly.newPlot") == 5  # history, importances, parallel coordinates, slice, Pareto front
+    # the parameter axis of the Pareto front: log scale, read as 50k, 100k, 200k
+    compact = page.replace(" ", "")
+    assert '"ticktext":["10k","20k","50k","100k","200k","500k","1M"]' in compact and '"type":"log"' in compact
 
 
 def test_printed_summary_lists_the_engines(store):
