@@ -247,8 +247,12 @@ def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool
     check_separate_stores(storage_url, tracking)
 
 
-def _study(args: argparse.Namespace) -> int:
-    from .study import StudyOptions, run_study, summary_table
+def _study_options(args: argparse.Namespace):
+    """The study's options, validated with its search space, seed experiments and stores, before Keras loads."""
+    from .config import load_experiment
+    from .options import StudyOptions
+    from .paths import find_experiment, find_search_space
+    from .search_space import SearchSpace
 
     opts = StudyOptions(
         split=args.split,
@@ -284,14 +288,29 @@ def _study(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     opts.validate()
-    _check_stores(args.storage, args.tracking_uri)  # TODO(maintainer): move into the study's opening of the stores
+    if args.tuner is not None and args.engine != "keras-tuner":
+        raise ConfigError(f"--tuner applies to --engine keras-tuner (engine={args.engine!r}, tuner={args.tuner!r})")
+    SearchSpace.load(find_search_space(opts.search_space))
+    if opts.warm_start:
+        for name in opts.seed_experiments:
+            load_experiment(find_experiment(name))
+    if args.engine != "keras-tuner" or args.storage is not None:
+        _check_stores(args.storage, args.tracking_uri)
+    else:
+        _check_stores(None, args.tracking_uri, optuna=False)
+    args.options = opts
+    return args
+
+
+def _study(args: argparse.Namespace) -> int:
+    opts = args.options
     if args.engine == "keras-tuner":
         from .kt_engine import run_kt_study, summary_table as kt_summary
 
         print(kt_summary(run_kt_study(opts, tuner=args.tuner or "hyperband", log=lambda m: print(m, file=sys.stderr))))
         return 0
-    if args.tuner is not None:
-        raise ConfigError(f"--tuner applies to --engine keras-tuner (engine={args.engine!r}, tuner={args.tuner!r})")
+    from .study import run_study, summary_table
+
     res = run_study(opts, log=lambda m: print(m, file=sys.stderr))
     print(summary_table(res))
     return 0
@@ -396,7 +415,33 @@ def _what_is(path) -> str:
     return f"{what} {text}"
 
 
+def _predict_check(args: argparse.Namespace) -> argparse.Namespace:
+    from .predict import check_top
+
+    check_top(args.top, args.split)
+    return args
+
+
+def _split_check(args: argparse.Namespace) -> argparse.Namespace:
+    from .data import check_split
+
+    check_split(args.split)
+    return args
+
+
+def _run_check(args: argparse.Namespace) -> argparse.Namespace:
+    from .data import check_split
+    from .paths import find_experiment
+
+    check_split(args.split)
+    find_experiment(args.experiment)
+    _check_stores(None, args.tracking_uri, optuna=False)
+    return args
+
+
 COMMANDS = {"study": _study, "ui": _ui, "run": _run, "compare": _compare, "predict": _predict, "export": _export}
+#: What each command checks before Keras is imported (seconds of TensorFlow start-up are not spent on a typo).
+CHECKS = {"study": _study_options, "predict": _predict_check, "export": _split_check, "run": _run_check}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -406,10 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .coordination import redact_arg, redact_secrets
 
     try:
-        if args.command == "predict":
-            from .predict import check_top
-
-            check_top(args.top, args.split)  # before the seconds of importing Keras
+        args = CHECKS.get(args.command, lambda a: a)(args)  # bad input fails here, before Keras loads
         if args.command != "ui":
             import_keras_quietly()
         return COMMANDS[args.command](args)

@@ -25,7 +25,7 @@ from .dataset import PreparedData, prepare
 from .describe import describe_model
 from .errors import ConfigError
 from .reports import evaluate
-from .study import PROJECT_ROOT
+from .paths import find_experiment
 from .tracking import TAG_KIND, TAG_REASON, TAG_SPLIT, MlflowMetricsCallback, Tracker
 from .training import TrainResult, predict_proba, train
 
@@ -84,16 +84,8 @@ def overrides(
 
 
 def find_experiment_file(path: str) -> Path:
-    """``path`` as given, relative to the project, or ``experiments/<path>.yaml`` (cwd first, then the project)."""
-    p = Path(path)
-    candidates = [p] if p.is_absolute() else [p, PROJECT_ROOT / p]
-    if p.suffix not in (".yaml", ".yml"):
-        candidates += [Path.cwd() / "experiments" / f"{path}.yaml", PROJECT_ROOT / "experiments" / f"{path}.yaml"]
-    for cand in candidates:
-        if cand.is_file():
-            return cand
-    names = sorted({f.stem for root in (Path.cwd(), PROJECT_ROOT) for f in (root / "experiments").glob("*.yaml")})
-    raise ConfigError(f"experiment not found: {path!r} (give a YAML file or one of: {', '.join(names) or 'none'})")
+    """``path`` as given, or ``experiments/<path>.yaml`` (the working directory first, then the shipped ones)."""
+    return find_experiment(path)
 
 
 def model_bytes(model: Any) -> int:

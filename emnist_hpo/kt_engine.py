@@ -62,7 +62,7 @@ from .registry import Registered
 from .search_space import SearchSpace
 from .selection import Candidate, choose, reevaluate
 from .study import base_config, format_summary, next_commands
-from .tracking import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker
+from .tracking import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker, redact
 from .training import RungControl, compile_model, dtype_policy, resolve_precision
 
 ENGINE = "keras-tuner"
@@ -323,7 +323,7 @@ def _check_options(opts: StudyOptions, tuner: str) -> None:
         raise ConfigError(f"--sampler is an Optuna option; with --engine {ENGINE} choose --tuner (sampler={opts.sampler!r})")
     if opts.storage is not None:
         raise ConfigError(f"--storage is Optuna's; --engine {ENGINE} keeps its state in {DEFAULT_KT_DIR}/<study-name> "
-                          f"(storage={opts.storage!r})")
+                          f"(storage={redact(opts.storage)!r})")
     if getattr(opts, "workers", 1) > 1:
         raise ConfigError(f"--workers applies to --engine optuna; Keras Tuner runs one trial at a time here "
                           f"(workers={opts.workers})")

@@ -147,7 +147,8 @@ def check_structure(doc: dict[str, Any], *, interpolated: bool) -> None:
 
     dashboard = services["dashboard"]
     dashboard_cmd = as_text(dashboard["command"])
-    assert re.search(r"--storage postgresql(\+psycopg2)?://[^@ ]+@postgres:5432/optuna\b", dashboard_cmd)
+    assert "--storage" not in dashboard_cmd and "@" not in dashboard_cmd, "no store URL (with its password) in the argv"
+    assert re.fullmatch(r"postgresql(\+psycopg2)?://[^@]+@postgres:5432/optuna", env_of(dashboard)["EMNIST_HPO_STORAGE"])
     assert "--host 0.0.0.0" in dashboard_cmd and "--port 8080" in dashboard_cmd
     assert "healthcheck" in dashboard
 
