@@ -49,7 +49,7 @@ def machine() -> dict[str, Any]:
     if info["backend"] == "tensorflow":
         import tensorflow as tf
 
-        from emnist_hpo.training import onednn_enabled
+        from emnist_hpo.train.trainer import onednn_enabled
 
         info["tensorflow"] = tf.__version__
         info["onednn"] = onednn_enabled()  # TensorFlow's oneDNN kernels (emnist_hpo turns them on for x86-64)

@@ -31,7 +31,7 @@ from _common import BYMERGE_FULL, DEFAULT_DATA, PYTHON, log, machine, run_child,
 
 import numpy as np  # noqa: E402
 
-from emnist_hpo.data import SPLITS, load_split  # noqa: E402
+from emnist_hpo.data.nist import SPLITS, load_split  # noqa: E402
 
 TINY_SPACE = """\
 # fixed tiny CNN: the memory benchmark measures data, not a big network
@@ -55,7 +55,7 @@ augment: 0.0
 """
 
 IMPORTS = ("from emnist_hpo.cli import import_keras_quietly; import_keras_quietly(); "
-           "import emnist_hpo.study, emnist_hpo.registry, mlflow, optuna")
+           "import emnist_hpo.search.optuna.study, emnist_hpo.tracking.registry, mlflow, optuna")
 
 
 def load_times(data_dir: str) -> list[dict[str, Any]]:
@@ -114,7 +114,7 @@ def measure(quick: bool, data_dir: str, full_size: bool) -> dict[str, Any]:
         res["imports_rss_mb"] = r.get("peak_rss_mb")
         log(f"imports only: {res['imports_rss_mb']} MB")
         # the sample, parsed once (the cache), then the study reads the cache as every later run does
-        r = run_child([PYTHON, "-c", f"from emnist_hpo.data import load_split; load_split('bymerge', {data_dir!r})"],
+        r = run_child([PYTHON, "-c", f"from emnist_hpo.data.nist import load_split; load_split('bymerge', {data_dir!r})"],
                       env=env)
         res["sample_first_parse_rss_mb"] = r.get("peak_rss_mb")
         r = run_child(study_cmd(root, data_dir, "mem-sample", 0 if quick else 1), env=env, cwd=root)
@@ -130,7 +130,7 @@ def measure(quick: bool, data_dir: str, full_size: bool) -> dict[str, Any]:
             res["full_estimate_mb"] = res["sample_study"]["peak_rss_mb"] + (full_mb - sample_mb)
         if full_size:
             full_dir = write_full_size(data_dir, root / "full")
-            r = run_child([PYTHON, "-c", f"from emnist_hpo.data import load_split; load_split('bymerge', "
+            r = run_child([PYTHON, "-c", f"from emnist_hpo.data.nist import load_split; load_split('bymerge', "
                                          f"{str(full_dir)!r})"], env=env)
             res["full_first_parse_rss_mb"] = r.get("peak_rss_mb")
             log(f"full-size first parse: {r.get('peak_rss_mb')} MB")

@@ -31,15 +31,15 @@ import optuna  # noqa: E402
 from scipy.stats import spearmanr  # noqa: E402
 
 from _common import DEFAULT_DATA, log, machine, table, write_results  # noqa: E402
-from emnist_hpo import training  # noqa: E402
+from emnist_hpo.train import trainer as training  # noqa: E402
 from emnist_hpo.config import DataConfig, ExperimentConfig, TrainConfig  # noqa: E402
-from emnist_hpo.cost import human, model_cost  # noqa: E402
-from emnist_hpo.dataset import prepare  # noqa: E402
-from emnist_hpo.fidelity import Ladder, Rung, make_ladder  # noqa: E402
-from emnist_hpo.objective import Limits  # noqa: E402
+from emnist_hpo.model.cost import human, model_cost  # noqa: E402
+from emnist_hpo.data.prepared import prepare  # noqa: E402
+from emnist_hpo.train.fidelity import Ladder, Rung, make_ladder  # noqa: E402
+from emnist_hpo.search.trial import Limits  # noqa: E402
 from emnist_hpo.paths import find_search_space  # noqa: E402
-from emnist_hpo.search_space import SearchSpace  # noqa: E402
-from emnist_hpo.training import train  # noqa: E402
+from emnist_hpo.search.space import SearchSpace  # noqa: E402
+from emnist_hpo.train.trainer import train  # noqa: E402
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -35,10 +35,10 @@ import_keras_quietly()
 import optuna  # noqa: E402
 
 from emnist_hpo.config import DataConfig, load_experiment  # noqa: E402
-from emnist_hpo.dataset import prepare  # noqa: E402
-from emnist_hpo.pruners import make_pruner  # noqa: E402
-from emnist_hpo.study import StudyOptions, run_study  # noqa: E402
-from emnist_hpo.training import train  # noqa: E402
+from emnist_hpo.data.prepared import prepare  # noqa: E402
+from emnist_hpo.search.optuna.pruners import make_pruner  # noqa: E402
+from emnist_hpo.search.optuna.study import StudyOptions, run_study  # noqa: E402
+from emnist_hpo.train.trainer import train  # noqa: E402
 
 PATIENCE = 3  # the study's default per-trial early stopping
 

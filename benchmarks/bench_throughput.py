@@ -1,7 +1,7 @@
 """Training throughput: the trial trainer against a plain Keras fit of the same model, same process.
 
 The reference is the research's recipe: float32 arrays divided by 255, ``model.fit``,
-Adam, batch 128. Every variant of the trainer (``emnist_hpo.training.train`` with a
+Adam, batch 128. Every variant of the trainer (``emnist_hpo.train.trainer.train`` with a
 trial's settings plus one speed option) runs interleaved with it (A B C ... A B C ...)
 in one process, so a busy shared machine slows all of them alike; each variant's
 figure is the median over repetitions of its images/s divided by the reference's
@@ -40,9 +40,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, load_experiment  # noqa: E402
-from emnist_hpo.dataset import prepare  # noqa: E402
-from emnist_hpo.models import build_model  # noqa: E402
-from emnist_hpo.training import compile_model, dtype_policy, native_bf16, resolve_precision, train  # noqa: E402
+from emnist_hpo.data.prepared import prepare  # noqa: E402
+from emnist_hpo.model.build import build_model  # noqa: E402
+from emnist_hpo.train.trainer import compile_model, dtype_policy, native_bf16, resolve_precision, train  # noqa: E402
 
 #: The two models measured: the research's 2-conv seed and a small model typical of search_spaces/small.yaml.
 def models() -> dict[str, ModelConfig]:
@@ -249,7 +249,7 @@ def child(args) -> None:
     """Child process: time the reference and/or the default trainer on one model, print one JSON line."""
     import tensorflow as tf
 
-    from emnist_hpo.training import onednn_enabled
+    from emnist_hpo.train.trainer import onednn_enabled
 
     if args.intra:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra)

@@ -3,7 +3,7 @@
 A real study (``run_study``) of 1-epoch trials on the balanced sample, no pruning (every
 trial finishes and logs its reports), warm-started with the research's seed models.
 Two measures of the overhead per trial:
-- ``tracking_seconds``, what :class:`~emnist_hpo.tracking.MlflowTrialHooks` records itself;
+- ``tracking_seconds``, what :class:`~emnist_hpo.tracking.tracker.MlflowTrialHooks` records itself;
 - the wall time of every hook call and per-epoch logging callback, timed from outside
   (this also counts the final ``tracking_seconds`` metric and the end of the run).
 The trial's wall time is Optuna's start-to-complete. Also reported: how many times the data
@@ -34,8 +34,9 @@ import_keras_quietly()
 
 import optuna  # noqa: E402
 
-from emnist_hpo import dataset, tracking  # noqa: E402
-from emnist_hpo.study import StudyOptions, run_study  # noqa: E402
+from emnist_hpo.data import prepared as dataset  # noqa: E402
+from emnist_hpo.tracking import tracker as tracking  # noqa: E402
+from emnist_hpo.search.optuna.study import StudyOptions, run_study  # noqa: E402
 
 
 class HookClock:

@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 
 from emnist_hpo.config import DataConfig, load_experiment  # noqa: E402
-from emnist_hpo.dataset import prepare  # noqa: E402
-from emnist_hpo.study import StudyOptions, run_study  # noqa: E402
-from emnist_hpo.training import predict_proba, train  # noqa: E402
+from emnist_hpo.data.prepared import prepare  # noqa: E402
+from emnist_hpo.search.optuna.study import StudyOptions, run_study  # noqa: E402
+from emnist_hpo.train.trainer import predict_proba, train  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE_PARAMS = 928_947  # the 2-conv recipe on 47 classes

@@ -1,3 +1,3 @@
-from .cli import main
+from emnist_hpo.cli import main
 
 raise SystemExit(main())

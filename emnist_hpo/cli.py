@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Sequence
 
-from .errors import ConfigError, EmnistHpoError
+from emnist_hpo.errors import ConfigError, EmnistHpoError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -44,6 +44,9 @@ def import_keras_quietly() -> None:
     import os
     import tempfile
 
+    from . import runtime
+
+    runtime.configure()
     if "keras" in sys.modules:
         return
     sys.stderr.flush()
@@ -236,8 +239,8 @@ def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool
     """The stores' URLs as the command will use them: no in-memory SQLite, neither pointing at the other's
     database (nothing is written; the study loop checks the rest when it opens them). ``optuna=False``: the
     command uses no Optuna storage, only the tracking store's database is checked."""
-    from .config import resolve_storage, resolve_tracking_uri
-    from .coordination import check_separate_stores, check_sqlite_location
+    from emnist_hpo.config import resolve_storage, resolve_tracking_uri
+    from emnist_hpo.coordination import check_separate_stores, check_sqlite_location
 
     storage_url = resolve_storage(storage) if optuna else None
     tracking = resolve_tracking_uri(tracking_uri)
@@ -249,10 +252,10 @@ def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool
 
 def _study_options(args: argparse.Namespace):
     """The study's options, validated with its search space, seed experiments and stores, before Keras loads."""
-    from .config import load_experiment
-    from .options import StudyOptions
-    from .paths import find_experiment, find_search_space
-    from .search_space import SearchSpace
+    from emnist_hpo.config import load_experiment
+    from emnist_hpo.options import StudyOptions
+    from emnist_hpo.paths import find_experiment, find_search_space
+    from emnist_hpo.search.space import SearchSpace
 
     opts = StudyOptions(
         split=args.split,
@@ -305,11 +308,11 @@ def _study_options(args: argparse.Namespace):
 def _study(args: argparse.Namespace) -> int:
     opts = args.options
     if args.engine == "keras-tuner":
-        from .kt_engine import run_kt_study, summary_table as kt_summary
+        from emnist_hpo.search.keras_tuner.engine import run_kt_study, summary_table as kt_summary
 
         print(kt_summary(run_kt_study(opts, tuner=args.tuner or "hyperband", log=lambda m: print(m, file=sys.stderr))))
         return 0
-    from .study import run_study, summary_table
+    from emnist_hpo.search.optuna.study import run_study, summary_table
 
     res = run_study(opts, log=lambda m: print(m, file=sys.stderr))
     print(summary_table(res))
@@ -317,8 +320,8 @@ def _study(args: argparse.Namespace) -> int:
 
 
 def _ui(args: argparse.Namespace) -> int:
-    from .config import resolve_storage, resolve_tracking_uri  # light: the UIs need no Keras
-    from .ui import serve
+    from emnist_hpo.config import resolve_storage, resolve_tracking_uri  # light: the UIs need no Keras
+    from emnist_hpo.serve.ui import serve
 
     _check_stores(args.storage, args.tracking_uri)
     return serve(
@@ -331,7 +334,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .experiment import run_experiment, summary_table
+    from emnist_hpo.baselines.classical.experiment import run_experiment, summary_table
 
     _check_stores(None, args.tracking_uri, optuna=False)
 
@@ -345,7 +348,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from .compare import run_compare, summary
+    from emnist_hpo.reporting.compare import run_compare, summary
 
     res = run_compare(args.output, args.tracking_uri, log=lambda m: print(m, file=sys.stderr))
     print(summary(res.comparison))
@@ -354,7 +357,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     """Exit code 0 when every image was classified, 2 when any could not be (each says why)."""
-    from .predict import format_json, format_text, predict_images
+    from emnist_hpo.serve.predict import format_json, format_text, predict_images
 
     results = predict_images(args.images, args.split, args.tracking_uri, top=args.top)
     if args.json:
@@ -369,7 +372,7 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import export_tflite, summary_table
+    from emnist_hpo.serve.export import export_tflite, summary_table
 
     res = export_tflite(args.split, int8=args.int8, output=args.output, tracking_uri=args.tracking_uri,
                         data_dir=args.data_dir, log=lambda m: print(m, file=sys.stderr))
@@ -416,22 +419,22 @@ def _what_is(path) -> str:
 
 
 def _predict_check(args: argparse.Namespace) -> argparse.Namespace:
-    from .predict import check_top
+    from emnist_hpo.serve.predict import check_top
 
     check_top(args.top, args.split)
     return args
 
 
 def _split_check(args: argparse.Namespace) -> argparse.Namespace:
-    from .data import check_split
+    from emnist_hpo.data.nist import check_split
 
     check_split(args.split)
     return args
 
 
 def _run_check(args: argparse.Namespace) -> argparse.Namespace:
-    from .data import check_split
-    from .paths import find_experiment
+    from emnist_hpo.data.nist import check_split
+    from emnist_hpo.paths import find_experiment
 
     check_split(args.split)
     find_experiment(args.experiment)
@@ -448,7 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
-    from .coordination import redact_arg, redact_secrets
+    from emnist_hpo.coordination import redact_arg, redact_secrets
 
     try:
         args = CHECKS.get(args.command, lambda a: a)(args)  # bad input fails here, before Keras loads

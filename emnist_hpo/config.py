@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from .errors import ConfigError
+from emnist_hpo.errors import ConfigError
 
 #: Optuna's storage when ``--storage`` is not given (relative to the working directory).
 DEFAULT_OPTUNA_STORAGE = "sqlite:///mlruns/optuna.db"
@@ -201,7 +201,7 @@ class ExperimentConfig:
             _at_least(where, "data.max_train_samples", d.max_train_samples, 1)
         _between(where, "data.seed", d.seed, 0, MAX_SEED)
         if m.kind == "cnn":
-            from .architecture import check_fits  # local: architecture sits beside config
+            from emnist_hpo.model.architecture import check_fits  # local: architecture sits beside config
 
             check_fits(m, where=where)
         if m.kind in CLASSICAL_KINDS:

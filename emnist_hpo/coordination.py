@@ -36,7 +36,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StorageError
+from emnist_hpo.errors import StorageError
 
 #: Optuna trial user attribute and MLflow run tag naming the process that runs it.
 OWNER_ATTR = "owner"

@@ -10,15 +10,15 @@ import math
 import re
 from dataclasses import dataclass
 
-from .config import LIMITS, MAX_SEED
-from .data import check_split
-from .errors import ConfigError
+from emnist_hpo.config import LIMITS, MAX_SEED
+from emnist_hpo.data.nist import check_split
+from emnist_hpo.errors import ConfigError
 
 #: ``--sampler`` names (Optuna samplers).
 SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 #: ``--pruner`` names.
 PRUNERS = ("successive-halving", "hyperband", "median", "none")
-#: ``--fidelity`` names (emnist_hpo.fidelity).
+#: ``--fidelity`` names (emnist_hpo.train.fidelity).
 FIDELITIES = ("data", "epochs", "none")
 #: Objective names for ``--objectives``: accuracy is maximised, params minimised.
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
@@ -47,7 +47,7 @@ class StudyOptions:
     search_space: str = "search_spaces/default.yaml"  # YAML search space
     sampler: str | None = None  # tpe | random | qmc | cmaes | nsga2 (default tpe, nsga2 for two objectives)
     pruner: str = "successive-halving"  # successive-halving | hyperband | median | none (over the fidelity rungs)
-    fidelity: str = "data"  # data | epochs | none: what the rungs grow (emnist_hpo.fidelity)
+    fidelity: str = "data"  # data | epochs | none: what the rungs grow (emnist_hpo.train.fidelity)
     reduction_factor: int = 3  # eta: the best 1/eta of a rung go on; rung shares shrink by eta
     seed: int = 0  # seeds the sampler, the data split and trial training
     timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit

@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .errors import ConfigError
+from emnist_hpo.errors import ConfigError
 
 #: The source checkout (the folder holding pyproject.toml), where there is one.
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

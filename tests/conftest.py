@@ -114,7 +114,7 @@ def digits_champion(tmp_path_factory, sample_dir):
     """
     import os
 
-    from emnist_hpo.study import StudyOptions, run_study
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
     root = tmp_path_factory.mktemp("digits_champion")
     cache, old = str(root / "cache"), os.environ.get("EMNIST_HPO_CACHE")

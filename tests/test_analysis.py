@@ -7,11 +7,11 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from emnist_hpo.analysis import write_analysis
+from emnist_hpo.reporting.analysis import write_analysis
 from emnist_hpo.config import ConvBlock, ModelConfig
-from emnist_hpo.data import load_split
-from emnist_hpo.models import build_model
-from emnist_hpo.reports import evaluate
+from emnist_hpo.data.nist import load_split
+from emnist_hpo.model.build import build_model
+from emnist_hpo.reporting.evaluation import evaluate
 
 
 def test_write_analysis_files(sample_dir, tmp_path):

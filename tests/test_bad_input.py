@@ -178,7 +178,7 @@ def _foreign_sqlite(root: Path) -> str:
 
 def _disk_full_at_run_start(monkeypatch, root: Path) -> None:
     """The MLflow store's disk is full as `run` starts its run (nothing is written: the write is what fails)."""
-    from emnist_hpo.tracking import Tracker
+    from emnist_hpo.tracking.tracker import Tracker
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(root / "mlruns" / "artifacts" / "1" / "run"))
@@ -188,7 +188,7 @@ def _disk_full_at_run_start(monkeypatch, root: Path) -> None:
 
 def _sqlite_full_at_run_start(monkeypatch, root: Path) -> None:
     """As MLflow reports SQLite's full disk: its own exception, caused by sqlite3's OperationalError."""
-    from emnist_hpo.tracking import Tracker
+    from emnist_hpo.tracking.tracker import Tracker
 
     def full(self, *args, **kwargs):
         try:
@@ -509,7 +509,7 @@ def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypat
     trial retrained, and the code never runs."""
     import keras
 
-    from emnist_hpo.study import StudyOptions, run_study
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path / "cache"))

@@ -9,10 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.cli import main
-from emnist_hpo.search_space import SearchSpace
+from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.config import DataConfig, load_experiment
-from emnist_hpo.dataset import prepare
-from emnist_hpo.models import build_model
+from emnist_hpo.data.prepared import prepare
+from emnist_hpo.model.build import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def _baseline(env, split: str, name: str):
     assert exp is not None, f"no MLflow experiment emnist-{split}"
     runs = client.search_runs(
         [exp.experiment_id],
-        f"tags.`emnist_hpo.kind` = 'baseline' and tags.`emnist_hpo.experiment` = '{name}'",
+        f"tags.`emnist_hpo.kind` = 'baseline' and tags.`emnist_hpo.baselines.experiment` = '{name}'",
     )
     assert len(runs) == 1, f"expected one baseline run of {name}, found {len(runs)}"
     return client, runs[0]
@@ -103,7 +103,7 @@ def test_lstm_baseline_reads_rows_and_is_tracked(env, lstm):
     client, run = lstm
     t, m = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
-    assert t["emnist_hpo.architecture"].startswith("lstm 128")
+    assert t["emnist_hpo.model.architecture"].startswith("lstm 128")
     cfg = load_experiment(REPO / "experiments" / "lstm.yaml")
     assert m["params"] == build_model(cfg.model, 10).count_params()
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 1
@@ -161,8 +161,8 @@ def test_unknown_key_in_experiment_yaml_is_one_line_exit_2(env, tmp_path, capsys
 
 
 def test_every_experiment_file_loads_and_describes_its_model():
-    from emnist_hpo.baselines import make_estimator
-    from emnist_hpo.describe import describe_model
+    from emnist_hpo.baselines.classical import make_estimator
+    from emnist_hpo.model.describe import describe_model
 
     names = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
     assert {"two_conv", "one_conv", "lenet", "wide_dropout", "four_conv", "four_conv_augment", "three_conv", "lstm",
@@ -200,7 +200,7 @@ def test_classical_options_are_checked_when_the_yaml_is_loaded(tmp_path):
             load_experiment(p)
         assert needle in str(err.value) and "classical.yaml" in str(err.value)
     p.write_text("model: {kind: random_forest, options: {n_estimators: 3}}\ntrain: {seed: 7}\n")
-    from emnist_hpo.baselines import make_estimator
+    from emnist_hpo.baselines.classical import make_estimator
 
     est = make_estimator(load_experiment(p))
     assert est.n_estimators == 3 and est.random_state == 7  # random_state defaults to train.seed

@@ -1,4 +1,4 @@
-"""What a person sees: headless Chromium on the two UIs that `emnist_hpo.ui serve` starts.
+"""What a person sees: headless Chromium on the two UIs that `emnist_hpo.serve.ui serve` starts.
 
 The MLflow UI must open the experiment ``emnist-digits`` on its runs table (not
 MLflow 3's GenAI overview of traces and token usage) from the link this project
@@ -213,8 +213,8 @@ def make_stores(root: Path, sample_dir: Path) -> dict[str, Any]:
     """
     from mlflow.tracking import MlflowClient
 
-    from emnist_hpo.study import StudyOptions, run_study
-    from emnist_hpo.tracking import Tracker
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
+    from emnist_hpo.tracking.tracker import Tracker
 
     optuna_url, tracking_uri = f"sqlite:///{root}/mlruns/optuna.db", f"sqlite:///{root}/mlruns/mlflow.db"
     res = run_study(StudyOptions(
@@ -318,7 +318,7 @@ def test_mlflow_experiment_opens_on_the_runs_table_with_the_trials_val_accuracy(
 
 
 def test_uis_show_nested_runs_and_study_trials(served, browser: "DevTools") -> None:
-    from emnist_hpo.tracking import ui_path
+    from emnist_hpo.tracking.tracker import ui_path
 
     urls, stores = served
     mlflow_url, dashboard_url = urls["MLflow UI"], urls["Optuna dashboard"]

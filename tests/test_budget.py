@@ -7,8 +7,8 @@ import datetime as dt
 import optuna
 import pytest
 
-from emnist_hpo.budget import TimeBudget, TrialCost, costs_of
-from emnist_hpo.study import StudyOptions
+from emnist_hpo.search.budget import TimeBudget, TrialCost, costs_of
+from emnist_hpo.search.optuna.study import StudyOptions
 from emnist_hpo.errors import ConfigError
 
 

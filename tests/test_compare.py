@@ -11,10 +11,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.cli import main
-from emnist_hpo.compare import FILES, collect, log_ticks, pareto_mask, sampler_name
-from emnist_hpo.published import PUBLISHED, for_split
-from emnist_hpo.search_space import SearchSpace
-from emnist_hpo.study_plots import edge_params, edge_warning
+from emnist_hpo.reporting.compare import FILES, collect, log_ticks, pareto_mask, sampler_name
+from emnist_hpo.reporting.published import PUBLISHED, for_split
+from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.reporting.study_plots import edge_params, edge_warning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def _runs(client, split: str, query: str):
 
 
 def _baseline(client, split: str, name: str):
-    (run,) = _runs(client, split, f"tags.`emnist_hpo.kind` = 'baseline' and tags.`emnist_hpo.experiment` = '{name}'")
+    (run,) = _runs(client, split, f"tags.`emnist_hpo.kind` = 'baseline' and tags.`emnist_hpo.baselines.experiment` = '{name}'")
     return run
 
 
@@ -141,8 +141,8 @@ def test_published_figures_have_sources_and_deltas(store, board):
 def _letters_no_skill(store) -> float:
     """The no-skill accuracy of the letters studies' validation set, from the data itself."""
     from emnist_hpo.config import DataConfig
-    from emnist_hpo.dataset import prepare
-    from emnist_hpo.pruners import no_skill_accuracy
+    from emnist_hpo.data.prepared import prepare
+    from emnist_hpo.search.optuna.pruners import no_skill_accuracy
 
     data = prepare("letters", store["data"], DataConfig(val_fraction=0.2, max_train_samples=1500, seed=0),
                    progress=False)
@@ -249,7 +249,7 @@ def test_study_parent_run_has_optuna_plots_and_the_edge_warning(store):
         assert f"<h2>{title}</h2>" in page
     assert page.count("Plotly.newPlot") >= 4
     # what decided the trials' speed and rounding beyond their config, for reproducing them
-    from emnist_hpo.training import onednn_enabled
+    from emnist_hpo.train.trainer import onednn_enabled
 
     assert parent.data.tags["emnist_hpo.keras_backend"] == keras.backend.backend()
     assert parent.data.tags["emnist_hpo.onednn"] == str(onednn_enabled()).lower()
@@ -315,7 +315,7 @@ def test_compare_on_an_empty_store_is_one_line_exit_2(tmp_path, capsys):
 
 
 def test_multi_objective_study_plots_show_the_pareto_front():
-    from emnist_hpo.study_plots import plots_html
+    from emnist_hpo.reporting.study_plots import plots_html
 
     study = optuna.create_study(study_name="two-objectives", directions=["maximize", "minimize"])
     dists = {"learning_rate": optuna.distributions.FloatDistribution(1e-4, 1e-2, log=True),
@@ -333,8 +333,8 @@ def test_multi_objective_study_plots_show_the_pareto_front():
 
 
 def test_printed_summary_lists_the_engines(store):
-    from emnist_hpo.compare import collect, summary
-    from emnist_hpo.tracking import make_client
+    from emnist_hpo.reporting.compare import collect, summary
+    from emnist_hpo.tracking.tracker import make_client
 
     text = summary(collect(make_client(store["tracking"]), ["letters"]))
     lines = [ln for ln in text.splitlines() if "letters-kt" in ln or "emnist-letters" in ln and "sampler" in ln]

@@ -23,8 +23,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_hpo.concurrency import FINALIZE_ATTR
-from emnist_hpo.ui import start_mlflow_server, stop_process, wait_http
+from emnist_hpo.search.optuna.slots import FINALIZE_ATTR
+from emnist_hpo.serve.ui import start_mlflow_server, stop_process, wait_http
 
 SPACE = """\
 conv_blocks: 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from emnist_hpo import data
+from emnist_hpo.data import nist as data
 from emnist_hpo.errors import ConfigError, DataError
 
 SAMPLE_COUNTS = {  # split: (train, test, classes), from ../shared/emnist/README.md

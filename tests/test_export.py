@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from emnist_hpo.cli import main
-from emnist_hpo.data import load_split
-from emnist_hpo.registry import load_champion
+from emnist_hpo.data.nist import load_split
+from emnist_hpo.tracking.registry import load_champion
 
 def _interpreter(path: Path):
     import tensorflow as tf

@@ -6,11 +6,11 @@ import numpy as np
 import optuna
 import pytest
 
-from emnist_hpo.cost import ModelCost
-from emnist_hpo.fidelity import MIN_RUNG_SEEN, make_ladder, nested_order, promotable
-from emnist_hpo.objective import OptunaRungs
-from emnist_hpo.pruners import PRUNERS, make_pruner, no_skill_accuracy
-from emnist_hpo.training import RungResult
+from emnist_hpo.model.cost import ModelCost
+from emnist_hpo.train.fidelity import MIN_RUNG_SEEN, make_ladder, nested_order, promotable
+from emnist_hpo.search.trial import OptunaRungs
+from emnist_hpo.search.optuna.pruners import PRUNERS, make_pruner, no_skill_accuracy
+from emnist_hpo.train.trainer import RungResult
 
 NO_SKILL = 1 / 47  # the balanced split: 47 classes of equal size
 

@@ -9,9 +9,9 @@ from mlflow.tracking import MlflowClient
 from emnist_hpo.cli import main
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
-from emnist_hpo.kt_engine import SpaceHyperModel, run_kt_study
-from emnist_hpo.search_space import SearchSpace
-from emnist_hpo.study import PROJECT_ROOT, StudyOptions
+from emnist_hpo.search.keras_tuner.engine import SpaceHyperModel, run_kt_study
+from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.search.optuna.study import PROJECT_ROOT, StudyOptions
 
 
 def test_search_space_becomes_keras_tuner_hyperparameters():

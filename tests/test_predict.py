@@ -15,9 +15,9 @@ import pytest
 from PIL import Image, ImageOps
 
 from emnist_hpo.cli import main
-from emnist_hpo.data import load_split
-from emnist_hpo.images import ImageError, prepare_file, to_emnist
-from emnist_hpo.registry import load_champion
+from emnist_hpo.data.nist import load_split
+from emnist_hpo.data.images import ImageError, prepare_file, to_emnist
+from emnist_hpo.tracking.registry import load_champion
 
 VARIANTS = ("jpeg", "palette", "inverse", "alpha")
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import optuna
 import pytest
 
-from emnist_hpo.architecture import feature_sides
+from emnist_hpo.model.architecture import feature_sides
 from emnist_hpo.config import ExperimentConfig, load_experiment
 from emnist_hpo.errors import ConfigError
-from emnist_hpo.models import build_model
-from emnist_hpo.search_space import SearchSpace
+from emnist_hpo.model.build import build_model
+from emnist_hpo.search.space import SearchSpace
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "search_spaces" / "default.yaml"
@@ -131,7 +131,7 @@ def test_experiment_overrides_only_what_differs(tmp_path):
 
 def test_augmentation_maps_to_a_strength_only_on_the_space_scale():
     from emnist_hpo.config import AugmentConfig
-    from emnist_hpo.search_space import augment_strength
+    from emnist_hpo.search.space import augment_strength
 
     assert augment_strength(AugmentConfig()) == 0.0
     assert augment_strength(AugmentConfig(rotation=9, shift=0.09, zoom=0.09)) == pytest.approx(0.6)

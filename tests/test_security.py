@@ -24,7 +24,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emnist_hpo import registry, ui
+from emnist_hpo.tracking import registry
+
+from emnist_hpo.serve import ui
 from emnist_hpo.cli import main
 from emnist_hpo.coordination import redact_arg, redact_secrets
 from emnist_hpo.errors import RegistryError
@@ -104,7 +106,7 @@ class Store:
     """A private MLflow store with a digits champion logged by the project, and a way to add attacks to it."""
 
     def __init__(self, root: Path) -> None:
-        from emnist_hpo.tracking import Tracker
+        from emnist_hpo.tracking.tracker import Tracker
 
         self.root = root
         self.uri = f"sqlite:///{root}/mlflow.db"

@@ -13,8 +13,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from emnist_hpo.data import load_split
-from emnist_hpo.study import StudyOptions, run_study
+from emnist_hpo.data.nist import load_split
+from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
 REPO = Path(__file__).resolve().parents[1]
 

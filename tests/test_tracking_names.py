@@ -13,9 +13,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.config import ExperimentConfig
-from emnist_hpo.hooks import TrialOutcome
-from emnist_hpo.tracking import MODEL_TRAINING_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE, MlflowTrialHooks, Tracker
-from emnist_hpo.training import TrainResult
+from emnist_hpo.train.hooks import TrialOutcome
+from emnist_hpo.tracking.tracker import MODEL_TRAINING_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE, MlflowTrialHooks, Tracker
+from emnist_hpo.train.trainer import TrainResult
 
 STORAGE = "postgresql+psycopg2://emnist:s3cret-pw@db:5432/optuna"
 
@@ -129,7 +129,7 @@ def test_links_open_the_runs_table_in_the_model_training_view(store):
 
 def test_registered_model_and_version_descriptions(tmp_path):
     """The registry says what the model is, what it takes and how to load it; each version where it came from."""
-    from emnist_hpo.registry import _describe
+    from emnist_hpo.tracking.registry import _describe
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     tracker = Tracker(uri, "emnist-digits")

@@ -15,11 +15,11 @@ import keras
 import numpy as np
 import pytest
 
-from emnist_hpo import training
+from emnist_hpo.train import trainer as training
 from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, from_dict
-from emnist_hpo.dataset import Rows, prepare
+from emnist_hpo.data.prepared import Rows, prepare
 from emnist_hpo.errors import ConfigError
-from emnist_hpo.training import ArrayBatches, predict_proba, resolve_precision, train
+from emnist_hpo.train.trainer import ArrayBatches, predict_proba, resolve_precision, train
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +201,7 @@ def test_a_config_is_not_changed_by_training(digits):
 
 
 def test_prepare_splits_in_place_with_the_same_sets_as_train_val_split(sample_dir, tmp_path, monkeypatch):
-    from emnist_hpo.data import load_split, train_val_split
+    from emnist_hpo.data.nist import load_split, train_val_split
 
     monkeypatch.setenv("EMNIST_HPO_CACHE", str(tmp_path))
     d = prepare("balanced", str(sample_dir), DataConfig(val_fraction=0.2, seed=3), progress=False)
@@ -226,7 +226,7 @@ def _onednn_in_fresh_process(env_value: str | None) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
     if env_value is not None:
         env["TF_ENABLE_ONEDNN_OPTS"] = env_value
-    code = ("import emnist_hpo, os; from emnist_hpo.training import onednn_enabled; "
+    code = ("import emnist_hpo, os; from emnist_hpo.train.trainer import onednn_enabled; "
             "print(os.environ.get('TF_ENABLE_ONEDNN_OPTS'), onednn_enabled())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

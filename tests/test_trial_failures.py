@@ -12,7 +12,7 @@ from __future__ import annotations
 import optuna
 from mlflow.tracking import MlflowClient
 
-from emnist_hpo.study import StudyOptions, run_study
+from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
 SPACE = """\
 conv_blocks: 1

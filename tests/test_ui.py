@@ -1,4 +1,4 @@
-"""`python -m emnist_hpo.ui serve`: both UIs on real stores, loopback only, clean shutdown.
+"""`python -m emnist_hpo.serve.ui serve`: both UIs on real stores, loopback only, clean shutdown.
 
 The stores are made here with Optuna and MLflow directly (no study code), the
 servers are real (``mlflow server`` and the Optuna dashboard), and their REST
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from emnist_hpo import ui
+from emnist_hpo.serve import ui
 from emnist_hpo.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ def make_stores(root: Path, *, n_trials: int = 2) -> tuple[str, str]:
 
 
 class ServeProcess:
-    """``python -m emnist_hpo.ui serve`` in a subprocess; its printed URLs once both servers answer."""
+    """``python -m emnist_hpo.serve.ui serve`` in a subprocess; its printed URLs once both servers answer."""
 
     def __init__(self, cwd: Path, storage: str, tracking_uri: str, mlflow_port: int, dashboard_port: int,
                  timeout: float = 120.0) -> None:
@@ -84,7 +84,7 @@ class ServeProcess:
         env.pop("MLFLOW_TRACKING_URI", None)
         self.log_dir = cwd / "ui-logs"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "emnist_hpo.ui", "serve", "--storage", storage, "--tracking-uri", tracking_uri,
+            [sys.executable, "-m", "emnist_hpo.serve.ui", "serve", "--storage", storage, "--tracking-uri", tracking_uri,
              "--mlflow-port", str(mlflow_port), "--dashboard-port", str(dashboard_port),
              "--log-dir", str(self.log_dir)],
             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

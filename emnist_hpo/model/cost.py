@@ -1,0 +1,95 @@
+"""What a model costs, known before it is built: parameters and forward FLOPs per image.
+
+Computed from the :class:`~emnist_hpo.config.ModelConfig` by shape arithmetic
+alone (no Keras, no memory), so a study can refuse a model that is too large
+(``--max-params``, ``--max-flops``) before it spends anything on it, predict how
+long training it takes, and show cost beside accuracy.
+
+Conventions:
+
+- ``params``: every stored number, trainable or not, exactly as
+  ``keras.Model.count_params()`` counts it (batch-norm keeps 4 per channel: scale,
+  offset, moving mean and variance); checked against Keras in the tests.
+- ``flops``: forward floating-point operations per image of the conv, dense and LSTM
+  layers, a multiply-add counted as 2. Batch-norm, activations, pooling, dropout and
+  augmentation are left out (each is under ~2% of a conv layer's cost here).
+  Training costs about 3x the forward pass (forward, and two matrix products back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from emnist_hpo.model.architecture import IMAGE_SIDE
+
+if TYPE_CHECKING:
+    from emnist_hpo.config import ModelConfig
+
+#: Training FLOPs per image as a multiple of the forward FLOPs (forward + input and weight gradients).
+TRAIN_FLOPS_FACTOR = 3
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    params: int  # stored numbers (as keras.Model.count_params())
+    flops: int  # forward FLOPs per image (multiply-add = 2) of conv, dense and LSTM layers
+
+    @property
+    def train_flops(self) -> int:
+        """FLOPs to train on one image (forward and backward)."""
+        return TRAIN_FLOPS_FACTOR * self.flops
+
+    def row(self) -> dict[str, int]:
+        return {"params": self.params, "flops": self.flops}
+
+
+def model_cost(cfg: "ModelConfig", num_classes: int) -> ModelCost:
+    """Parameters and forward FLOPs of the Keras model :func:`~emnist_hpo.model.build.build_model` would build."""
+    if cfg.kind == "cnn":
+        return _cnn(cfg, num_classes)
+    if cfg.kind == "lstm":
+        return _lstm(cfg, num_classes)
+    return ModelCost(0, 0)  # classical baselines: no network (their size is measured after fitting)
+
+
+def _head(width: int, dense: list[int], num_classes: int) -> tuple[int, int]:
+    params = flops = 0
+    for units in [*dense, num_classes]:
+        params += width * units + units
+        flops += 2 * width * units
+        width = units
+    return params, flops
+
+
+def _cnn(cfg: "ModelConfig", num_classes: int) -> ModelCost:
+    side, channels = IMAGE_SIDE, 1
+    params = flops = 0
+    for block in cfg.conv_blocks:
+        for _ in range(block.convs):
+            if cfg.padding == "valid":
+                side = side - block.kernel + 1
+            weights = block.kernel * block.kernel * channels * block.filters
+            params += weights + (4 * block.filters if cfg.batch_norm else block.filters)
+            flops += 2 * weights * max(side, 0) ** 2
+            channels = block.filters
+        side //= 2
+    width = channels if cfg.global_pool else max(side, 0) ** 2 * channels
+    p, f = _head(width, list(cfg.dense), num_classes)
+    return ModelCost(params + p, flops + f)
+
+
+def _lstm(cfg: "ModelConfig", num_classes: int) -> ModelCost:
+    units, steps, features = cfg.lstm_units, IMAGE_SIDE, IMAGE_SIDE
+    params = 4 * (units * (features + units) + units)
+    flops = steps * 2 * 4 * units * (features + units)
+    p, f = _head(units, list(cfg.dense), num_classes)
+    return ModelCost(params + p, flops + f)
+
+
+def human(n: float) -> str:
+    """``1234567`` -> ``1.23M``; ``45000`` -> ``45.0k`` (for logs and tables)."""
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"

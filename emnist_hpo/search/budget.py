@@ -1,0 +1,187 @@
+"""The study's wall-clock budget: ``--timeout`` covers the search *and* what follows it.
+
+A study does more than its trials: the finalists are re-trained on other folds
+and the champion is fitted again on train+validation. A budget that only stops
+*starting* trials lets those steps run past it (a 20-minute study that takes
+35). :class:`TimeBudget` instead stops the search while there is still time for
+them, estimated from the trials themselves: each finalist costs ``folds`` runs of
+its own trial's duration, the final fit one more on a pool 1/(1 - val_fraction)
+times the training set. The re-evaluation gets at most ``REEVAL_SHARE`` of the
+budget (fewer folds, then fewer finalists, when that is not enough): a search
+cut short to re-train finalists of a poor search gains nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import optuna
+from optuna.trial import TrialState
+
+#: The largest share of a time budget kept back from the search for the re-evaluation (the final fit comes on top).
+REEVAL_SHARE = 0.35
+
+
+@dataclass(frozen=True)
+class TrialCost:
+    value: float  # the trial's first objective (validation accuracy)
+    seconds: float  # its wall time, tracking included
+    complete: bool  # COMPLETE (a finalist candidate) rather than PRUNED
+
+
+def costs_of(study: optuna.Study) -> list[TrialCost]:
+    """What the study's finished trials cost."""
+    out = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.datetime_start is None or t.datetime_complete is None:
+            continue
+        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
+        value = t.values[0] if t.values else float("-inf")
+        out.append(TrialCost(value, seconds, t.state == TrialState.COMPLETE))
+    return out
+
+
+@dataclass
+class TimeBudget:
+    deadline: float | None  # time.time() by which the whole study should be done; None: no budget
+    finalists: int = 0  # finalists re-evaluated after the search
+    folds: int = 1  # re-evaluation runs per finalist
+    final_fit_scale: float = 0.0  # the final fit's cost in trial durations of the champion (0: no final fit)
+    timeout: float | None = None  # the budget in seconds
+
+    @classmethod
+    def start(cls, timeout: float | None, *, finalists: int, folds: int, final_fit: bool,
+              val_fraction: float, now: float | None = None) -> "TimeBudget":
+        now = time.time() if now is None else now
+        return cls(None if timeout is None else now + timeout, finalists, folds,
+                   1.0 / (1.0 - val_fraction) if final_fit else 0.0, timeout)
+
+    def left(self, now: float | None = None) -> float:
+        if self.deadline is None:
+            return float("inf")
+        return self.deadline - (time.time() if now is None else now)
+
+    def plan(self, costs: Sequence[TrialCost], room: float | None = None) -> tuple[int, int]:
+        """``(finalists, folds)`` the re-evaluation can afford: within its share of the budget (and
+        ``room`` seconds, when given), each finalist costing ``folds`` runs of its own trial's duration.
+
+        Fewer folds are preferred to fewer than two finalists (one finalist cannot be compared
+        with anything); ``(0, 0)`` when not even one run of the best trial fits.
+        """
+        top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)[: self.finalists]
+        if not top or self.folds < 1:
+            return 0, 0
+        share = float("inf") if self.timeout is None else REEVAL_SHARE * self.timeout
+        room = share if room is None else min(room, share)
+        best = (0, 0)
+        for folds in range(self.folds, 0, -1):
+            n, spent = 0, 0.0
+            for c in top:
+                if spent + c.seconds * folds > room:
+                    break
+                n, spent = n + 1, spent + c.seconds * folds
+            if n >= min(2, len(top)):
+                return n, folds
+            if n > best[0]:
+                best = (n, folds)
+        return best
+
+    def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
+        top = [c for c in costs if c.complete]
+        return max(top, key=lambda c: c.value).seconds * self.final_fit_scale if top else 0.0
+
+    def reserve(self, costs: Sequence[TrialCost]) -> float:
+        """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""
+        n, folds = self.plan(costs)
+        top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
+        return sum(c.seconds for c in top[:n]) * folds + self.final_fit_cost(costs)
+
+    def stop_search(self, costs: Sequence[TrialCost], now: float | None = None) -> str | None:
+        """Why the search must start no more trials, or None while the next trial still fits."""
+        left = self.left(now)
+        if left == float("inf"):
+            return None
+        if left <= 0:
+            return "the time budget is spent"
+        if not costs:
+            return None
+        complete = [c.seconds for c in costs if c.complete]  # a trial that trains to the end: the safe guess
+        next_trial = statistics.median(complete or [c.seconds for c in costs])
+        reserve = self.reserve(costs)
+        if next_trial + reserve > left:
+            return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "
+                    f"(~{reserve:.0f} s, judging by the trials' durations; a trial takes ~{next_trial:.0f} s)")
+        return None
+
+    def affords(self, seconds: float, now: float | None = None) -> bool:
+        return seconds <= self.left(now)
+
+
+# --------------------------------------------------------------------------- what a rung costs on this machine
+
+
+#: Before a study has measured anything: seconds of fixed cost per rung (model build, graph tracing, tracking)
+#: and training FLOP/s, as measured on the 2-core AVX2 CI machine (benchmarks/bench_fidelity.py).
+DEFAULT_OVERHEAD_S = 3.0
+DEFAULT_RATE = 30e9
+
+
+@dataclass(frozen=True)
+class RungRecord:
+    work: float  # FLOPs of the rung: training images x 3 x forward FLOPs + validation images x forward FLOPs
+    seconds: float  # its wall time
+
+
+def rung_work(images: int, flops: int, val_images: int = 0) -> float:
+    """FLOPs a rung spends: training (forward and backward) and its validation passes."""
+    return float(images) * 3.0 * flops + float(val_images) * flops
+
+
+@dataclass
+class Throughput:
+    """``seconds = overhead + work / rate``, fitted to the rungs a study has run (defaults until it has run some).
+
+    Predicts what a rung, a trial or a final fit will take from FLOPs known before training
+    (:mod:`emnist_hpo.model.cost`): the study's plan and ETA, and the budget's check before every rung.
+    """
+
+    overhead: float = DEFAULT_OVERHEAD_S  # seconds per rung whatever its size
+    rate: float = DEFAULT_RATE  # training FLOP/s
+    measured: int = 0  # rungs the fit is based on
+
+    def seconds(self, work: float) -> float:
+        return self.overhead + work / self.rate
+
+    @classmethod
+    def fit(cls, records: Sequence[RungRecord]) -> "Throughput":
+        """Least squares over ``records`` (intercept >= 0); the defaults where there are too few or too alike."""
+        pts = [(r.work, r.seconds) for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
+        if not pts:
+            return cls()
+        if len(pts) >= 3:
+            n = len(pts)
+            mx = sum(w for w, _ in pts) / n
+            my = sum(s for _, s in pts) / n
+            var = sum((w - mx) ** 2 for w, _ in pts)
+            if var > 0:
+                slope = sum((w - mx) * (s - my) for w, s in pts) / var
+                intercept = my - slope * mx
+                if slope > 0 and intercept >= 0:
+                    return cls(intercept, 1.0 / slope, n)
+        # few or degenerate points: keep the default overhead, fit the rate alone (median of the points)
+        rates = sorted(w / max(s - DEFAULT_OVERHEAD_S, 0.25 * s) for w, s in pts)
+        return cls(DEFAULT_OVERHEAD_S, rates[len(rates) // 2], len(pts))
+
+    @classmethod
+    def of_study(cls, study: optuna.Study) -> "Throughput":
+        """Fitted to every rung the study's trials recorded (user attribute ``rungs``)."""
+        records = []
+        for t in study.get_trials(deepcopy=False):
+            for r in t.user_attrs.get("rungs", []) or []:
+                if isinstance(r, dict) and "work" in r and "seconds" in r:
+                    records.append(RungRecord(float(r["work"]), float(r["seconds"])))
+        return cls.fit(records)

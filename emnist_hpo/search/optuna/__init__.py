@@ -1,0 +1,26 @@
+"""The Optuna engine: the study loop (:mod:`.study`), its objective and rung decisions (:mod:`.objective`), pruners (:mod:`.pruners`), trial slots and claims between processes (:mod:`.slots`)."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+#: name -> module: imported on first use, so that importing this package loads nothing heavy
+_EXPORTS = {
+    'StudyContext': 'emnist_hpo.search.optuna.study',
+    'StudyResult': 'emnist_hpo.search.optuna.study',
+    'make_pruner': 'emnist_hpo.search.optuna.pruners',
+    'no_skill_accuracy': 'emnist_hpo.search.optuna.pruners',
+    'open_study': 'emnist_hpo.search.optuna.study',
+    'run_study': 'emnist_hpo.search.optuna.study',
+    'summary_table': 'emnist_hpo.search.optuna.study',
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,120 @@
+"""Champion selection that does not crown one lucky validation score.
+
+With one small validation split and dozens of trials, the maximum validation
+score is mostly luck. The top-k finalists are therefore re-trained with fresh
+seeds on other folds of the training pool (train + validation), and the
+champion is the best *mean*; each finalist's spread and the optimism of its
+original score (original minus re-evaluated mean) are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import optuna
+from sklearn.model_selection import StratifiedKFold
+
+from emnist_hpo.config import ExperimentConfig
+from emnist_hpo.data.prepared import PreparedData, Rows
+from emnist_hpo.train.fidelity import Ladder
+from emnist_hpo.train.trainer import train
+
+
+@dataclass
+class Finalist:
+    trial: int  # Optuna trial number
+    original: float  # the trial's single validation score
+    params: int  # parameter count
+    scores: list[float] = field(default_factory=list)  # best val accuracy on each re-evaluation fold
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.scores) if self.scores else float("nan")
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.scores) if len(self.scores) > 1 else 0.0
+
+    @property
+    def optimism(self) -> float:
+        """How much the original score overstated the re-evaluated mean."""
+        return self.original - self.mean
+
+    def row(self) -> dict:
+        return {"trial": self.trial, "original_val_accuracy": self.original, "reeval_mean": self.mean,
+                "reeval_std": self.std, "optimism": self.optimism, "params": self.params,
+                "scores": " ".join(f"{s:.4f}" for s in self.scores)}
+
+
+def folds(data: PreparedData, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``n_folds`` disjoint validation folds of the train+validation pool, each the study's validation share."""
+    x, y = data.train_and_val()
+    splits = max(n_folds, round(1 / max(len(data.x_val) / len(x), 1e-6)), 2)
+    skf = StratifiedKFold(n_splits=splits, shuffle=True, random_state=seed)
+    return list(skf.split(np.zeros(len(y)), y))[:n_folds]
+
+
+def finalists_of(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The top-k complete trials: by validation accuracy, or the Pareto front's most accurate for two objectives."""
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if len(study.directions) > 1:
+        pool = study.best_trials
+    else:
+        pool = complete
+    return sorted(pool, key=lambda t: -t.values[0])[:k]
+
+
+@dataclass
+class Candidate:
+    """A trial to re-evaluate, in either engine's terms."""
+
+    number: int  # trial number
+    original: float  # its single validation score
+    params: int  # parameter count
+    config: ExperimentConfig  # what it trained
+
+
+def candidates_of(trials: Sequence[optuna.trial.FrozenTrial], config_of: Callable) -> list[Candidate]:
+    return [Candidate(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0), config_of(t))
+            for t in trials]
+
+
+def reevaluate(
+    candidates: Sequence[Candidate],
+    data: PreparedData,
+    n_folds: int,
+    seed: int,
+    ladder: Ladder | None = None,
+    log: Callable[[str], None] = print,
+) -> list[Finalist]:
+    """Re-train every candidate up the whole ``ladder`` on each fold with a fresh seed; return them with their scores."""
+    x_pool, y_pool = data.train_and_val()
+    fold_idx = folds(data, n_folds, seed + 7919)
+    out = []
+    for rank, c in enumerate(candidates):
+        f = Finalist(c.number, c.original, c.params)
+        for i, (tr, va) in enumerate(fold_idx):
+            cfg = copy.deepcopy(c.config)
+            cfg.train.seed = seed + 100_003 * (i + 1) + c.number
+            r = train(cfg, Rows(x_pool, tr), y_pool[tr], Rows(x_pool, va), y_pool[va], data.num_classes,  # no copies
+                      ladder=ladder)
+            f.scores.append(r.best_val_accuracy)
+            f.params = r.params
+        log(f"finalist {rank + 1}/{len(candidates)}: trial {c.number} original {f.original:.4f} -> "
+            f"re-evaluated {f.mean:.4f} +/- {f.std:.4f} over {len(f.scores)} folds")
+        out.append(f)
+    return out
+
+
+def choose(finalists: Sequence[Finalist], multi: bool, tolerance: float) -> Finalist:
+    """Best re-evaluated mean (fewer parameters on ties); with two objectives, the smallest
+    finalist on the re-evaluated front within ``tolerance`` of the best mean."""
+    best = max(finalists, key=lambda f: (f.mean, -f.params))
+    if not multi:
+        return best
+    ok = [f for f in finalists if f.mean >= best.mean - tolerance]
+    return min(ok, key=lambda f: (f.params, -f.mean))

@@ -1,0 +1,57 @@
+"""Learning-rate schedules by name, as Keras 3 schedule objects or callbacks."""
+
+from __future__ import annotations
+
+from emnist_hpo import runtime
+
+runtime.configure()  # before Keras loads: its backend, TensorFlow's kernels and quiet start-up
+
+import keras
+
+from emnist_hpo.config import TrainConfig
+
+
+def learning_rate(cfg: TrainConfig, steps_per_epoch: int,
+                  total_steps: int | None = None) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The optimizer's learning rate for ``cfg.schedule`` over ``total_steps`` (default ``cfg.epochs`` epochs).
+
+    constant/plateau: a float (plateau adds :func:`callbacks`); step: halve at 1/3 and 2/3 of
+    training; exponential: decay to 1/10 by the last step; cosine: to 1/100; warmup_cosine:
+    linear warmup from 1/10 over ``warmup_epochs`` full epochs (at most a third of training), then cosine.
+    A multi-fidelity trial passes the steps of its whole ladder: a trial stopped at an early rung
+    has trained at the start of the same schedule as one that climbs to the end.
+    """
+    lr, steps = cfg.learning_rate, max(1, steps_per_epoch)
+    total = max(1, int(total_steps)) if total_steps else cfg.epochs * steps
+    s = cfg.schedule
+    if s in ("constant", "plateau") or total <= steps and s in ("step", "exponential"):
+        return lr
+    if s == "step":
+        bounds = sorted({max(1, int(total * f)) for f in (1 / 3, 2 / 3)})
+        return keras.optimizers.schedules.PiecewiseConstantDecay(bounds, [lr * 0.5**i for i in range(len(bounds) + 1)])
+    if s == "exponential":
+        return keras.optimizers.schedules.ExponentialDecay(lr, decay_steps=total, decay_rate=0.1)
+    if s == "cosine":
+        return keras.optimizers.schedules.CosineDecay(lr, decay_steps=total, alpha=0.01)
+    if s == "warmup_cosine":
+        warm = min(cfg.warmup_epochs * steps, total // 3)
+        return keras.optimizers.schedules.CosineDecay(
+            lr * 0.1, decay_steps=max(total - warm, 1), alpha=0.01, warmup_target=lr, warmup_steps=warm
+        )
+    raise ValueError(f"unknown schedule {s!r}")  # validated earlier by ExperimentConfig.validate
+
+
+def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
+    """Callbacks a schedule needs (ReduceLROnPlateau for ``plateau``)."""
+    if cfg.schedule == "plateau":
+        return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6)]
+    return []
+
+
+def optimizer(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> keras.optimizers.Optimizer:
+    lr = learning_rate(cfg, steps_per_epoch, total_steps)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    if cfg.optimizer == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay or None)
