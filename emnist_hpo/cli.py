@@ -334,7 +334,7 @@ def _ui(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from emnist_hpo.baselines.classical.experiment import run_experiment, summary_table
+    from emnist_hpo.baselines.experiment import run_experiment, summary_table
 
     _check_stores(None, args.tracking_uri, optuna=False)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import logging
 import os
 import posixpath
@@ -164,11 +165,25 @@ def _log_and_register(tracker, run_id, model, classes, *, split, test_accuracy, 
     client.set_model_version_tag(name, mv.version, "test_accuracy", f"{test_accuracy:.6f}")
     _describe(tracker, name, str(mv.version), split, tags, test_accuracy)
     current = champion_version(tracker, split)
-    promote = current is None or test_accuracy > float(current.tags.get("test_accuracy", "-1"))
+    promote = beats_champion(test_accuracy, current.tags.get("test_accuracy") if current else None)
     if promote:
         _verify_version(tracker, name, str(mv.version), len(classes))  # the alias never points at a broken model
         client.set_registered_model_alias(name, CHAMPION_ALIAS, mv.version)
     return Registered(name, str(mv.version), promote, current.version if current else None, info.model_uri)
+
+
+def beats_champion(test_accuracy: float, champion_test_accuracy: str | float | None) -> bool:
+    """Whether a new version takes the ``champion`` alias: there is none yet, or it tests strictly better.
+
+    A champion whose recorded test accuracy is missing or unreadable is replaced (it cannot be compared).
+    """
+    if champion_test_accuracy is None:
+        return True
+    try:
+        current = float(champion_test_accuracy)
+    except (TypeError, ValueError):
+        return True
+    return not math.isfinite(current) or test_accuracy > current
 
 
 def _describe(tracker: Tracker, name: str, version: str, split: str, tags: Mapping[str, Any],
