@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
-    s.add_argument("--finalists", type=_positive_int, default=5,
+    s.add_argument("--finalists", type=_positive_int, default=3,
                    help="top-k trials re-trained on other folds before crowning the best mean, 0 = off")
-    s.add_argument("--folds", type=_positive_int, default=3, help="re-evaluation folds per finalist")
+    s.add_argument("--folds", type=_positive_int, default=1,
+                   help="re-evaluation folds per finalist (each one full-fidelity training)")
     s.add_argument("--no-trial-plots", action="store_true",
                    help="log trial reports as CSV only and draw the PNGs for the champion's trial only (faster trials)")
     s.add_argument("--max-params", type=_positive_int, default=None, metavar="N",
@@ -474,7 +475,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         what = "terminated" if code == 143 else "interrupted"
         # the interpreter that ran this (a venv's python need not be first on PATH); never a password
         again = shlex.join([sys.executable, "-m", "emnist_hpo", *(redact_arg(a) for a in argv)])
-        print(f"emnist-hpo: {what}; finished trials are saved. Resume with: {again}"
+        print(f"emnist-hpo: {what}. Resume with: {again}"
               + (" (put the password back in place of ***)" if "***" in again else ""), file=sys.stderr)
         return code
 

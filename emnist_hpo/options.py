@@ -59,8 +59,8 @@ class StudyOptions:
     final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
     register: bool = True  # register the champion in the MLflow model registry
     tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
-    finalists: int = 5  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
-    folds: int = 3  # re-evaluation folds per finalist (fresh seed each)
+    finalists: int = 3  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
+    folds: int = 1  # re-evaluation folds per finalist (fresh seed each): each costs one full-fidelity training
     max_params: int | None = None  # prune (before training) any sampled model with more parameters
     max_flops: int | None = None  # prune (before training) any sampled model needing more forward FLOPs per image
     warm_start_from: tuple[str, ...] = ()  # other studies (or splits) whose best trials are queued first

@@ -280,7 +280,7 @@ def test_engines_are_compared_side_by_side_on_their_budgets(store):
         assert row["wall_seconds"] == pytest.approx(wall, abs=0.1) and wall > 0
         assert bool(row["same_budget"]) is True  # 2 trials x 1 epoch each, on the same data
     assert eng.set_index("engine").loc["keras-tuner", "algorithm"] == "keras-tuner bayesian"
-    assert eng.set_index("engine").loc["optuna", "algorithm"] == "tpe sampler, hyperband pruner"  # the default
+    assert eng.set_index("engine").loc["optuna", "algorithm"] == "tpe sampler, successive-halving pruner"  # the default
     md = (store["out"] / "leaderboard.md").read_text()
     assert "## Search engines" in md and "| letters | keras-tuner | keras-tuner bayesian | letters-kt | 2 | 1 |" in md
     assert "search engines: champion test accuracy against study wall time" in (store["out"] / "compare.html").read_text()

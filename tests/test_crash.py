@@ -148,8 +148,9 @@ def test_ctrl_c_and_sigterm_close_the_trial_and_say_how_to_resume(workdir, sig, 
     got, err = _run_until_pause(cwd, env, "training#3", sig=sig)
     assert got == code, err[-3000:]
     lines = [line for line in err.splitlines() if line.strip()]
-    assert lines[-1].startswith(f"emnist-hpo: {word}; finished trials are saved. Resume with: "
-                                f"python -m emnist_hpo study")
+    # what was kept, then how to go on, with the interpreter that ran it (a venv's need not be first on PATH)
+    assert "1 finished trial saved; trial 1 stopped mid-training and continues from its last finished epoch" in err
+    assert lines[-1].startswith(f"emnist-hpo: {word}. Resume with: {sys.executable} -m emnist_hpo study")
     assert "Traceback" not in err
     study, _, runs = _stores(cwd)
     assert [t.state.name for t in study.trials] == ["COMPLETE", "FAIL"]

@@ -79,9 +79,9 @@ def test_default_space_only_samples_architectures_that_fit():
         study.tell(trial, 0.0)
     assert depths == {1, 2, 3, 4}
     deepest = space.sample(optuna.trial.FixedTrial({
-        "conv_blocks": 4, "convs_per_block": 2, **{f"filters_{i}": 8 for i in range(4)},
-        **{f"kernel_{i}": 5 for i in range(4)}, "pool": "avg", "batch_norm": True, "conv_dropout": 0.1,
-        "dense_layers": 0, "augment": 0.5, "batch_size": 64, "optimizer": "sgd", "learning_rate": 0.01,
+        "conv_blocks": 4, "convs_per_block": 2, **{f"filters_{i}": 16 for i in range(4)},
+        **{f"kernel_{i}": 5 for i in range(4)}, "pool": "avg", "batch_norm": True, "global_pool": True,
+        "conv_dropout": 0.1, "dense_layers": 0, "augment": 0.5, "batch_size": 64, "optimizer": "adamw", "learning_rate": 0.001,
         "schedule": "cosine", "weight_decay": 1e-4, "label_smoothing": 0.1}), ExperimentConfig())
     model = build_model(deepest.model, 47)
     assert model.output_shape == (None, 47)

@@ -62,7 +62,8 @@ def final_model(champion: Champion, data: PreparedData, ladder: Ladder, final_fi
     model = champion.own_model() if champion.own_model is not None else None
     if model is not None:
         return model, cfg, None
-    log(f"the trial's own model is not kept; training trial {champion.number} again")
+    if champion.own_model is None:
+        log(f"the trial's own model is not kept; training trial {champion.number} again")
     result = train(cfg, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes, ladder=ladder)
     return result.model, cfg, result
 

@@ -920,14 +920,17 @@ def _final_fit_fits(ctx: StudyContext, champion: optuna.trial.FrozenTrial, log) 
     return False
 
 
-def _own_model(checkpoint: Path, log):
+def _own_model(checkpoint: Path, number: int, log):
+    """The champion trial's kept model, loaded in Keras' safe mode (no code from the file runs), or None."""
     def load():
         if not checkpoint.is_file():
+            log(f"checkpoint {checkpoint} is missing; retraining trial {number}")
             return None
         try:
             return keras.saving.load_model(checkpoint, compile=False, safe_mode=True)
-        except Exception as exc:  # noqa: BLE001 - any unloadable checkpoint: retrain instead
-            log(f"checkpoint {checkpoint} not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})")
+        except Exception as exc:  # noqa: BLE001 - any unloadable checkpoint (missing, tampered with): retrain instead
+            log(f"checkpoint {checkpoint} not loaded ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}); "
+                f"retraining trial {number}")
             return None
     return load
 
@@ -939,7 +942,7 @@ def _finalize(ctx: StudyContext, objective: Objective, parent: str, champion, fr
     chosen = Champion(
         champion.number, config_of(objective, champion), val, champion.user_attrs.get("best_epoch"), "optuna",
         trial_run_id=champion.user_attrs.get("mlflow_run_id"),
-        own_model=_own_model(ctx.checkpoint_dir / f"trial_{champion.number}.keras", log),
+        own_model=_own_model(ctx.checkpoint_dir / f"trial_{champion.number}.keras", champion.number, log),
     )
     final = finalize_champion(chosen, ctx.data, ctx.ladder, tracker=tracker, parent=parent, split=opts.split,
                               study_name=opts.name, final_fit=final_fit, register=opts.register,

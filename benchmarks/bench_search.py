@@ -1,0 +1,187 @@
+"""Does the search, not a hand-written seed, find the champion within a user's budget?
+
+    python benchmarks/bench_search.py --splits balanced,letters,byclass --seeds 0,1 --budget-minutes 30
+    python benchmarks/bench_search.py --quick        # balanced, one seed, 4-minute budgets: a smoke run
+
+For each split and seed, on the sample beside the repository, one process at a time (2 cores each):
+
+- ``compact alone``: the hand-written compact seed (experiments/compact.yaml) trained with the study's own
+  final fit (train+validation, the same fidelity ladder, ``--epochs`` at the last rung) and tested once:
+  what a user gets without any search;
+- ``search, no seeds``: ``python -m emnist_hpo study --no-warm-start --timeout BUDGET --max-params P``
+  (P = compact's parameter count by default: the search must find a model no larger than the seed);
+- ``search, seeds first``: the same with the research's seeds and compact enqueued first (the default).
+
+Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
+(not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
+reached, wall time and its overrun of the budget. ``--old-rev REV`` adds the project's previous default
+(a git revision of this repository, run from a temporary worktree) for the screening rate.
+Writes JSON and Markdown to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from _common import DEFAULT_DATA, PYTHON, ROOT, log, machine, table, write_results  # noqa: E402
+
+
+def compact_alone(split: str, seed: int, epochs: int, data_dir: str) -> dict:
+    """The compact seed trained exactly as a champion is finally fitted, then tested once (in a child process)."""
+    code = f"""
+import json, time
+from emnist_hpo.cli import import_keras_quietly; import_keras_quietly()
+from emnist_hpo.config import DataConfig, load_experiment
+from emnist_hpo.data.prepared import prepare
+from emnist_hpo.model.cost import model_cost
+from emnist_hpo.paths import find_experiment
+from emnist_hpo.reporting.evaluation import evaluate
+from emnist_hpo.search.finalize import Champion, final_model
+from emnist_hpo.train.fidelity import make_ladder
+from emnist_hpo.train.trainer import predict_proba
+data = prepare({split!r}, {data_dir!r}, DataConfig(seed={seed}), progress=False)
+cfg = load_experiment(find_experiment("compact"))
+cfg.train.seed = {seed}
+cfg.train.epochs = {epochs}
+ladder = make_ladder("data", {epochs}, len(data.y_train), data.num_classes)
+t0 = time.perf_counter()
+model, _, fit = final_model(Champion(0, cfg, float("nan"), None, "none"), data, ladder, True)
+seconds = time.perf_counter() - t0
+ev = evaluate(data.y_test, predict_proba(model, data.x_test), data.classes)
+cost = model_cost(cfg.model, data.num_classes)
+print("RESULT " + json.dumps({{"test_accuracy": ev.accuracy, "params": cost.params, "flops": cost.flops,
+                              "seconds": seconds}}))
+"""
+    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"compact alone failed:\n{res.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd: Path = ROOT,
+              extra: list[str] | None = None) -> dict:
+    """One budgeted study in a fresh folder of stores; what it crowned and what it screened."""
+    work = Path(tempfile.mkdtemp(prefix=f"search-{split}-{seed}-"))
+    argv = [python, "-m", "emnist_hpo", "study", "--split", split, "--seed", str(seed), "--trials", "100000",
+            "--timeout", str(args.budget_minutes * 60), "--epochs", str(args.epochs), "--data-dir", args.data_dir,
+            "--storage", f"sqlite:///{work}/optuna.db", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
+            "--no-progress"]
+    if args.max_params:
+        argv += ["--max-params", str(args.max_params)]
+    if not warm:
+        argv.append("--no-warm-start")
+    argv += extra or []
+    env = {**os.environ, "EMNIST_HPO_CACHE": str(work / "cache")}
+    t0 = time.perf_counter()
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=cwd, env=env)
+    wall = time.perf_counter() - t0
+    (work / "stderr.txt").write_text(res.stderr)
+    if res.returncode != 0:
+        raise RuntimeError(f"study failed ({res.returncode}):\n{res.stderr[-3000:]}")
+    import optuna
+
+    study = optuna.load_study(study_name=f"emnist-{split}", storage=f"sqlite:///{work}/optuna.db")
+    trials = study.get_trials(deepcopy=False)
+    trained = [t for t in trials if t.user_attrs.get("rungs") or t.user_attrs.get("epochs_run")]
+    reached: dict[int, int] = {}
+    for t in trained:
+        r = t.user_attrs.get("rung_reached", len(t.user_attrs.get("rungs", [])) - 1)
+        for i in range(int(r) + 1):
+            reached[i] = reached.get(i, 0) + 1
+    champ = study.user_attrs.get("champion", {})
+    number = champ.get("trial")
+    chosen = next((t for t in trials if t.number == number), None)
+    seed_name = chosen.user_attrs.get("seed_experiment") if chosen else None
+    plan = [ln for ln in res.stderr.splitlines() if ln.strip().startswith(("configurations", "ETA"))]
+    return {
+        "test_accuracy": champ.get("test_accuracy"), "params": champ.get("params"),
+        "flops": chosen.user_attrs.get("flops") if chosen else None,
+        "champion_trial": number, "champion_seed": seed_name, "sampled": chosen is not None and not seed_name,
+        "val_accuracy": chosen.values[0] if chosen and chosen.values else None,
+        "trials": len(trials), "screened": len(trained), "reached": reached,
+        "pruned_before_training": sum(1 for t in trials if "max-params" in str(t.user_attrs.get("fail_reason", ""))),
+        "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
+        "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),
+        "screened_per_hour": round(len(trained) / wall * 3600, 1), "plan": plan, "work": str(work),
+    }
+
+
+def old_default(split: str, seed: int, args) -> dict:
+    """The project's default before multi-fidelity (``--old-rev``), same budget: trials screened per hour."""
+    tree = Path(tempfile.mkdtemp(prefix="old-")) / "tree"
+    subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), args.old_rev], check=True)
+    try:
+        env_py = PYTHON
+        out = run_study(split, seed, argparse.Namespace(**{**vars(args), "max_params": args.max_params}), warm=False,
+                        python=env_py, cwd=tree, extra=None)
+    finally:
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--splits", default="balanced,letters,byclass")
+    p.add_argument("--seeds", default="0,1")
+    p.add_argument("--budget-minutes", type=float, default=30)
+    p.add_argument("--epochs", type=int, default=15, help="epochs at the last rung (compact's own 15)")
+    p.add_argument("--max-params", type=int, default=189_647, help="the compact seed's size (0: no limit)")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA))
+    p.add_argument("--runs", default="compact,search,seeds", help="which of compact,search,seeds,old to run")
+    p.add_argument("--old-rev", default=None, help="git revision of the previous default, for --runs old")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--name", default="search")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.splits, args.seeds, args.budget_minutes, args.epochs = "balanced", "0", 4, 3
+    runs = args.runs.split(",")
+    rows, results = [], []
+    for split in args.splits.split(","):
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            entry: dict = {"split": split, "seed": seed}
+            if "compact" in runs and (seed == int(args.seeds.split(",")[0])):
+                log(f"{split} seed {seed}: compact alone")
+                entry["compact"] = compact_alone(split, seed, args.epochs, args.data_dir)
+            for key, warm in (("search", False), ("seeds", True)):
+                if key in runs:
+                    log(f"{split} seed {seed}: {key} ({args.budget_minutes:g} min)")
+                    entry[key] = run_study(split, seed, args, warm)
+            if "old" in runs and args.old_rev:
+                log(f"{split} seed {seed}: previous default ({args.old_rev})")
+                entry["old"] = old_default(split, seed, args)
+            results.append(entry)
+            write_results(args.name, {"machine": machine(), "args": vars(args), "results": results}, "(partial)")
+            for key in ("compact", "search", "seeds", "old"):
+                r = entry.get(key)
+                if r is None:
+                    continue
+                rows.append([split, seed, key, f"{100 * r['test_accuracy']:.2f}" if r.get("test_accuracy") else "-",
+                             r.get("params"), r.get("flops"),
+                             ("sampled" if r.get("sampled") else r.get("champion_seed") or "-") if key != "compact" else "-",
+                             r.get("screened", "-"), r.get("screened_per_hour", "-"),
+                             " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
+                             if key != "compact" else "-",
+                             r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-"])
+    md = [f"# The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
+          f"--max-params {args.max_params or '-'})", "",
+          table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "per hour",
+                 "trials per rung", "wall s", "overrun"], rows), ""]
+    json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},
+                                       "\n".join(md))
+    print("\n".join(md))
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
