@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -45,6 +46,7 @@ def test_nothing_wrong_means_no_gallery(sample_dir, tmp_path):
     assert "confused_pairs.csv" in names and "relu_0_0.png" in names
 
 
+@pytest.mark.slow
 def test_study_champion_run_carries_the_analysis(digits_champion):
     client = MlflowClient(digits_champion["tracking"], registry_uri=digits_champion["tracking"])
     run_id = client.get_model_version_by_alias("emnist-digits", "champion").run_id

@@ -465,6 +465,7 @@ def test_bad_input_exits_2_with_one_line_and_records_nothing(world, make_argv, n
     assert snapshot(world) == before
 
 
+@pytest.mark.slow
 def test_the_real_process_exits_2_too(world):
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}
     res = subprocess.run([sys.executable, "-m", "emnist_hpo", *STUDY, "--storage", "foo://bar"], cwd=world, env=env,
@@ -504,6 +505,7 @@ def test_a_server_that_is_not_mlflow_is_refused(world, capsys):
         server.shutdown()
 
 
+@pytest.mark.slow
 def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypatch):
     """--no-final-fit loads the champion's checkpoint in Keras' safe mode: a file carrying code is refused, the
     trial retrained, and the code never runs."""
@@ -534,6 +536,7 @@ def test_a_tampered_checkpoint_is_never_executed(tmp_path, sample_dir, monkeypat
     assert res.registered is not None and res.params is not None and res.params != evil.count_params()
 
 
+@pytest.mark.slow
 def test_the_largest_seed_runs_and_resumes(tmp_path, sample_dir, isolated_in):
     """--seed 2**31-1, the documented maximum, runs and resumes: the resumed process's sampler seed (seed + 1000)
     and the trials' training seeds (seed + trial number) all stay below 2**32, as NumPy requires."""

@@ -16,6 +16,8 @@ from emnist_hpo.reporting.published import PUBLISHED, for_split
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.reporting.study_plots import edge_params, edge_warning
 
+pytestmark = pytest.mark.slow  # end-to-end studies: the full suite (CI) runs them, `-m 'not slow'` skips them
+
 REPO = Path(__file__).resolve().parents[1]
 
 

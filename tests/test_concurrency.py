@@ -26,6 +26,8 @@ from mlflow.tracking import MlflowClient
 from emnist_hpo.search.optuna.slots import FINALIZE_ATTR
 from emnist_hpo.serve.ui import start_mlflow_server, stop_process, wait_http
 
+pytestmark = pytest.mark.slow  # several real study processes: the full suite (CI) runs them
+
 SPACE = """\
 conv_blocks: 1
 filters: {choices: [4, 8]}
@@ -142,6 +144,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.postgres
 def test_independent_processes_share_postgresql_and_an_mlflow_server(workdir, postgres_dbs):
     """Three independent ``study`` commands, 2 trials' worth each: 6 trials, 6 runs, one registration."""
     cwd, env = workdir

@@ -24,6 +24,8 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
+pytestmark = pytest.mark.slow  # end-to-end studies: the full suite (CI) runs them, `-m 'not slow'` skips them
+
 SPACE = """\
 conv_blocks: 1
 filters: {choices: [4, 8]}

@@ -46,6 +46,7 @@ def _table(text: str) -> dict[str, tuple[float, float]]:
     return rows
 
 
+@pytest.mark.slow
 def test_export_float_and_int8_round_trip(digits_champion, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("EMNIST_HPO_CACHE", digits_champion["cache"])
     out = tmp_path / "deploy" / "digits.tflite"

@@ -13,6 +13,8 @@ from emnist_hpo.search.keras_tuner.engine import SpaceHyperModel, run_kt_study
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.optuna.study import PROJECT_ROOT, StudyOptions
 
+pytestmark = pytest.mark.slow  # end-to-end studies: the full suite (CI) runs them, `-m 'not slow'` skips them
+
 
 def test_search_space_becomes_keras_tuner_hyperparameters():
     space = SearchSpace.load(PROJECT_ROOT / "search_spaces" / "default.yaml")

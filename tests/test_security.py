@@ -176,6 +176,7 @@ def test_own_champion_loads_without_mlflow_pyfunc(store: Store) -> None:
         model.predict(np.full((1, 28, 28), np.nan))
 
 
+@pytest.mark.slow
 def test_predict_never_runs_code_from_the_registry(store: Store, tmp_path: Path) -> None:
     """A champion whose pyfunc file carries a payload: `predict` refuses it in one line, and the payload never runs."""
     marker = tmp_path / "pwned"
@@ -350,6 +351,7 @@ def test_resume_hint_has_the_interpreter_and_no_password(monkeypatch: pytest.Mon
                         "--tracking-uri=postgresql://u:***@127.0.0.1:1/m"]
 
 
+@pytest.mark.slow
 def test_failing_commands_print_no_password(tmp_path: Path, sample_dir: Path) -> None:
     done = run_cli(["study", "--split", "digits", "--trials", "1", "--storage", PG_URL, "--data-dir", str(sample_dir),
                     "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], tmp_path,
@@ -406,6 +408,7 @@ def silent_server():
 
 
 @pytest.mark.parametrize("server", ["closed port", "silent"])
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_fast(server: str, silent_server: str, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str]) -> None:
     uri = silent_server if server == "silent" else f"http://127.0.0.1:{free_port()}"
@@ -463,6 +466,7 @@ def _answers(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_kill_9_of_ui_leaves_no_server_behind(tmp_path: Path) -> None:
     """`ui --host 127.0.0.2` (not the default address): both servers answer under that Host and refuse a
     foreign one; after SIGKILL of `ui` both ports go quiet and every process it started is gone."""

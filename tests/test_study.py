@@ -63,6 +63,7 @@ def _runs(env, split: str, kind: str):
     return client, client.search_runs([exp.experiment_id], f"tags.`emnist_hpo.kind` = '{kind}'", max_results=1000)
 
 
+@pytest.mark.slow
 def test_letters_study_records_every_trial_in_optuna(env, letters):
     study = optuna.load_study(study_name="emnist-letters", storage=env["storage"])
     finished = [t for t in study.trials if t.state.is_finished() and t.state.name != "FAIL"]
@@ -85,6 +86,7 @@ def test_letters_study_records_every_trial_in_optuna(env, letters):
     assert letters.plan is not None and len(letters.plan.ladder.rungs) == 1 and letters.plan.configs == 2
 
 
+@pytest.mark.slow
 def test_every_trial_is_a_nested_mlflow_run_with_metrics_and_reports(env, letters):
     client, parents = _runs(env, "letters", "study")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
@@ -110,6 +112,7 @@ def test_every_trial_is_a_nested_mlflow_run_with_metrics_and_reports(env, letter
         assert len(per_class) == 27 and per_class[1].startswith("A/a,")  # classes named by character
 
 
+@pytest.mark.slow
 def test_champion_is_registered_and_predicts_real_images(env, letters, sample_dir):
     assert letters.registered is not None and letters.registered.champion
     _, finals = _runs(env, "letters", "final")
@@ -126,6 +129,7 @@ def test_champion_is_registered_and_predicts_real_images(env, letters, sample_di
     assert accuracy > 4 / 26, f"champion barely beats chance: {accuracy:.3f}"
 
 
+@pytest.mark.slow
 def test_a_worse_model_does_not_take_the_champion_alias(env, letters):
     client = MlflowClient(env["tracking"])
     before = client.get_model_version_by_alias("emnist-letters", "champion").version
@@ -138,6 +142,7 @@ def test_a_worse_model_does_not_take_the_champion_alias(env, letters):
         assert client.get_model_version_by_alias("emnist-letters", "champion").version == before
 
 
+@pytest.mark.slow
 def test_byclass_multi_objective_reports_a_pareto_front(env):
     res = run_study(
         _opts(env, split="byclass", objectives=("accuracy", "params"), warm_start=False, sampler="random",
@@ -153,6 +158,7 @@ def test_byclass_multi_objective_reports_a_pareto_front(env):
     assert client.get_model_version_by_alias("emnist-byclass", "champion") is not None
 
 
+@pytest.mark.slow
 def test_finalists_are_reevaluated_and_the_best_mean_is_crowned(env):
     """Issue 7: the top-k trials are re-trained on other folds; the champion is the best mean, with its spread."""
     res = run_study(_opts(env, split="digits", study_name="digits-finalists", trials=3, warm_start=False,
@@ -183,6 +189,53 @@ def test_max_params_prunes_big_models_before_training(env):
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
 
 
+def test_max_flops_prunes_before_training_and_every_trial_knows_its_cost(env):
+    res = run_study(_opts(env, split="mnist", study_name="mnist-flops", trials=2, max_flops=1_000_000),
+                    log=lambda m: None)
+    trials = [t for t in res.study.trials if t.state.is_finished()]
+    assert [t.state.name for t in trials] == ["PRUNED", "PRUNED"]  # the research's seeds need 11.5M and 6.1M
+    assert all("FLOPs per image > --max-flops 1M" in t.user_attrs["fail_reason"] for t in trials)
+    assert all(t.user_attrs["flops"] > 1_000_000 and t.user_attrs["params"] > 0 for t in trials)
+    assert all("train_seconds" not in t.user_attrs for t in trials)
+
+
+SPACE_10 = """conv_blocks: {low: 1, high: 2}
+filters: {choices: [8, 16]}
+kernel: 3
+dense_layers: 0
+dense_units: 16
+learning_rate: {low: 1.0e-3, high: 1.0e-2, log: true}
+"""
+
+
+@pytest.mark.slow
+def test_a_study_warm_starts_from_another_splits_study_and_says_its_plan(env, tmp_path, capsys):
+    """digits and mnist share their classes: a mnist study queues the digits study's best trials first, and
+    prints its plan (rungs, configurations, ETA) and per-epoch progress."""
+    space = tmp_path / "space10.yaml"
+    space.write_text(SPACE_10)
+    common = dict(search_space=str(space), warm_start=False, trials=3, max_train_samples=1000, register=False,
+                  final_fit=False)
+    digits = run_study(_opts(env, split="digits", study_name="digits-10", **common), log=lambda m: None)
+    best = sorted((t for t in digits.study.trials if t.state.name == "COMPLETE"), key=lambda t: -t.values[0])
+    said: list[str] = []
+    res = run_study(_opts(env, split="mnist", study_name="mnist-10", warm_start_from=("digits-10",),
+                          warm_start_top=2, progress=True, **common), log=said.append)
+    first = sorted(res.study.trials, key=lambda t: t.number)[:2]
+    assert [t.user_attrs.get("warm_start_from") for t in first] == [f"digits-10#{t.number}" for t in best[:2]]
+    assert [t.params for t in first] == [t.params for t in best[:2]]
+    assert any("warm start from study 'digits-10': 2 of its best trials queued first" in m for m in said)
+    plan = "\n".join(m for m in said if m.startswith(("plan:", "  ")))
+    assert "rung 0: all of the training set (800 images) x 1 epoch" in plan and "ETA: search ~" in plan
+    assert "configurations to screen: 3" in plan
+    err = capsys.readouterr().err
+    assert "rung 1/1 epoch 1/1 val" in err and "study ETA ~" in err  # the running trial, every epoch
+    with pytest.raises(Exception, match="no study 'emnist-nope'"):
+        run_study(_opts(env, split="mnist", study_name="mnist-11", warm_start_from=("nope",), **common),
+                  log=lambda m: None)
+    assert "mnist-11" not in {s.study_name for s in optuna.get_all_study_summaries(env["storage"])}  # nothing written
+
+
 def _cli(args, cwd, env_extra=None, timeout=600):
     env = {**os.environ, **(env_extra or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -190,6 +243,7 @@ def _cli(args, cwd, env_extra=None, timeout=600):
                           text=True, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
     """Defaults need nothing running; re-running the same command resumes and runs only the missing trials."""
     args = ["study", "--split", "digits", "--trials", "1", "--epochs", "1", "--max-train-samples", "1000",

@@ -166,6 +166,7 @@ def test_trainer_accepts_rows_of_a_pool_without_copying_it(digits):
     assert np.array_equal(predict_proba(r.model, Rows(x, va)), predict_proba(r.model, x[va]))
 
 
+@pytest.mark.slow
 def test_a_trained_model_does_not_keep_its_training_images_alive(digits):
     """Keras' data adapters outlive a fit; the images must not (the final phase of a full-bymerge study
     frees 0.55 GB of training images before it reads the test set)."""
@@ -233,6 +234,7 @@ def _onednn_in_fresh_process(env_value: str | None) -> str:
     return out.stdout.split()[-2:]
 
 
+@pytest.mark.slow
 def test_onednn_kernels_are_on_for_x86_unless_the_user_says_no():
     import platform
 

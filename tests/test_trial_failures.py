@@ -10,9 +10,12 @@ enqueued in the study first, so which trial gets which parameters is known.
 from __future__ import annotations
 
 import optuna
+import pytest
 from mlflow.tracking import MlflowClient
 
 from emnist_hpo.search.optuna.study import StudyOptions, run_study
+
+pytestmark = pytest.mark.slow  # end-to-end studies: the full suite (CI) runs them, `-m 'not slow'` skips them
 
 SPACE = """\
 conv_blocks: 1

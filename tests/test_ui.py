@@ -179,6 +179,7 @@ def alive(pids: set[int]) -> set[int]:
 # --------------------------------------------------------------------------- tests
 
 
+@pytest.mark.slow
 def test_serve_shows_study_and_experiment_on_loopback_and_stops_cleanly(tmp_path: Path) -> None:
     """Both UIs serve the stores (also while a study writes to them), on 127.0.0.1 only; SIGINT stops all."""
     optuna_url, tracking_uri = make_stores(tmp_path)
@@ -334,6 +335,8 @@ def test_wait_http_times_out_and_notices_a_dead_server() -> None:
         ui.wait_http(f"http://127.0.0.1:{port}/health", timeout=30, proc=dead)
 
 
+@pytest.mark.slow
+@pytest.mark.postgres
 def test_start_mlflow_server_on_postgresql_serves_artifacts(tmp_path: Path) -> None:
     """The server the distributed tests use: PostgreSQL backend, artifacts proxied into a folder."""
     import psycopg2

@@ -256,6 +256,7 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
     storage = make_storage(storage_url)
     ladder = make_ladder(opts.fidelity, opts.epochs, len(data.y_train), data.num_classes, eta=opts.reduction_factor)
     no_skill = no_skill_accuracy(data.y_val)
+    warm_start_sources(storage, opts)  # a source that does not exist: nothing written yet
     study = _load_or_create_study(opts, storage, ladder)  # before the tracker: a wrong split creates no experiment
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
     lock = StudyLock(storage_url, storage, opts.name)
@@ -377,20 +378,31 @@ def enqueue_resumes(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
     return out
 
 
+def warm_start_sources(storage, opts: StudyOptions) -> list[str]:
+    """The study names ``--warm-start-from`` means (a study name, or a split for its ``emnist-<split>`` study),
+    each checked to exist in ``storage`` and to be another study."""
+    if not opts.warm_start_from:
+        return []
+    names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
+    out = []
+    for source in opts.warm_start_from:
+        name = source if source in names else f"emnist-{source}"
+        if name == opts.name:
+            raise ConfigError(f"--warm-start-from names this study itself ({source!r}); name another study or split")
+        if name not in names:
+            raise ConfigError(f"--warm-start-from {source!r}: no study {name!r} in this storage (studies: "
+                              f"{', '.join(sorted(names)) or 'none'})")
+        out.append(name)
+    return out
+
+
 def enqueue_warm_start(study: optuna.Study, space: SearchSpace, storage, sources: Sequence[str], top: int,
                        log: Callable[[str], None]) -> list[str]:
     """Enqueue the best ``top`` complete trials of each other study in ``sources`` (a study name, or a split
     whose ``emnist-<split>`` study is meant) that fit this study's space, once per source."""
     have = {v.split("#")[0] for v in _queued(study, WARM_ATTR)}
-    names = {s.study_name for s in optuna.study.get_all_study_summaries(storage, include_best_trial=False)}
     out = []
-    for source in sources:
-        name = source if source in names else f"emnist-{source}"
-        if name == study.study_name:
-            raise ConfigError(f"--warm-start-from names this study itself ({source!r}); name another study or split")
-        if name not in names:
-            raise ConfigError(f"--warm-start-from {source!r}: no study {name!r} in this storage (studies: "
-                              f"{', '.join(sorted(names)) or 'none'})")
+    for name in sources:
         if name in have:
             continue
         other = optuna.load_study(study_name=name, storage=storage)
@@ -676,7 +688,8 @@ def _prepare_queue(ctx: StudyContext, log: Callable[[str], None]) -> None:
         if resumed:
             log(f"trial(s) {', '.join(map(str, resumed))} were interrupted: queued to continue from their last epoch")
         if opts.warm_start_from:
-            enqueue_warm_start(study, ctx.space, ctx.storage, opts.warm_start_from, opts.warm_start_top, log)
+            enqueue_warm_start(study, ctx.space, ctx.storage, warm_start_sources(ctx.storage, opts),
+                               opts.warm_start_top, log)
         if opts.warm_start:
             names = enqueue_seeds(study, ctx.space, ctx.seeds)
             if names:

@@ -1,0 +1,141 @@
+"""Multi-fidelity training on real EMNIST images: trustworthy low-fidelity scores, rungs, control, checkpoints."""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+from emnist_hpo.data.prepared import prepare
+from emnist_hpo.train import trainer as training
+from emnist_hpo.train.fidelity import Ladder, Rung, make_ladder
+from emnist_hpo.train.trainer import RungControl, TrialCheckpoint, train
+
+
+@pytest.fixture(scope="module")
+def balanced(tmp_path_factory, sample_dir):
+    """6,000 real balanced images (4,800 train / 1,200 validation, 47 classes), parsed into a private cache."""
+    old = os.environ.get("EMNIST_HPO_CACHE")
+    os.environ["EMNIST_HPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    try:
+        yield prepare("balanced", str(sample_dir), DataConfig(max_train_samples=6000), progress=False)
+    finally:
+        if old is None:
+            os.environ.pop("EMNIST_HPO_CACHE", None)
+        else:
+            os.environ["EMNIST_HPO_CACHE"] = old
+
+
+def _bn_cfg(epochs: int = 2, momentum: float = 0.9) -> ExperimentConfig:
+    model = ModelConfig(conv_blocks=[ConvBlock(16, 3), ConvBlock(32, 3)], batch_norm=True, bn_momentum=momentum,
+                        dense=[64])
+    return ExperimentConfig(model=model, train=TrainConfig(epochs=epochs, batch_size=128)).validate()
+
+
+def test_a_batch_norm_model_is_scored_on_its_weights_not_on_stale_statistics(balanced, monkeypatch):
+    """Two epochs on 4,800 images (~76 steps): with Keras' momentum 0.99 and no recomputed statistics the
+    validation score says chance; recomputed, it says what the weights have learnt."""
+    d = balanced
+    fixed = train(_bn_cfg(), d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes)
+    monkeypatch.setattr(training, "PRECISE_BN_IMAGES", 0)  # the project before: momentum 0.99, stale statistics
+    stale = train(_bn_cfg(momentum=0.99), d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes)
+    learnt = fixed.history["accuracy"][-1]  # what the weights do on the batches they trained on
+    assert stale.best_val_accuracy < learnt / 3, (stale.history, learnt)
+    assert fixed.best_val_accuracy > 0.8 * learnt and fixed.best_val_accuracy > 2.5 * stale.best_val_accuracy, \
+        (fixed.history, stale.history)
+    # training itself was the same: only what validation saw differs
+    assert abs(fixed.history["accuracy"][-1] - stale.history["accuracy"][-1]) < 0.1
+
+
+def test_rungs_grow_nested_shares_and_report_each_score(balanced):
+    d = balanced
+    ladder = Ladder((Rung(0.25, 1, 1), Rung(0.5, 1, 3), Rung(1.0, 2, 9, final=True)), 3, "data")
+    seen = []
+
+    class Record(RungControl):
+        def before(self, index, rung, images):
+            seen.append(("before", index, images))
+
+        def after(self, result, final):
+            seen.append(("after", result.index, result.images, final))
+
+    cfg = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(8, 3)], dense=[]),
+                           train=TrainConfig(epochs=2, batch_size=128)).validate()
+    r = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, control=Record())
+    n = len(d.y_train)
+    sizes = ladder.sizes(n)
+    assert sizes == [n // 4, n // 2, n]
+    assert seen == [("before", 0, sizes[0]), ("after", 0, sizes[0], False), ("before", 1, sizes[1]),
+                    ("after", 1, sizes[1], False), ("before", 2, 2 * n), ("after", 2, 2 * n, True)]
+    assert [x.index for x in r.rungs] == [0, 1, 2] and r.images_seen == sizes[0] + sizes[1] + 2 * n
+    assert r.history["rung"] == [0, 1, 2, 2] and r.epochs_run == 4
+    # screening rungs are scored once, at their end; the last rung every epoch
+    assert [np.isfinite(v) for v in r.history["val_accuracy"]] == [True, True, True, True]
+    assert r.rungs[-1].score == r.best_val_accuracy and r.best_epoch in (1, 2)
+    assert r.completed
+
+
+def test_a_control_stops_a_trial_before_or_after_a_rung(balanced):
+    d = balanced
+    ladder = make_ladder("epochs", 3, len(d.y_train), d.num_classes)  # rungs end after 1 and 3 epochs
+    cfg = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(8, 3)], dense=[]),
+                           train=TrainConfig(epochs=3, batch_size=128)).validate()
+
+    class PruneFirst(RungControl):
+        def after(self, result, final):
+            return "pruned at rung 0"
+
+    r = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, control=PruneFirst())
+    assert r.stopped_reason == "stopped" and r.stop_detail == "pruned at rung 0" and r.epochs_run == 1
+    assert not r.completed
+
+    class NoTime(RungControl):
+        def before(self, index, rung, images):
+            return "time budget" if index == 1 else None
+
+    r = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, control=NoTime())
+    assert r.stop_detail == "time budget" and [x.index for x in r.rungs] == [0]
+
+
+class _StopAfter(keras.callbacks.Callback):
+    def __init__(self, epochs: int):
+        super().__init__()
+        self.epochs = epochs
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch + 1 == self.epochs:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_continues_from_its_last_epoch(balanced, tmp_path):
+    d = balanced
+    ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 3, 3, final=True)), 3, "data")
+    cfg = _bn_cfg(epochs=3)
+    ckpt = TrialCheckpoint(tmp_path / "running_0.npz")
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C after the second epoch: the first of the last rung
+        train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, checkpoint=ckpt,
+              callbacks=[_StopAfter(2)])
+    assert ckpt.exists()
+    weights, opt, position = ckpt.load()
+    assert (position["rung"], position["epoch"]) == (1, 1) and len(position["history"]["loss"]) == 2
+    assert len(position["rungs"]) == 1 and opt  # rung 0's result, and the optimizer's state
+    resumed = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, checkpoint=ckpt)
+    assert resumed.epochs_run == 4 and resumed.history["loss"][:2] == position["history"]["loss"]
+    assert [x.index for x in resumed.rungs] == [0, 1] and resumed.best_val_accuracy > 0.3
+    # the optimizer went on where it stopped (its step count), it did not start again
+    steps = np.ceil(len(d.y_train) * 0.5 / 128) + 3 * np.ceil(len(d.y_train) / 128)
+    assert int(keras.ops.convert_to_numpy(resumed.model.optimizer.iterations)) == steps
+
+
+def test_a_checkpoint_of_another_architecture_is_ignored(balanced, tmp_path):
+    d = balanced
+    ckpt = TrialCheckpoint(tmp_path / "running_0.npz")
+    other = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(4, 3)], dense=[]),
+                             train=TrainConfig(epochs=1)).validate()
+    with pytest.raises(KeyboardInterrupt):
+        train(other, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, checkpoint=ckpt, callbacks=[_StopAfter(1)])
+    r = train(_bn_cfg(epochs=1), d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, checkpoint=ckpt)
+    assert r.epochs_run == 1  # started afresh: the saved weights do not fit this model
