@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=_finite_float, default=None,
                    help="wall-clock budget in seconds for the whole study: the search stops in time to "
                         "re-evaluate the finalists and fit the champion within it (default: none)")
-    s.add_argument("--objectives", default="accuracy", help="accuracy, or accuracy,params for a Pareto front")
+    s.add_argument("--objectives", default="accuracy",
+                   help="accuracy, or a Pareto front of accuracy against size or cost: accuracy,params or accuracy,flops")
     s.add_argument("--no-warm-start", action="store_true", help="do not enqueue the seed experiments first")
     s.add_argument("--seed-experiments", default="two_conv,one_conv,compact",
                    help="experiments enqueued first, in this order")
@@ -361,6 +362,9 @@ def _predict(args: argparse.Namespace) -> int:
     from emnist_hpo.serve.predict import format_json, format_text, predict_images
 
     results = predict_images(args.images, args.split, args.tracking_uri, top=args.top)
+    answered = next((r.model for r in results if r.model), None)
+    if answered and not args.json:
+        print(f"answered by {answered} (@champion)", file=sys.stderr)
     if args.json:
         print(format_json(results))
     else:

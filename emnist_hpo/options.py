@@ -20,8 +20,9 @@ SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 PRUNERS = ("successive-halving", "hyperband", "median", "none")
 #: ``--fidelity`` names (emnist_hpo.train.fidelity).
 FIDELITIES = ("data", "epochs", "none")
-#: Objective names for ``--objectives``: accuracy is maximised, params minimised.
-OBJECTIVES = {"accuracy": "maximize", "params": "minimize"}
+#: Objective names for ``--objectives``: accuracy is maximised, the model's size (params) or cost (forward FLOPs
+#: per image) minimised.
+OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "flops": "minimize"}
 #: ``--workers``: worker processes on one machine. Each holds its own copy of the data and of TensorFlow
 #: (~1 GB on full bymerge): more than this is a typo, not a machine. Scale out with more machines instead.
 MAX_WORKERS = 64
@@ -52,7 +53,7 @@ class StudyOptions:
     seed: int = 0  # seeds the sampler, the data split and trial training
     timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
-    objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params (Pareto front)
+    objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params / accuracy,flops (a Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
     seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue
     early_stopping_patience: int = 3  # per-trial early stopping on val_accuracy (0 = off)
@@ -94,9 +95,11 @@ class StudyOptions:
         if not 0 < self.val_fraction < 1:  # False for NaN too
             raise ConfigError(f"--val-fraction must be in (0, 1) (val_fraction={self.val_fraction})")
         bad = [o for o in self.objectives if o not in OBJECTIVES]
-        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives) or self.objectives[0] != "accuracy":
+        if bad or not self.objectives or len(set(self.objectives)) != len(self.objectives) or \
+                self.objectives[0] != "accuracy" or len(self.objectives) > 2:
             raise ConfigError(
-                f"--objectives must be 'accuracy' or 'accuracy,params' (objectives={','.join(self.objectives)!r})"
+                f"--objectives must be 'accuracy', 'accuracy,params' or 'accuracy,flops' "
+                f"(objectives={','.join(self.objectives)!r})"
             )
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
@@ -139,7 +142,9 @@ class StudyOptions:
     def name(self) -> str:
         if self.study_name:
             return self.study_name
-        return f"emnist-{self.split}" + ("-pareto" if len(self.objectives) > 1 else "")
+        if len(self.objectives) < 2:
+            return f"emnist-{self.split}"
+        return f"emnist-{self.split}-pareto" + ("" if self.objectives[1] == "params" else f"-{self.objectives[1]}")
 
 
 def _int_in(option: str, field: str, value: int, low: int, high: int) -> None:

@@ -228,7 +228,7 @@ CASES = [
     ("val-fraction", lambda r: [*STUDY, "--val-fraction", "1.5"], ["--val-fraction must be in (0, 1)", "1.5"]),
     ("sampler", lambda r: [*STUDY, "--sampler", "grid"], ["--sampler must be one of tpe", "'grid'"]),
     ("pruner", lambda r: [*STUDY, "--pruner", "always"], ["--pruner must be one of successive-halving", "'always'"]),
-    ("objectives", lambda r: [*STUDY, "--objectives", "params"], ["--objectives must be 'accuracy' or", "'params'"]),
+    ("objectives", lambda r: [*STUDY, "--objectives", "params"], ["--objectives must be 'accuracy', 'accuracy,params' or 'accuracy,flops'", "'params'"]),
     ("timeout", lambda r: [*STUDY, "--timeout", "-5"], ["--timeout must be > 0", "-5"]),
     ("study-name", lambda r: [*STUDY, "--study-name", "../../etc"], ["--study-name must be", "'../../etc'"]),
     ("workers", lambda r: [*STUDY, "--workers", "0"], ["--workers must be >= 1 (workers=0)"]),

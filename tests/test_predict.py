@@ -87,9 +87,15 @@ def test_predict_recovers_rendered_characters(digits_champion, rendered, digits,
 def test_text_output_lists_top_characters(digits_champion, rendered, capsys):
     paths = [str(p) for p in rendered[0][:2]]
     assert main(["predict", "--split", "digits", "--tracking-uri", digits_champion["tracking"], *paths]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
     assert [line.split(":")[0] for line in lines] == paths
     assert all(len(line.split(": ", 1)[1].split()) == 6 for line in lines)  # three (char, prob) pairs
+    version = digits_champion["result"].registered.version
+    assert f"answered by emnist-digits v{version} (@champion)" in err  # which model said it
+    assert main(["predict", "--split", "digits", "--tracking-uri", digits_champion["tracking"], "--json",
+                 paths[0]]) == 0
+    assert f'"model": "emnist-digits v{version}"' in capsys.readouterr().out
 
 
 def test_bad_images_get_their_own_errors_and_exit_2(digits_champion, rendered, tmp_path, capsys):

@@ -98,3 +98,13 @@ def test_the_search_stops_while_the_finalists_and_the_final_fit_still_fit():
     assert budget.stop_search(costs, now=570.0) is None  # 430 s left >= 100 + 325
     why = budget.stop_search(costs, now=580.0)  # 420 s left: the next trial would eat the reserve
     assert why and "time budget" in why
+
+
+def test_a_pareto_study_on_flops_is_its_own_study():
+    from emnist_hpo.options import StudyOptions
+
+    assert StudyOptions("digits").name == "emnist-digits"
+    assert StudyOptions("digits", objectives=("accuracy", "params")).name == "emnist-digits-pareto"
+    assert StudyOptions("digits", objectives=("accuracy", "flops")).validate().name == "emnist-digits-pareto-flops"
+    with pytest.raises(Exception, match="'accuracy,params' or 'accuracy,flops'"):
+        StudyOptions("digits", objectives=("accuracy", "params", "flops")).validate()

@@ -276,7 +276,7 @@ def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
         (["--split", "digits", "--epochs", "0"], "--epochs must be >= 1 (epochs=0)"),
         (["--split", "digits", "--sampler", "grid"], "--sampler must be one of tpe, random, qmc, cmaes, nsga2"),
         (["--split", "digits", "--pruner", "always"], "--pruner must be one of successive-halving"),
-        (["--split", "digits", "--objectives", "params"], "--objectives must be 'accuracy' or 'accuracy,params'"),
+        (["--split", "digits", "--objectives", "params"], "--objectives must be 'accuracy', 'accuracy,params' or 'accuracy,flops'"),
         (["--split", "digits", "--data-dir", "/nonexistent/emnist"], "/nonexistent/emnist"),
         (["--split", "digits", "--search-space", "nope.yaml"], "search space 'nope.yaml' not found"),
         (["--split", "digits", "--study-name", "../../etc"], "--study-name must be 1-128 letters"),

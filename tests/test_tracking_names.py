@@ -15,7 +15,7 @@ from mlflow.tracking import MlflowClient
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.train.hooks import TrialOutcome
 from emnist_hpo.tracking.tracker import MODEL_TRAINING_KIND, TAG_EXPERIMENT_KIND, TAG_NOTE, MlflowTrialHooks, Tracker
-from emnist_hpo.train.trainer import TrainResult
+from emnist_hpo.train.trainer import RungResult, TrainResult
 
 STORAGE = "postgresql+psycopg2://emnist:s3cret-pw@db:5432/optuna"
 
@@ -32,10 +32,11 @@ class FakeTrial:
         self.user_attrs[key] = value
 
 
-def _result(val_history: list[float]) -> TrainResult:
+def _result(val_history: list[float], rungs: int = 0) -> TrainResult:
     return TrainResult(model=None, history={"val_accuracy": val_history, "loss": [1.0] * len(val_history)},
                        params=12_345, best_epoch=1 + val_history.index(max(val_history)),
-                       best_val_accuracy=max(val_history), train_seconds=1.0, epoch_times=[0.5] * len(val_history))
+                       best_val_accuracy=max(val_history), train_seconds=1.0, epoch_times=[0.5] * len(val_history),
+                       rungs=[RungResult(i, val_history[-1], 100, 1.0, 1) for i in range(rungs)])
 
 
 @pytest.fixture
@@ -75,6 +76,11 @@ def test_existing_experiments_get_the_tags_they_lack_and_keep_what_a_person_set(
     ("COMPLETE", {"seed_experiment": "two_conv"}, dict(result=[0.80111]), "trial-12 seed=two_conv val=0.8011"),
     ("PRUNED", {}, dict(result=[0.3, 0.41], reason="pruned at epoch 2 (val_accuracy 0.4100)"),
      "trial-12 pruned@epoch2 val=0.4100"),
+    ("PRUNED", {}, dict(result=[0.3, 0.41], rungs=2, reason="pruned at rung 1 (val_accuracy 0.4100): rank 5 of 9"),
+     "trial-12 pruned@rung1 val=0.4100"),
+    ("PRUNED", {}, dict(reason="model needs 35M FLOPs per image > --max-flops 10M"), "trial-12 pruned >max-flops"),
+    ("PRUNED", {}, dict(result=[0.3], rungs=1, reason="time budget: rung 1 would take ~90 s and 20 s are left"),
+     "trial-12 pruned time-budget"),
     ("PRUNED", {"params": 928_947}, dict(reason="model has 928,947 parameters > --max-params 232,000"),
      "trial-12 pruned params=929k>max-params"),
     ("PRUNED", {}, dict(result=[0.1], reason="loss became NaN or inf"), "trial-12 pruned nan-loss"),
@@ -87,7 +93,7 @@ def test_trial_runs_are_renamed_with_their_outcome(store, state, attrs, outcome,
     trial = FakeTrial(12, {"learning_rate": 1e-3}, dict(attrs))
     hooks.on_trial_begin(trial, ExperimentConfig())
     run_id = trial.user_attrs["mlflow_run_id"]
-    result = _result(outcome["result"]) if "result" in outcome else None
+    result = _result(outcome["result"], outcome.get("rungs", 0)) if "result" in outcome else None
     hooks.on_trial_end(trial, TrialOutcome(state, ExperimentConfig(), result, None, outcome.get("reason")))
     run = client.get_run(run_id)
     assert run.info.run_name == name and run.data.tags["mlflow.runName"] == name

@@ -22,6 +22,7 @@ from emnist_hpo.baselines import classical as baselines
 from emnist_hpo.config import LIMITS, MAX_SEED, ExperimentConfig, load_experiment
 from emnist_hpo.data.nist import check_split
 from emnist_hpo.data.prepared import PreparedData, prepare
+from emnist_hpo.model.cost import model_cost
 from emnist_hpo.model.describe import describe_model
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.reporting.evaluation import evaluate
@@ -192,6 +193,9 @@ def _evaluate(cfg, name, split, data: PreparedData, tracker: Tracker, run: str, 
         "test_macro_f1": ev_test.macro_f1,
         "model_size_bytes": size,
     }
+    flops = model_cost(cfg.model, data.num_classes).flops
+    if flops:  # a network (classical baselines have none)
+        metrics["flops"] = flops
     tracker.log_metrics(run, metrics)
     tracker.log_evaluation(run, ev_val, "validation", result.history or None)
     tracker.log_evaluation(run, ev_test, "test")

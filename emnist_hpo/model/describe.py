@@ -188,11 +188,13 @@ def note_with_study(note: str, line: str) -> str | None:
 
 
 def trial_run_name(number: int, state: str, *, seed: str | None = None, val: float | None = None,
-                   epoch: int | None = None, reason: str | None = None, params: int | None = None) -> str:
+                   epoch: int | None = None, reason: str | None = None, params: int | None = None,
+                   rung: int | None = None) -> str:
     """A trial run's name once its outcome is known, e.g. ``trial-12 val=0.8123``, ``trial-3 failed``.
 
-    ``trial-0 seed=two_conv val=0.8011`` (a seed experiment), ``trial-7 pruned@epoch2 val=0.4100``
-    (the validation accuracy that pruned it), ``trial-5 pruned params=929k>max-params``,
+    ``trial-0 seed=two_conv val=0.8011`` (a seed experiment), ``trial-7 pruned@rung1 val=0.4100``
+    (the rung and validation accuracy that pruned it; ``pruned@epoch2`` where there is no rung),
+    ``trial-5 pruned params=929k>max-params``, ``trial-6 pruned >max-flops``, ``trial-8 pruned time-budget``,
     ``trial-4 pruned nan-loss``, ``trial-3 interrupted``.
     """
     parts = [f"trial-{number}"]
@@ -204,10 +206,14 @@ def trial_run_name(number: int, state: str, *, seed: str | None = None, val: flo
     elif state == "PRUNED":
         if "--max-params" in reason:
             parts.append(f"pruned params={human_count(params)}>max-params" if params else "pruned >max-params")
+        elif "--max-flops" in reason:
+            parts.append("pruned >max-flops")
+        elif reason.startswith("time budget"):
+            parts.append("pruned time-budget")
         elif "NaN" in reason or "nan" in reason:
             parts.append("pruned nan-loss")
         else:
-            parts.append(f"pruned@epoch{epoch}" if epoch else "pruned")
+            parts.append(f"pruned@rung{rung}" if rung is not None else f"pruned@epoch{epoch}" if epoch else "pruned")
             if val is not None:
                 parts.append(f"val={val:.4f}")
     elif reason.startswith("interrupted"):

@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable
 import pandas as pd
 
 from emnist_hpo.data.nist import SPLITS
+from emnist_hpo.model.cost import human
 from emnist_hpo.model.describe import describe_params, log_ticks
 from emnist_hpo.errors import ConfigError, EmnistHpoError
 from emnist_hpo.reporting.published import for_split
@@ -62,7 +63,7 @@ FILES = ("leaderboard.csv", "published.csv", "engines.csv", "leaderboard.md", "c
 #: Leaderboard columns (accuracies are fractions; ``*_pp`` deltas are percentage points).
 COLUMNS = [
     "split", "role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
-    "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "train_size",
+    "delta_vs_best_published_pp", "params", "flops", "model_size_bytes", "train_seconds", "epochs", "train_size",
     "architecture", "same_data", "data_fingerprint", "test_fingerprint", "run_id",
 ]
 
@@ -177,6 +178,7 @@ def _champion_row(client, split: str) -> dict[str, Any] | None:
         "test_accuracy": _metric(run, "test_accuracy"),
         "val_accuracy": val,
         "params": _int(_metric(run, "params") or tags.get("params")),
+        "flops": _int(_metric(run, "flops")),
         "model_size_bytes": _keras_bytes(client, mv.source),
         "train_seconds": _metric(trial_run, "train_seconds") if trial_run is not None else None,
         "epochs": epochs,
@@ -197,6 +199,7 @@ def _baseline_row(run, split: str) -> dict[str, Any]:
         "test_accuracy": _metric(run, "test_accuracy"),
         "val_accuracy": _metric(run, "best_val_accuracy"),
         "params": _int(_metric(run, "params")),
+        "flops": _int(_metric(run, "flops")),
         "model_size_bytes": _int(_metric(run, "model_size_bytes")),
         "train_seconds": _metric(run, "train_seconds"),
         "epochs": _int(_metric(run, "epochs_run")) or None,
@@ -209,7 +212,8 @@ def _baseline_row(run, split: str) -> dict[str, Any]:
 
 
 #: Columns of a split's trial points (:attr:`Comparison.trials`).
-TRIAL_COLUMNS = ["study", "trial", "state", "val_accuracy", "params", "no_skill", "eligible", "pareto", "run_id"]
+TRIAL_COLUMNS = ["study", "trial", "state", "val_accuracy", "params", "flops", "no_skill", "eligible", "pareto",
+                 "run_id"]
 #: A trial is on the Pareto plot only when COMPLETE with validation accuracy >= this many times the no-skill
 #: accuracy (always answering the most frequent class): the pruners' own bar for having learnt something.
 NO_SKILL_FACTOR = 2.0
@@ -234,7 +238,7 @@ def _trial_points(client, experiment_id: str, fingerprint: str | None, split: st
         rows.append({
             "study": r.data.tags.get(TAG_STUDY), "trial": _int(r.data.tags.get(TAG_TRIAL)),
             "state": r.data.tags.get(TAG_STATE, "?"), "val_accuracy": acc, "params": int(params),
-            "run_id": r.info.run_id, "_fp": fp, "_parent": parent,
+            "flops": _int(_metric(r, "flops")), "run_id": r.info.run_id, "_fp": fp, "_parent": parent,
         })
     no_skill: dict[str | None, float] = {}
     for fp in {row["_fp"] for row in rows}:
@@ -369,7 +373,7 @@ def collect(client, splits: Iterable[str] = SPLITS) -> Comparison:
             if len(pts):
                 trials[split] = pts
     board = pd.DataFrame(rows, columns=COLUMNS)
-    for col in ("params", "model_size_bytes", "epochs", "train_size"):
+    for col in ("params", "flops", "model_size_bytes", "epochs", "train_size"):
         board[col] = board[col].astype("Int64")
     for col in ("test_accuracy", "val_accuracy", "train_seconds"):
         board[col] = board[col].astype("float64")
@@ -434,6 +438,8 @@ def _fmt(v: Any, col: str) -> str:
         return f"{int(v):,}"
     if col == "model_size_bytes":
         return f"{float(v) / 1e6:.2f} MB"
+    if col == "flops":
+        return human(float(v))
     if col in ("train_seconds", "wall_seconds"):
         return f"{float(v):.1f} s"
     if isinstance(v, bool):
@@ -451,8 +457,8 @@ def _markdown_table(df: pd.DataFrame, cols: list[str]) -> str:
 
 
 _SHOWN = ["role", "name", "test_accuracy", "val_accuracy", "delta_vs_champion_pp", "delta_vs_research_pp",
-          "delta_vs_best_published_pp", "params", "model_size_bytes", "train_seconds", "epochs", "train_size",
-          "same_data", "architecture"]
+          "delta_vs_best_published_pp", "params", "flops", "model_size_bytes", "train_seconds", "epochs",
+          "train_size", "same_data", "architecture"]
 _PUB_SHOWN = ["kind", "model", "published_accuracy_pct", "champion_test_accuracy", "champion_delta_pp",
               "best_run", "best_run_test_accuracy", "best_run_delta_pp", "source"]
 
@@ -506,7 +512,8 @@ def pareto_figure(split: str, pts: pd.DataFrame, board: pd.DataFrame):
     for study, sub in shown.groupby("study", dropna=False):
         fig.add_trace(go.Scatter(
             x=sub["params"], y=sub["val_accuracy"], mode="markers", name=f"trials of {study}",
-            text=[f"{s} #{t}" for s, t in zip(sub["study"], sub["trial"])],
+            text=[f"{s} #{t}" + (f", {human(float(f))} FLOPs per image" if pd.notna(f) else "")
+                  for s, t, f in zip(sub["study"], sub["trial"], sub["flops"])],
             hovertemplate="%{text}<br>params %{x:,}<br>val accuracy %{y:.4f}<extra></extra>",
             marker={"size": 8, "opacity": 0.75},
         ))

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
+from emnist_hpo.model.cost import model_cost
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.tracking.registry import Registered, log_and_register
 from emnist_hpo.reporting.evaluation import Evaluation, evaluate
@@ -99,8 +100,9 @@ def finalize_champion(
         parent_run_id=parent,
     )
     tracker.log_params(run, cfg.flat_params())
+    flops = model_cost(cfg.model, data.num_classes).flops
     tracker.log_metrics(run, {"test_accuracy": ev.accuracy, "test_macro_f1": ev.macro_f1,
-                              "val_accuracy": champion.val_accuracy, "params": params})
+                              "val_accuracy": champion.val_accuracy, "params": params, "flops": flops})
     tracker.log_evaluation(run, ev, "test", fit.history if fit else None)
     if not trial_plots and champion.trial_run_id:  # CSV-only trial runs: PNGs for the champion's trial
         tracker.log_report_plots(champion.trial_run_id)
@@ -115,6 +117,6 @@ def finalize_champion(
                            register=register)
     tracker.end_run(run, "FINISHED")
     tracker.log_metrics(parent, {"best_val_accuracy": champion.val_accuracy, "test_accuracy": ev.accuracy,
-                                 "champion_params": params})
+                                 "champion_params": params, "champion_flops": flops})
     tracker.set_tags(parent, {"emnist_hpo.champion_trial": champion.number, "emnist_hpo.champion_run": run})
     return FinalResult(run, ev.accuracy, params, ev, reg, final_fit)

@@ -292,7 +292,7 @@ class Objective:
             raise outcome.error if outcome.error is not None else RuntimeError(outcome.reason)
         if outcome.state == "PRUNED":
             raise optuna.TrialPruned(outcome.reason)
-        values = tuple(self._value(o, outcome.result) for o in self.objectives)
+        values = tuple(self._value(o, outcome.result, trial) for o in self.objectives)
         return values if self.multi else values[0]
 
     def _rule(self, trial: optuna.Trial) -> str:
@@ -320,8 +320,12 @@ class Objective:
         return done
 
     @staticmethod
-    def _value(objective: str, result: TrainResult) -> float:
-        return float(result.params) if objective == "params" else result.best_val_accuracy
+    def _value(objective: str, result: TrainResult, trial) -> float:
+        if objective == "params":
+            return float(result.params)
+        if objective == "flops":
+            return float(trial.user_attrs["flops"])  # priced before training (run_trial)
+        return result.best_val_accuracy
 
     def _keep(self, trial: optuna.Trial, result: TrainResult) -> None:
         """Keep the model file of a trial that beats every finished one (only those can be champions)."""

@@ -31,11 +31,15 @@ class Prediction:
     image: str  # the path as given
     top: list[tuple[str, float]] = field(default_factory=list)  # (character, probability), most likely first
     error: str | None = None  # why the image could not be classified
+    model: str | None = None  # the registered version that answered ("emnist-letters v3")
 
     def to_dict(self) -> dict:
         if self.error is not None:
             return {"image": self.image, "error": self.error}
-        return {"image": self.image, "top": [{"char": c, "prob": round(p, 6)} for c, p in self.top]}
+        out = {"image": self.image, "top": [{"char": c, "prob": round(p, 6)} for c, p in self.top]}
+        if self.model:
+            out["model"] = self.model
+        return out
 
 
 def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = None, top: int = 3,
@@ -49,7 +53,8 @@ def predict_images(paths: Sequence[str], split: str, tracking_uri: str | None = 
         with warnings.catch_warnings():  # MLflow's type-hint advice about the pyfunc (its input is checked there)
             warnings.filterwarnings("ignore", message=".*type hints.*")
             model = load_champion(resolve_tracking_uri(tracking_uri), split)
-    results = [Prediction(str(p)) for p in paths]
+    answered_by = f"{model.name} v{model.version}" if getattr(model, "version", None) else None
+    results = [Prediction(str(p), model=answered_by) for p in paths]
     ok, images = [], []
     for i, path in enumerate(paths):
         try:

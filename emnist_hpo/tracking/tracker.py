@@ -434,6 +434,9 @@ class MlflowTrialHooks(TrialHooks):
         params = {f"trial.{k}": v for k, v in trial.params.items()}
         params.update(config.flat_params())
         self.tracker.log_params(run_id, params)
+        cost = {k: trial.user_attrs[k] for k in ("params", "flops") if trial.user_attrs.get(k) is not None}
+        if cost:  # known before training: a trial refused for its size still shows what it would have cost
+            self.tracker.log_metrics(run_id, cost)
         cb = MlflowMetricsCallback(self.tracker, run_id)
         self._runs[trial.number] = (run_id, time.perf_counter() - t0, cb)
         return [cb]
@@ -449,7 +452,7 @@ class MlflowTrialHooks(TrialHooks):
             TAG_RUN_NAME: trial_run_name(
                 trial.number, outcome.state, seed=trial.user_attrs.get("seed_experiment"), reason=outcome.reason,
                 val=_shown_val(outcome), epoch=len(r.history.get("val_accuracy", [])) if r is not None else None,
-                params=trial.user_attrs.get("params")),
+                params=trial.user_attrs.get("params"), rung=r.rungs[-1].index if r is not None and r.rungs else None),
             TAG_NOTE: self._note(trial, outcome.state, (outcome.reason or "")[:300] or None),
         }
         if outcome.reason:
@@ -461,6 +464,8 @@ class MlflowTrialHooks(TrialHooks):
                 "params": r.params,
                 "best_epoch": r.best_epoch,
                 "train_seconds": r.train_seconds,
+                "images_seen": r.images_seen,
+                "rung_reached": r.rungs[-1].index if r.rungs else 0,
             }
             if outcome.evaluation is not None:
                 summary["val_macro_f1"] = outcome.evaluation.macro_f1

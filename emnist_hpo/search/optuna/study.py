@@ -291,6 +291,10 @@ def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna
         split = existing.user_attrs.get("split")
         if split is not None and split != opts.split:
             raise ConfigError(f"study {opts.name!r} was created for split {split!r}, not {opts.split!r}")
+        made = existing.user_attrs.get("objectives")
+        if made is not None and list(made) != list(opts.objectives):
+            raise ConfigError(f"study {opts.name!r} was created for --objectives {','.join(made)!r}, not "
+                              f"{','.join(opts.objectives)!r} (use another --study-name)")
         return existing
     study = optuna.create_study(
         study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner,
@@ -298,7 +302,7 @@ def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna
     )
     study.set_user_attr("split", opts.split)
     study.set_user_attr("objectives", list(opts.objectives))
-    study.set_metric_names(["val_accuracy", "params"][: len(opts.objectives)])
+    study.set_metric_names(["val_accuracy", *opts.objectives[1:]])
     return study
 
 
@@ -968,7 +972,7 @@ def _finalize(ctx: StudyContext, objective: Objective, parent: str, champion, fr
 
         import pandas as pd
 
-        rows = [{"trial": t.number, "val_accuracy": t.values[0], "params": int(t.values[1]),
+        rows = [{"trial": t.number, "val_accuracy": t.values[0], "params": t.user_attrs.get("params"),
                  "flops": t.user_attrs.get("flops")} for t in front]
         with tempfile.TemporaryDirectory() as tmp:
             pd.DataFrame(rows).to_csv(Path(tmp) / "pareto_front.csv", index=False)
@@ -1066,7 +1070,8 @@ def summary_table(res: StudyResult) -> str:
         rows.append(("registered", f"{r.name} v{r.version}" + (" -> @champion" if r.champion else
                                                                 " (champion kept: v" + str(r.previous_champion) + ")")))
     if res.pareto:
-        rows.append(("pareto front", ", ".join(f"#{p.number}: {p.values[0]:.4f} / {int(p.values[1]):,}"
+        size = res.study.user_attrs.get("objectives", ["accuracy", "params"])[-1]
+        rows.append((f"pareto front (accuracy / {size})", ", ".join(f"#{p.number}: {p.values[0]:.4f} / {human(p.values[1])}"
                                                for p in res.pareto[:8])))
     rows.append(("parent run", res.parent_run_id))
     return format_summary(title, states, rows, dict(t.params),
