@@ -27,10 +27,10 @@ def test_reserve_counts_each_finalist_on_every_fold_and_the_final_fit_on_the_lar
     assert budget(timeout=1e5).reserve(costs) == pytest.approx((100 + 60 + 30) * 2 + 100 * 1.25)
     assert budget(finalists=0, final_fit=False).reserve(costs) == 0
     assert budget().reserve([TrialCost(0.0, 5, False)]) == 0  # nothing complete: no finalist to pay for
-    # the re-evaluation's share is capped at 35% of the budget (210 s of 600): 2 folds fit only one
+    # the re-evaluation's share is capped at 20% of the budget (200 s of 1000): 2 folds fit only one
     # finalist, so all three get one fold each (190 s)
-    assert budget(timeout=600.0).plan(costs) == (3, 1)
-    assert budget(timeout=600.0).reserve(costs) == pytest.approx(190 + 100 * 1.25)
+    assert budget(timeout=1000.0).plan(costs) == (3, 1)
+    assert budget(timeout=1000.0).reserve(costs) == pytest.approx(190 + 100 * 1.25)
 
 
 def test_plan_prefers_fewer_folds_to_a_lone_finalist_and_can_afford_nothing():

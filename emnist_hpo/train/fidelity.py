@@ -107,7 +107,8 @@ class Ladder:
         """One line per rung: share, images, epochs, validation images."""
         parts = []
         for i, (r, size, vs) in enumerate(zip(self.rungs, self.sizes(n), self.val_sizes(n_val))):
-            share = "all" if size >= n else f"1/{round(1 / r.fraction)}"
+            share = "all" if size >= n else (f"1/{round(1 / r.fraction)}" if abs(1 / r.fraction - round(1 / r.fraction))
+                                             < 0.05 else f"{r.fraction:.0%}")
             parts.append(f"rung {i}: {share} of the training set ({size:,} images) x {r.epochs} epoch"
                          f"{'s' if r.epochs != 1 else ''}, scored on {vs:,} validation images"
                          + (" each epoch, early stopping" if r.final else ""))

@@ -757,7 +757,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
                 search = min(search, max(0.0, ctx.budget.left() - the_plan.finish_seconds))
             return search + the_plan.finish_seconds
 
-        progress = _Progress(opts.trials, done, opts.progress, ctx.ladder, eta)
+        total = min(opts.trials, done + the_plan.configs) if the_plan.by_budget else opts.trials  # what the bar can fill
+        progress = _Progress(total, done, opts.progress, ctx.ladder, eta)
         objective = make_objective(ctx, parent, [progress])
         try:
             if opts.workers > 1 and done < opts.trials:
