@@ -144,11 +144,11 @@ def main(argv=None) -> int:
     data_out = {"machine": machine(), "args": vars(args), "ladder": ladder.to_dict(), "rows": rows,
                 "spearman": [{"score": r[0], "fraction": r[1], "epochs": r[2], "rho": r[3], "rho_bn": r[4],
                               "seconds": r[5]} for r in results]}
-    json_path, md_path = write_results(f"fidelity_{args.split}", data_out, "\n".join(md))
+    json_path, md_path = write_results("fidelity", data_out, "\n".join(md))
     print("\n".join(md))
     log(f"wrote {json_path} and {md_path}")
-    return 0
+    return data_out
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -37,6 +37,7 @@ import optuna  # noqa: E402
 from emnist_hpo.config import DataConfig, load_experiment  # noqa: E402
 from emnist_hpo.data.prepared import prepare  # noqa: E402
 from emnist_hpo.search.optuna.pruners import make_pruner  # noqa: E402
+from emnist_hpo.train.fidelity import make_ladder  # noqa: E402
 from emnist_hpo.search.optuna.study import StudyOptions, run_study  # noqa: E402
 from emnist_hpo.train.trainer import train  # noqa: E402
 
@@ -108,7 +109,7 @@ def measure(quick: bool, data_dir: str, trials: int | None, epochs: int | None,
             rows.append(r)
             log(f"study pruner={pruner}: {r['wall_s']:.0f} s, best {r['best_val_accuracy']}, "
                 f"reached seed at {r['reached_seed_s']}")
-    hb = make_pruner("hyperband", epochs)
+    hb = make_pruner("hyperband", make_ladder("epochs", epochs, 10_000, 47))  # Hyperband over epochs: its rungs
     hb._try_initialization(optuna.create_study())  # noqa: SLF001 - only to describe its brackets
     brackets = [[hb._min_resource * hb._reduction_factor ** (i + k) for k in range(9)  # noqa: SLF001
                  if hb._min_resource * hb._reduction_factor ** (i + k) < epochs] for i in range(hb._n_brackets)]  # noqa: SLF001

@@ -30,7 +30,8 @@ SECTIONS = {
     "throughput": ("bench_throughput", "Training throughput: trial trainer vs plain Keras fit"),
     "tracking": ("bench_tracking", "Tracking overhead per trial"),
     "data": ("bench_data", "Data loading and peak memory"),
-    "study": ("bench_study", "Study efficiency: Hyperband vs no pruning"),
+    "study": ("bench_study", "Study efficiency: pruners against no pruning"),
+    "fidelity": ("bench_fidelity", "Low-fidelity scores against the full-budget score (rank correlation)"),
     "scaling": ("bench_scaling", "Scaling: 1 and 2 workers"),
 }
 
