@@ -348,6 +348,27 @@ def _file_lock(path: Path, timeout: float) -> Iterator[None]:
 _pause_counts: dict[str, int] = {}
 
 
+@contextlib.contextmanager
+def signal_handlers(handler, signals: tuple[int, ...] | None = None) -> Iterator[None]:
+    """Within the block, ``signals`` (SIGTERM, SIGHUP, SIGINT by default) go to ``handler`` (``signal.SIG_IGN``
+    to ignore them); outside the main thread nothing changes (Python allows handlers there only)."""
+    import signal as _signal
+
+    if signals is None:
+        signals = (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT)
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = _signal.signal(sig, handler)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            _signal.signal(sig, old)
+
+
 def pause_point(phase: str) -> None:
     """Test hook: sleep here if :data:`PAUSE_ENV` names ``phase`` (see the module docstring)."""
     spec = os.environ.get(PAUSE_ENV)

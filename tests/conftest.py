@@ -106,6 +106,33 @@ def nist(tmp_path: Path) -> NistFactory:
 
 
 @pytest.fixture(scope="session")
+def prepared_sample(tmp_path_factory, sample_dir):
+    """``prepared_sample(split, n)``: ``n`` real images of ``split`` from the sample (80% train, 20% validation),
+    parsed into a private cache, made once per session."""
+    import os
+
+    from emnist_hpo.config import DataConfig
+    from emnist_hpo.data.prepared import prepare
+
+    cache, made = tmp_path_factory.mktemp("prepared-cache"), {}
+
+    def make(split: str, n: int):
+        if (split, n) not in made:
+            old = os.environ.get("EMNIST_HPO_CACHE")
+            os.environ["EMNIST_HPO_CACHE"] = str(cache)
+            try:
+                made[split, n] = prepare(split, str(sample_dir), DataConfig(max_train_samples=n), progress=False)
+            finally:
+                if old is None:
+                    os.environ.pop("EMNIST_HPO_CACHE", None)
+                else:
+                    os.environ["EMNIST_HPO_CACHE"] = old
+        return made[split, n]
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def digits_champion(tmp_path_factory, sample_dir):
     """A digits champion registered in a private MLflow store by a quick real study (shared by the test files).
 

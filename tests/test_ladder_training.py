@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -16,17 +14,9 @@ from emnist_hpo.train.trainer import RungControl, TrialCheckpoint, train
 
 
 @pytest.fixture(scope="module")
-def balanced(tmp_path_factory, sample_dir):
-    """6,000 real balanced images (4,800 train / 1,200 validation, 47 classes), parsed into a private cache."""
-    old = os.environ.get("EMNIST_HPO_CACHE")
-    os.environ["EMNIST_HPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield prepare("balanced", str(sample_dir), DataConfig(max_train_samples=6000), progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("EMNIST_HPO_CACHE", None)
-        else:
-            os.environ["EMNIST_HPO_CACHE"] = old
+def balanced(prepared_sample):
+    """6,000 real balanced images (4,800 train / 1,200 validation, 47 classes)."""
+    return prepared_sample("balanced", 6000)
 
 
 def _bn_cfg(epochs: int = 2, momentum: float = 0.9) -> ExperimentConfig:

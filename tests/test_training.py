@@ -23,17 +23,9 @@ from emnist_hpo.train.trainer import ArrayBatches, predict_proba, resolve_precis
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory, sample_dir):
-    """3,000 real digits (2,400 train / 600 validation), parsed into a private cache."""
-    old = os.environ.get("EMNIST_HPO_CACHE")
-    os.environ["EMNIST_HPO_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    try:
-        yield prepare("digits", str(sample_dir), DataConfig(max_train_samples=3000), progress=False)
-    finally:
-        if old is None:
-            os.environ.pop("EMNIST_HPO_CACHE", None)
-        else:
-            os.environ["EMNIST_HPO_CACHE"] = old
+def digits(prepared_sample):
+    """3,000 real digits (2,400 train / 600 validation)."""
+    return prepared_sample("digits", 3000)
 
 
 def _cfg(**train) -> ExperimentConfig:

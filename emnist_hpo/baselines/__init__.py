@@ -1,9 +1,6 @@
 """The research's fixed systems: one experiment trained, tested and tracked (:mod:`.experiment`), and the classical scikit-learn baselines (:mod:`.classical`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -14,11 +11,4 @@ _EXPORTS = {
     'train_classical': 'emnist_hpo.baselines.classical',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

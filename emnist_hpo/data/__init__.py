@@ -1,9 +1,6 @@
 """EMNIST data: NIST's files read and checked (:mod:`.nist`), a split made ready for training (:mod:`.prepared`), real-world images turned into EMNIST inputs (:mod:`.images`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -24,11 +21,4 @@ _EXPORTS = {
     'train_val_split': 'emnist_hpo.data.nist',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

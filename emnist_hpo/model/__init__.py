@@ -1,9 +1,6 @@
 """The CNN family: shape arithmetic (:mod:`.architecture`), cost before building (:mod:`.cost`), Keras builders (:mod:`.build`), one-line descriptions (:mod:`.describe`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -20,11 +17,4 @@ _EXPORTS = {
     'model_from_params': 'emnist_hpo.model.describe',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

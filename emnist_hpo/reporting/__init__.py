@@ -1,9 +1,6 @@
 """What runs are turned into: evaluations (:mod:`.evaluation`), a champion's analysis (:mod:`.analysis`), Optuna's plots (:mod:`.study_plots`), the cross-split leaderboard (:mod:`.compare`) and the published figures it compares with (:mod:`.published`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -12,11 +9,4 @@ _EXPORTS = {
     'run_compare': 'emnist_hpo.reporting.compare',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

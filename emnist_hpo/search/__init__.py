@@ -1,9 +1,6 @@
 """The search: its space (:mod:`.space`), one trial for either engine (:mod:`.trial`), the time budget (:mod:`.budget`), finalists (:mod:`.selection`), the champion (:mod:`.finalize`); the engines in :mod:`.optuna` and :mod:`.keras_tuner`."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -19,11 +16,4 @@ _EXPORTS = {
     'run_trial': 'emnist_hpo.search.trial',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

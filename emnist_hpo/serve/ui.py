@@ -77,7 +77,7 @@ from typing import IO, Callable, Iterable, Iterator, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from emnist_hpo.config import DEFAULT_ARTIFACT_ROOT, DEFAULT_OPTUNA_STORAGE, DEFAULT_TRACKING_URI, resolve_storage
-from emnist_hpo.coordination import redact_arg, redact_secrets
+from emnist_hpo.coordination import signal_handlers, redact_arg, redact_secrets
 from emnist_hpo.errors import ConfigError, EmnistHpoError, StorageError
 
 __all__ = [
@@ -695,23 +695,13 @@ def _check_database(url: str, what: str, timeout: float = 5.0) -> None:
         raise StorageError(f"{what} {redact(url)!r} is unreachable: {redact_secrets(text)[:300]}") from None
 
 
-@contextlib.contextmanager
-def _signals_raise_keyboard_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (and SIGHUP) raise KeyboardInterrupt like Ctrl-C does."""
-    def _raise(signum, frame):  # noqa: ARG001
-        raise KeyboardInterrupt
+def _raise_keyboard_interrupt(signum, frame):  # noqa: ARG001
+    raise KeyboardInterrupt
 
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            previous[sig] = signal.signal(sig, _raise)
-    except ValueError:  # not the main thread: leave signals alone
-        pass
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+def _signals_raise_keyboard_interrupt():
+    """Within the block, SIGTERM (and SIGHUP) raise KeyboardInterrupt like Ctrl-C does."""
+    return signal_handlers(_raise_keyboard_interrupt)
 
 
 def serve(*, storage: str = DEFAULT_OPTUNA_STORAGE, tracking_uri: str = DEFAULT_TRACKING_URI,
@@ -814,19 +804,9 @@ def serve(*, storage: str = DEFAULT_OPTUNA_STORAGE, tracking_uri: str = DEFAULT_
                 stop_processes([proc for proc, _ in children.values()])
 
 
-@contextlib.contextmanager
-def _ignoring_interrupts() -> Iterator[None]:
-    previous = {}
-    try:
-        for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
-            previous[sig] = signal.signal(sig, signal.SIG_IGN)
-    except ValueError:
-        pass
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+def _ignoring_interrupts():
+    """Within the block, SIGTERM, SIGHUP and SIGINT are ignored (a clean-up that must not be cut short)."""
+    return signal_handlers(signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,9 +1,6 @@
 """MLflow: the store and runs (:mod:`.tracker`), the model registry (:mod:`.registry`) and the registered model's own code (:mod:`.pyfunc_model`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -16,11 +13,4 @@ _EXPORTS = {
     'make_client': 'emnist_hpo.tracking.tracker',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

@@ -337,7 +337,11 @@ class LoadedModel:
     classes: list[str]
 
     def predict(self, model_input) -> pd.DataFrame:
-        """Class probabilities (a DataFrame, one column per class) of uint8 images (N, 28, 28) or (N, 784)."""
+        """Class probabilities (a DataFrame, one column per class) of uint8 images (N, 28, 28) or (N, 784).
+
+        The same contract as the registered pyfunc's (pyfunc_model.py, which must stay self-contained: MLflow
+        runs it where emnist_hpo may not be installed, and its bytes are checked against the package's own).
+        """
         x = model_input.to_numpy() if isinstance(model_input, pd.DataFrame) else np.asarray(model_input)
         if x.ndim == 2 and x.shape[1] == 784:
             x = x.reshape(-1, 28, 28)

@@ -1,9 +1,6 @@
 """Training as a plain function (:mod:`.trainer`), its learning-rate schedules (:mod:`.schedules`), the multi-fidelity ladder (:mod:`.fidelity`) and the lifecycle hooks around a trial (:mod:`.hooks`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -27,11 +24,4 @@ _EXPORTS = {
     'train': 'emnist_hpo.train.trainer',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

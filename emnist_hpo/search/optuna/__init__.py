@@ -1,9 +1,6 @@
 """The Optuna engine: the study loop (:mod:`.study`), its objective and rung decisions (:mod:`.objective`), pruners (:mod:`.pruners`), trial slots and claims between processes (:mod:`.slots`)."""
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
+from emnist_hpo._lazy import exports
 
 #: name -> module: imported on first use, so that importing this package loads nothing heavy
 _EXPORTS = {
@@ -16,11 +13,4 @@ _EXPORTS = {
     'summary_table': 'emnist_hpo.search.optuna.study',
 }
 
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+__getattr__, __all__ = exports(__name__, _EXPORTS)

@@ -50,7 +50,7 @@ from emnist_hpo.search.optuna.slots import (
     run_trials,
 )
 from emnist_hpo.config import DataConfig, ExperimentConfig, TrainConfig, load_experiment, resolve_storage
-from emnist_hpo.coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
+from emnist_hpo.coordination import check_sqlite_location, signal_handlers, sqlite_file, sqlite_wal, store_lock
 from emnist_hpo.model.cost import human, model_cost
 from emnist_hpo.data.prepared import PreparedData, prepare
 from emnist_hpo.errors import ConfigError, EmnistHpoError, StorageError
@@ -835,9 +835,7 @@ def _run_workers(opts: StudyOptions, parent: str, study: optuna.Study, progress:
 
 def _stop_workers(procs: Sequence[subprocess.Popen], grace: float = 60.0) -> None:
     """SIGTERM every worker, then SIGKILL what is left after ``grace``; a second Ctrl-C cannot cut this short."""
-    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
+    with signal_handlers(signal.SIG_IGN, (signal.SIGINT, signal.SIGTERM)):
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -848,9 +846,6 @@ def _stop_workers(procs: Sequence[subprocess.Popen], grace: float = 60.0) -> Non
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def worker_main(payload: str) -> int:
