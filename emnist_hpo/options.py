@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from emnist_hpo.config import LIMITS, MAX_SEED
+from emnist_hpo.config import LIMITS, MAX_SEED, DataConfig, ExperimentConfig, TrainConfig
 from emnist_hpo.data.nist import check_split
 from emnist_hpo.errors import ConfigError
 
@@ -137,6 +137,14 @@ class StudyOptions:
         if self.study_name is not None:
             check_name(self.study_name, "--study-name")
         return self
+
+    def base_config(self) -> ExperimentConfig:
+        """The experiment every trial of the study starts from (what the space samples then overrides)."""
+        return ExperimentConfig(
+            name=self.name,
+            train=TrainConfig(epochs=self.epochs, seed=self.seed, early_stopping_patience=self.early_stopping_patience),
+            data=DataConfig(val_fraction=self.val_fraction, max_train_samples=self.max_train_samples, seed=self.seed),
+        )
 
     @property
     def name(self) -> str:

@@ -8,7 +8,7 @@ import pytest
 
 from emnist_hpo.model.cost import ModelCost
 from emnist_hpo.train.fidelity import MIN_RUNG_SEEN, make_ladder, nested_order, promotable
-from emnist_hpo.search.trial import OptunaRungs
+from emnist_hpo.search.optuna.objective import OptunaRungs
 from emnist_hpo.search.optuna.pruners import PRUNERS, make_pruner, no_skill_accuracy
 from emnist_hpo.train.trainer import RungResult
 

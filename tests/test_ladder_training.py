@@ -6,8 +6,7 @@ import keras
 import numpy as np
 import pytest
 
-from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-from emnist_hpo.data.prepared import prepare
+from emnist_hpo.config import ConvBlock, ExperimentConfig, ModelConfig, TrainConfig
 from emnist_hpo.train import trainer as training
 from emnist_hpo.train.fidelity import Ladder, Rung, make_ladder
 from emnist_hpo.train.trainer import RungControl, TrialCheckpoint, train

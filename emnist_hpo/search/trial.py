@@ -9,10 +9,9 @@ that may stop it, evaluates it, and tells the lifecycle hooks
 returns a :class:`~emnist_hpo.train.hooks.TrialOutcome`; each engine turns that into
 its own language (a value, ``TrialPruned``, Keras Tuner's ``FailedTrialError``).
 
-:class:`Objective` is the Optuna side: it samples the trial's config, decides at
-every rung whether the trial climbs on (the no-skill guard, then asynchronous
-successive halving, or one of Optuna's own pruners), stops a rung that would not
-fit the time budget, and resumes an interrupted trial from its checkpoint.
+The Optuna side (sampling, the rung decisions, resuming) is
+:mod:`emnist_hpo.search.optuna.objective`; Keras Tuner's is
+:mod:`emnist_hpo.search.keras_tuner.engine`.
 """
 
 from __future__ import annotations
@@ -20,21 +19,17 @@ from __future__ import annotations
 import math
 import traceback
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Sequence
 
-import optuna
-
-from emnist_hpo.search.budget import Throughput, rung_work
 from emnist_hpo.config import ExperimentConfig
-from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.data.prepared import PreparedData
-from emnist_hpo.train.fidelity import Ladder, Rung, promotable
-from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
+from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.options import OBJECTIVES
 from emnist_hpo.reporting.evaluation import evaluate
-from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.train.trainer import RungControl, RungResult, TrainResult, TrialCheckpoint, predict_proba, train
+from emnist_hpo.search.budget import Throughput, rung_work
+from emnist_hpo.train.fidelity import Ladder
+from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
+from emnist_hpo.train.trainer import RungControl, TrainResult, TrialCheckpoint, predict_proba, train
 
 #: Trial user attribute naming the seed experiment an enqueued trial reproduces.
 SEED_ATTR = "seed_experiment"
@@ -85,7 +80,7 @@ def run_trial(
     refused = (limits or Limits()).refuse(cost)
     if refused:  # priced, never built: "filters: 1e9" costs microseconds
         trial.set_user_attr("fail_reason", refused)
-        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, reason=refused), begin=True)
+        return end_trial(trial, hooks, TrialOutcome("PRUNED", cfg, reason=refused), begin=True)
     callbacks = []
     for h in hooks:
         callbacks.extend(h.on_trial_begin(trial, cfg))
@@ -96,30 +91,30 @@ def run_trial(
         reason = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
         trial.set_user_attr("fail_reason", reason)
         trial.set_user_attr("traceback", traceback.format_exc()[-2000:])
-        outcome = _end(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
+        outcome = end_trial(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
         outcome.error = exc
         return outcome
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: close the run (KILLED); the engine marks it FAIL
         reason = interrupt_reason(exc)
         trial.set_user_attr("fail_reason", reason)
-        _end(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
+        end_trial(trial, hooks, TrialOutcome("FAIL", cfg, reason=reason))
         raise
     record(trial, result)
     if result.stopped_reason == "nan":
         reason = "loss became NaN or inf"
         trial.set_user_attr("fail_reason", reason)
         _remove(checkpoint)
-        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
+        return end_trial(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
     if result.stopped_reason == "stopped":
         reason = result.stop_detail or "stopped"
         trial.set_user_attr("fail_reason", reason)
         _remove(checkpoint)
-        return _end(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
+        return end_trial(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
     ev = evaluate(data.y_val, predict_proba(result.model, data.x_val), data.classes)
     if keep_model is not None:
         keep_model(result)
     _remove(checkpoint)
-    return _end(trial, hooks, TrialOutcome("COMPLETE", cfg, result, ev))
+    return end_trial(trial, hooks, TrialOutcome("COMPLETE", cfg, result, ev))
 
 
 def _remove(checkpoint: TrialCheckpoint | None) -> None:
@@ -127,7 +122,8 @@ def _remove(checkpoint: TrialCheckpoint | None) -> None:
         checkpoint.remove()
 
 
-def _end(trial, hooks: Sequence[TrialHooks], outcome: TrialOutcome, begin: bool = False) -> TrialOutcome:
+def end_trial(trial, hooks: Sequence[TrialHooks], outcome: TrialOutcome, begin: bool = False) -> TrialOutcome:
+    """Tell every hook how ``trial`` ended (``begin``: a trial refused before it began is begun first)."""
     for h in hooks:
         if begin:
             h.on_trial_begin(trial, outcome.config)
@@ -156,200 +152,6 @@ def interrupt_reason(exc: BaseException) -> str:
 
 def directions(objectives: Sequence[str]) -> list[str]:
     return [OBJECTIVES[o] for o in objectives]
-
-
-# --------------------------------------------------------------------------- Optuna
-
-
-def rung_scores(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
-    """The validation accuracy a trial recorded at the end of each rung it finished, by rung."""
-    return {int(r.get("rung", i)): float(r["score"])
-            for i, r in enumerate(trial.user_attrs.get("rungs", []) or []) if isinstance(r, dict)}
-
-
-class OptunaRungs(RungControl):
-    """The Optuna trial's rung decisions: the time budget before a rung; after it, the record, then the guard
-    and the pruner.
-
-    ``pruner``: ``successive-halving`` (asynchronous successive halving over the rungs, decided here
-    from the rung scores the study's trials recorded, so it works for two objectives too),
-    ``optuna`` (the study's own pruner decides on the reported rung values: hyperband, median),
-    or ``none``.
-    """
-
-    def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
-                 report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
-                 | None = None, resumed: Sequence[Mapping[str, Any]] = ()):
-        self.trial, self.ladder, self.cost = trial, ladder, cost
-        self.pruner, self.no_skill, self.report = pruner, no_skill, report
-        self.n_train, self.n_val = data_sizes
-        self.time_left = time_left
-        self.records: list[dict[str, Any]] = [dict(r) for r in resumed]
-
-    def _work(self, index: int, images: int) -> float:
-        return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
-
-    def before(self, index: int, rung: Rung, images: int) -> str | None:
-        if self.time_left is None:
-            return None
-        return self.time_left(self.ladder, index, self._work(index, images))
-
-    def after(self, result: RungResult, final: bool) -> str | None:
-        step = self.ladder.rungs[result.index].step
-        self.records = [r for r in self.records if r.get("rung") != result.index]  # a resumed rung end: once
-        self.records.append({"rung": result.index, "score": result.score, "images": result.images,
-                             "seconds": round(result.seconds, 3), "work": self._work(result.index, result.images),
-                             "step": step})
-        self.trial.set_user_attr("rungs", self.records)  # peers in every process judge against it
-        if self.report and math.isfinite(result.score):
-            self.trial.report(result.score, step)
-        if final or self.pruner == "none":
-            return None
-        if not math.isfinite(result.score):
-            return f"pruned at rung {result.index}: validation accuracy is not a number"
-        if self.no_skill > 0 and result.score < NO_SKILL_FACTOR * self.no_skill:
-            return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): under "
-                    f"{NO_SKILL_FACTOR:g}x the no-skill accuracy {self.no_skill:.4f}")
-        if self.pruner == "successive-halving":
-            peers = [s[result.index] for t in self.trial.study.get_trials(deepcopy=False)
-                     if t.number != self.trial.number and result.index in (s := rung_scores(t))]
-            if not promotable(result.score, [*peers, result.score], self.ladder.eta):
-                rank = 1 + sum(p > result.score for p in peers)
-                return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): rank {rank} of "
-                        f"{len(peers) + 1} at this rung, only the best 1/{self.ladder.eta} go on")
-            return None
-        if self.trial.should_prune():
-            return f"pruned at rung {result.index} (val_accuracy {result.score:.4f}) by the {self.pruner} pruner"
-        return None
-
-
-class Objective:
-    """Callable objective for ``study.optimize``; data is prepared once and shared by all trials."""
-
-    def __init__(
-        self,
-        space: SearchSpace,
-        base: ExperimentConfig,
-        data: PreparedData,
-        *,
-        ladder: Ladder,
-        objectives: Sequence[str] = ("accuracy",),
-        hooks: Sequence[TrialHooks] = (),
-        seeds: Mapping[str, ExperimentConfig] | None = None,
-        checkpoint_dir: Path | None = None,
-        limits: Limits | None = None,
-        pruner: str = "successive-halving",
-        no_skill: float = 0.0,
-        budget_check: Callable[[Ladder, int, float], str | None] | None = None,
-    ):
-        self.space, self.base, self.data, self.ladder = space, base, data, ladder
-        self.objectives = tuple(objectives)
-        self.hooks = list(hooks)
-        self.seeds = dict(seeds or {})
-        self.checkpoint_dir = checkpoint_dir
-        self.limits = limits or Limits()
-        self.pruner, self.no_skill, self.budget_check = pruner, no_skill, budget_check
-
-    @property
-    def multi(self) -> bool:
-        return len(self.objectives) > 1
-
-    def config_for(self, trial) -> ExperimentConfig:
-        """The trial's config: sampled from the space, or the seed experiment it was enqueued for."""
-        cfg = self.space.sample(trial, self.base)
-        attrs = getattr(trial, "user_attrs", {}) or {}
-        seed = attrs.get(SEED_ATTR)
-        if seed in self.seeds:
-            s = self.seeds[seed]
-            cfg.model = s.model
-            cfg.train.batch_size, cfg.train.optimizer = s.train.batch_size, s.train.optimizer
-            cfg.train.learning_rate, cfg.train.schedule = s.train.learning_rate, s.train.schedule
-            cfg.name = seed
-        # a resumed trial keeps the seed of the trial it continues: the same run, picked up where it stopped
-        cfg.train.seed = self.base.train.seed + int(attrs.get(RESUME_ATTR, trial.number))
-        return cfg
-
-    def checkpoint_of(self, number: int) -> TrialCheckpoint | None:
-        return None if self.checkpoint_dir is None else TrialCheckpoint(self.checkpoint_dir / f"running_{number}.npz")
-
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
-        try:
-            cfg = self.config_for(trial)
-        except Exception as exc:  # noqa: BLE001
-            trial.set_user_attr("fail_reason", f"sampling failed: {exc}")
-            _end(trial, self.hooks, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
-            raise
-        checkpoint = self.checkpoint_of(trial.number)
-        resumed = self._take_over(trial, checkpoint)
-        control = OptunaRungs(
-            trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
-            no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
-            time_left=self.budget_check, resumed=resumed,
-        )
-        outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
-                            limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
-        if outcome.state == "FAIL":
-            raise outcome.error if outcome.error is not None else RuntimeError(outcome.reason)
-        if outcome.state == "PRUNED":
-            raise optuna.TrialPruned(outcome.reason)
-        values = tuple(self._value(o, outcome.result, trial) for o in self.objectives)
-        return values if self.multi else values[0]
-
-    def _rule(self, trial: optuna.Trial) -> str:
-        if self.pruner in ("none", "successive-halving"):
-            return self.pruner
-        return "none" if self.multi else self.pruner  # Optuna's pruners take one objective
-
-    def _take_over(self, trial: optuna.Trial, checkpoint: TrialCheckpoint | None) -> list[dict]:
-        """A trial enqueued to continue an interrupted one: take its checkpoint and the rungs it had finished."""
-        old = trial.user_attrs.get(RESUME_ATTR)
-        if old is None or checkpoint is None:
-            return []
-        previous = self.checkpoint_of(int(old))
-        if previous is not None and previous.exists():
-            previous.move_to(checkpoint)
-        done = []
-        for t in trial.study.get_trials(deepcopy=False):
-            if t.number == int(old):
-                done = [r for r in t.user_attrs.get("rungs", []) or [] if isinstance(r, dict)]
-        for r in done:
-            if not self.multi and "step" in r and math.isfinite(float(r["score"])):
-                trial.report(float(r["score"]), int(r["step"]))
-        if done:
-            trial.set_user_attr("rungs", done)
-        return done
-
-    @staticmethod
-    def _value(objective: str, result: TrainResult, trial) -> float:
-        if objective == "params":
-            return float(result.params)
-        if objective == "flops":
-            return float(trial.user_attrs["flops"])  # priced before training (run_trial)
-        return result.best_val_accuracy
-
-    def _keep(self, trial: optuna.Trial, result: TrainResult) -> None:
-        """Keep the model file of a trial that beats every finished one (only those can be champions)."""
-        if self.checkpoint_dir is None or self.multi:
-            return
-        try:
-            best = trial.study.best_value
-        except ValueError:
-            best = -math.inf
-        if result.best_val_accuracy > best:
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            tmp = self.checkpoint_dir / f".trial_{trial.number}.keras"
-            result.model.save(tmp)
-            tmp.replace(self.checkpoint_dir / f"trial_{trial.number}.keras")
-
-
-def trial_summary(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
-    return {
-        "number": trial.number,
-        "state": trial.state.name,
-        "values": trial.values,
-        "params": trial.user_attrs.get("params"),
-        "best_epoch": trial.user_attrs.get("best_epoch"),
-    }
 
 
 def planned_cost(cost: ModelCost, ladder: Ladder, n_train: int, n_val: int, throughput: Throughput,

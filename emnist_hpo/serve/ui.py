@@ -73,7 +73,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Callable, Iterable, Iterator, Sequence
+from typing import IO, Callable, Iterable, Sequence
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from emnist_hpo.config import DEFAULT_ARTIFACT_ROOT, DEFAULT_OPTUNA_STORAGE, DEFAULT_TRACKING_URI, resolve_storage

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 from emnist_hpo import runtime
 
@@ -27,13 +27,17 @@ class TrialOutcome:
 
 
 class TrialHooks:
-    """Lifecycle hooks around one trial (override what you need)."""
+    """Lifecycle hooks around one trial (override what you need).
 
-    def on_trial_begin(self, trial: "optuna.Trial", config: ExperimentConfig) -> Sequence[keras.callbacks.Callback]:
+    ``trial`` is an Optuna trial, or anything with its ``number``, ``params``, ``user_attrs`` and
+    ``set_user_attr`` (Keras Tuner's trials are adapted to that).
+    """
+
+    def on_trial_begin(self, trial: Any, config: ExperimentConfig) -> Sequence[keras.callbacks.Callback]:
         """Called before training; returns extra Keras callbacks for this trial."""
         return ()
 
-    def on_trial_end(self, trial: "optuna.Trial", outcome: TrialOutcome) -> None:
-        """Called once the trial's outcome is known (before Optuna records it)."""
+    def on_trial_end(self, trial: Any, outcome: TrialOutcome) -> None:
+        """Called once the trial's outcome is known (before the engine records it)."""
 
 

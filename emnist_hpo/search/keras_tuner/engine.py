@@ -32,7 +32,6 @@ Keras Tuner specifics:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import io
 import json
@@ -65,7 +64,7 @@ from emnist_hpo.paths import find_experiment, find_search_space
 from emnist_hpo.tracking.registry import Registered
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.selection import Candidate, choose, reevaluate
-from emnist_hpo.search.optuna.study import base_config, format_summary, next_commands
+from emnist_hpo.search.summary import format_summary, next_commands
 from emnist_hpo.tracking.tracker import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, MlflowTrialHooks, Tracker, redact
 from emnist_hpo.train.trainer import RungControl, compile_model, dtype_policy, resolve_precision
 
@@ -378,7 +377,7 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
     space = SearchSpace.load(find_search_space(opts.search_space))
     seed_cfgs = {n: load_experiment(find_experiment(n)) for n in opts.seed_experiments} if opts.warm_start else {}
     seeds = {n: p for n, cfg in seed_cfgs.items() if (p := space.params_for(cfg)) is not None}
-    base = base_config(opts)
+    base = opts.base_config()
     data = prepare(opts.split, opts.data_dir, base.data, progress=opts.progress)
     tracker = Tracker(opts.tracking_uri, f"emnist-{opts.split}")
     project = Path(kt_dir) / name

@@ -1,0 +1,108 @@
+"""A study's plan, said before it starts: the ladder, the configurations each rung will see, the ETA.
+
+Everything is predicted from FLOPs known before training (:mod:`emnist_hpo.model.cost`) and the speed
+this machine showed on the study's earlier rungs (:class:`~emnist_hpo.search.budget.Throughput`).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import optuna
+
+from emnist_hpo.config import ExperimentConfig
+from emnist_hpo.errors import ConfigError
+from emnist_hpo.model.cost import ModelCost, human, model_cost
+from emnist_hpo.search.budget import REEVAL_SHARE, Throughput
+from emnist_hpo.search.optuna.storage import finished_count
+from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.search.trial import Limits, planned_cost
+from emnist_hpo.train.fidelity import Ladder
+
+if TYPE_CHECKING:
+    from emnist_hpo.search.optuna.study import StudyContext
+
+
+@dataclass
+class Plan:
+    """What a study expects to do, said before it starts: configurations per rung and the time it takes."""
+
+    ladder: Ladder
+    n_train: int
+    n_val: int
+    configs: int  # configurations the search will screen (trials still to run, or what the budget affords)
+    per_rung: list[float]  # of which, expected to reach each rung
+    seconds: float  # expected wall time of the search (what is left of it)
+    finish_seconds: float  # expected re-evaluation + final fit
+    throughput: Throughput
+    median_flops: float  # forward FLOPs per image of a typical sampled model
+    by_budget: bool = False  # the configuration count is what --timeout affords
+
+    def lines(self) -> list[str]:
+        out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
+               f"of each rung go on"]
+        out.append("  " + self.ladder.describe(self.n_train, self.n_val).replace("; ", "\n  "))
+        reach = ", ".join(f"~{n:.0f} at rung {i}" for i, n in enumerate(self.per_rung))
+        what = "the time budget affords" if self.by_budget else "to screen"
+        out.append(f"  configurations {what}: {self.configs} ({reach})")
+        rate = f"{self.throughput.rate / 1e9:.0f} GFLOP/s training, {self.throughput.overhead:.1f} s per rung" + (
+            f", measured on {self.throughput.measured} rungs" if self.throughput.measured else " (default guess)")
+        out.append(f"  a typical sampled model: {human(self.median_flops)} FLOPs per image; this machine: {rate}")
+        out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
+                   f"~{duration(self.finish_seconds)}")
+        return out
+
+
+def duration(seconds: float) -> str:
+    """``42 s``, ``17 min``, ``2.5 h``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def typical_flops(space: SearchSpace, base: ExperimentConfig, num_classes: int, limits: Limits, n: int = 200,
+                  seed: int = 0) -> float:
+    """Median forward FLOPs of ``n`` random models of the space that ``limits`` let through (no training)."""
+    sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    flops = []
+    for _ in range(n):
+        try:
+            cfg = space.sample(sampler.ask(), base)
+        except ConfigError:
+            continue
+        cost = model_cost(cfg.model, num_classes)
+        if limits.refuse(cost) is None:
+            flops.append(cost.flops)
+    return float(statistics.median(flops)) if flops else float("nan")
+
+
+def plan(ctx: "StudyContext", limits: Limits) -> Plan:
+    """What the search will screen and how long it will take, from FLOPs and this machine's measured speed."""
+    opts, data, ladder = ctx.opts, ctx.data, ctx.ladder
+    n, nv = len(data.y_train), len(data.y_val)
+    throughput = Throughput.of_study(ctx.study)
+    flops = typical_flops(ctx.space, ctx.base, data.num_classes, limits, seed=opts.seed)
+    typical = ModelCost(0, int(flops) if math.isfinite(flops) else 0)
+    per_config = planned_cost(typical, ladder, n, nv, throughput)  # a screened configuration, promotions included
+    whole = planned_cost(typical, ladder, n, nv, throughput, reach=[1.0] * len(ladder.rungs))  # up the whole ladder
+    reeval = whole * opts.finalists * opts.folds
+    final = whole / (1 - opts.val_fraction) if opts.final_fit else 0.0
+    left = max(0, opts.trials - finished_count(ctx.study))
+    configs, by_budget = left, False
+    if ctx.budget.deadline is not None:
+        time_left = ctx.budget.left()
+        reeval = min(reeval, REEVAL_SHARE * (opts.timeout or time_left))
+        room = max(0.0, time_left - reeval - final)
+        affordable = int(room / per_config) if per_config > 0 else left
+        if affordable < left:
+            configs, by_budget = affordable, True
+    return Plan(ladder, n, nv, configs, [configs * p for p in ladder.reach()], configs * per_config, reeval + final,
+                throughput, flops, by_budget)

@@ -1,0 +1,68 @@
+"""The study's Optuna storage and samplers: an RDB storage that fails within seconds, one sampler per name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from emnist_hpo.coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
+from emnist_hpo.errors import StorageError
+from emnist_hpo.tracking.tracker import redact
+
+#: Trial states that count towards ``--trials``.
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: Optuna heartbeat of running trials: written every HEARTBEAT_S, stale (FAIL) after GRACE_S without one.
+#: Dead processes on this host are noticed at once through the trial's owner (see slots.py).
+HEARTBEAT_S, GRACE_S = 30, 120
+
+
+def make_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna RDB storage on ``url``, failing within seconds with a clear message.
+
+    An SQLite file is shared by several processes: its connections wait up to
+    60 s for a lock, it is switched to write-ahead logging, and one process at a
+    time creates its schema.
+    """
+    check_sqlite_location(url, "Optuna storage", "--storage")
+    engine_kwargs: dict[str, Any] = {}
+    if url.startswith(("postgresql", "mysql")):
+        engine_kwargs["connect_args"] = {"connect_timeout": 5}
+    elif url.startswith("sqlite"):
+        engine_kwargs["connect_args"] = {"timeout": 60}
+    db = sqlite_file(url)
+    try:
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        with store_lock(url, "init"):
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                 grace_period=GRACE_S)
+            if db is not None:
+                sqlite_wal(db)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        text = " ".join(str(exc).split())[:300]
+        raise StorageError(
+            f"Optuna storage {redact(url)!r} cannot be used: {text} (give --storage sqlite:///PATH.db or a database "
+            "URL such as postgresql://USER@HOST/DB)"
+        ) from None
+    return storage
+
+
+def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8,
+                                          constant_liar=True)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "qmc":
+        return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
+    if name == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+    return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+def finished_count(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=FINISHED))
