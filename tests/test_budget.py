@@ -8,7 +8,7 @@ import optuna
 import pytest
 
 from emnist_hpo.search.budget import TimeBudget, TrialCost, costs_of
-from emnist_hpo.search.optuna.study import StudyOptions
+from emnist_hpo.options import StudyOptions
 from emnist_hpo.errors import ConfigError
 
 

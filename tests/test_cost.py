@@ -11,7 +11,7 @@ from emnist_hpo.config import ConvBlock, ExperimentConfig, ModelConfig, load_exp
 from emnist_hpo.model.cost import model_cost
 from emnist_hpo.model.build import build_model
 from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.search.optuna.study import find_experiment, find_search_space
+from emnist_hpo.paths import find_experiment, find_search_space
 
 
 def test_params_match_keras_for_sampled_and_seed_models():

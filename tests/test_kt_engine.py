@@ -11,7 +11,8 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.search.keras_tuner.engine import SpaceHyperModel, run_kt_study
 from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.search.optuna.study import PROJECT_ROOT, StudyOptions
+from emnist_hpo.options import StudyOptions
+from emnist_hpo.paths import PROJECT_ROOT
 
 pytestmark = pytest.mark.slow  # end-to-end studies: the full suite (CI) runs them, `-m 'not slow'` skips them
 

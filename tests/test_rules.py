@@ -12,7 +12,7 @@ import pytest
 from emnist_hpo.coordination import _start_time, current_owner
 from emnist_hpo.search.budget import RungRecord, Throughput, TimeBudget, TrialCost
 from emnist_hpo.search.optuna.slots import FINALIZE_ATTR, StudyLock, claim_finalize, drop_claim, finish_claim, slot
-from emnist_hpo.search.optuna.study import make_storage
+from emnist_hpo.search.optuna.storage import make_storage
 from emnist_hpo.tracking.registry import beats_champion
 
 
