@@ -362,7 +362,7 @@ def _predict(args: argparse.Namespace) -> int:
     from emnist_hpo.serve.predict import format_json, format_text, predict_images
 
     results = predict_images(args.images, args.split, args.tracking_uri, top=args.top)
-    answered = next((r.model for r in results if r.model), None)
+    answered = next((r.model for r in results if r.model and r.error is None), None)  # none: errors only
     if answered and not args.json:
         print(f"answered by {answered} (@champion)", file=sys.stderr)
     if args.json:
