@@ -22,13 +22,14 @@ def test_search_space_becomes_keras_tuner_hyperparameters():
     model = SpaceHyperModel(space, ExperimentConfig(), num_classes=10)
     hp = kt.HyperParameters()
     for blocks in (1, 2, 3, 4):  # every depth registers its per-block parameters
-        hp.values["conv_blocks"], hp.values["dense_layers"], hp.values["optimizer"] = blocks, 2, "sgd"
+        hp.values["conv_blocks"], hp.values["dense_layers"], hp.values["optimizer"] = blocks, 2, "adamw"
         model.config(hp)
     kinds = {p.name: type(p).__name__ for p in hp.space}
     assert kinds["conv_blocks"] == "Int" and kinds["learning_rate"] == "Float" and kinds["optimizer"] == "Choice"
     assert {f"filters_{i}" for i in range(4)} <= set(kinds) and {"dense_units_0", "dense_units_1"} <= set(kinds)
     lr = hp._hps["learning_rate"][0]
-    assert (lr.min_value, lr.max_value, lr.sampling) == (1e-4, 1e-2, "log")
+    want = space.params["learning_rate"]  # the YAML's range and scale, whatever the default space holds
+    assert (lr.min_value, lr.max_value, lr.sampling) == (want.low, want.high, "log" if want.log else "linear")
     assert list(hp._hps["filters_0"][0].values) == list(space.params["filters"].choices)
     # Keras Tuner's own random draws give configs inside the YAML's ranges
     for seed in range(25):
