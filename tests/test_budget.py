@@ -72,3 +72,23 @@ def test_costs_of_reads_trial_durations():
 def test_bad_timeout_is_refused(bad):
     with pytest.raises(ConfigError, match="--timeout must be > 0"):
         StudyOptions(split="balanced", timeout=bad).validate()
+
+
+def test_the_final_fit_is_priced_for_every_epoch_of_the_ladder_not_the_early_stopped_trial():
+    """A champion that early-stopped after 5 of 10 epochs took 100 s; its final fit runs all 10 epochs on
+    1.25x the images: 250 s, and that is what the budget keeps back (and whether the final fit is skipped)."""
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("epochs", 10, 10_000, 10)
+    study = optuna.create_study(direction="maximize")
+    t0 = dt.datetime(2026, 1, 1)
+    for ran, value in ((sum(r.epochs for r in ladder.rungs) // 2, 0.9), (None, 0.8)):
+        attrs = {"epochs_run": ran} if ran else {}
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.COMPLETE, value=value, values=None, datetime_start=t0,
+            datetime_complete=t0 + dt.timedelta(seconds=100), params={}, distributions={}, user_attrs=attrs,
+            system_attrs={}, intermediate_values={}, trial_id=0))
+    costs = costs_of(study, ladder)
+    assert [c.full for c in costs] == [2.0, 1.0]  # unknown epochs: priced as the trial itself
+    assert budget().final_fit_cost(costs) == pytest.approx(100 * 2.0 * 1.25)
+    assert costs_of(study)[0].full == 1.0

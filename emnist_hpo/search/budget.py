@@ -6,7 +6,8 @@ and the champion is fitted again on train+validation. A budget that only stops
 35). :class:`TimeBudget` instead stops the search while there is still time for
 them, estimated from the trials themselves: each finalist costs ``folds`` runs of
 its own trial's duration, the final fit one more on a pool 1/(1 - val_fraction)
-times the training set. The re-evaluation gets at most ``REEVAL_SHARE`` of the
+times the training set, for every epoch of the ladder (an early-stopped champion's
+final fit runs longer than its trial did). The re-evaluation gets at most ``REEVAL_SHARE`` of the
 budget (fewer folds, then fewer finalists, when that is not enough): a search
 cut short to re-train finalists of a poor search gains nothing.
 """
@@ -17,10 +18,13 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import optuna
 from optuna.trial import TrialState
+
+if TYPE_CHECKING:
+    from emnist_hpo.train.fidelity import Ladder
 
 #: The largest share of a time budget kept back from the search for the re-evaluation (the final fit comes on top):
 #: with a short budget the search itself matters more than a second opinion on its few finalists.
@@ -32,17 +36,26 @@ class TrialCost:
     value: float  # the trial's first objective (validation accuracy)
     seconds: float  # its wall time, tracking included
     complete: bool  # COMPLETE (a finalist candidate) rather than PRUNED
+    full: float = 1.0  # the ladder's epochs over the epochs it ran (> 1 when early stopping ended it): a final fit runs all
 
 
-def costs_of(study: optuna.Study) -> list[TrialCost]:
-    """What the study's finished trials cost."""
+def full_share(trial: optuna.trial.FrozenTrial, ladder: Ladder | None) -> float:
+    """How much longer than ``trial`` a run of every epoch of ``ladder`` takes (1 when unknown)."""
+    ran = trial.user_attrs.get("epochs_run")
+    if ladder is None or not isinstance(ran, int) or ran <= 0:
+        return 1.0
+    return max(1.0, sum(r.epochs for r in ladder.rungs) / ran)
+
+
+def costs_of(study: optuna.Study, ladder: Ladder | None = None) -> list[TrialCost]:
+    """What the study's finished trials cost (with ``ladder``: and what a full run of each would)."""
     out = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
         if t.datetime_start is None or t.datetime_complete is None:
             continue
         seconds = (t.datetime_complete - t.datetime_start).total_seconds()
         value = t.values[0] if t.values else float("-inf")
-        out.append(TrialCost(value, seconds, t.state == TrialState.COMPLETE))
+        out.append(TrialCost(value, seconds, t.state == TrialState.COMPLETE, full_share(t, ladder)))
     return out
 
 
@@ -93,7 +106,8 @@ class TimeBudget:
 
     def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
         top = [c for c in costs if c.complete]
-        return max(top, key=lambda c: c.value).seconds * self.final_fit_scale if top else 0.0
+        best = max(top, key=lambda c: c.value) if top else None
+        return best.seconds * best.full * self.final_fit_scale if best else 0.0
 
     def reserve(self, costs: Sequence[TrialCost]) -> float:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""

@@ -94,10 +94,6 @@ class Ladder:
         """Optimizer steps over the whole ladder (the learning-rate schedule's horizon)."""
         return sum(math.ceil(size / batch_size) * r.epochs for size, r in zip(self.sizes(n), self.rungs))
 
-    def with_final_epochs(self, epochs: int) -> "Ladder":
-        """The same ladder with ``epochs`` at the last rung (a final fit to the epoch the trial peaked at)."""
-        return replace(self, rungs=(*self.screening, replace(self.final, epochs=max(1, int(epochs)))))
-
     def reach(self, promoted: float | None = None) -> list[float]:
         """Expected share of the trials that reach each rung (1, 1/eta, 1/eta**2 ...)."""
         p = 1.0 / self.eta if promoted is None else promoted

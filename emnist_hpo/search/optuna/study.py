@@ -209,7 +209,7 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None
     def check(ladder: Ladder, index: int, work: float) -> str | None:
         throughput = Throughput.of_study(ctx.study)
         need = throughput.seconds(work)
-        room = ctx.budget.left() - ctx.budget.reserve(costs_of(ctx.study))
+        room = ctx.budget.left() - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder))
         if need > room:
             return (f"time budget: rung {index} would take ~{need:.0f} s and {max(room, 0):.0f} s are left for the "
                     f"search (the rest is kept for the finalists and the final fit)")
@@ -252,7 +252,7 @@ def _reevaluate(ctx: StudyContext, objective: Objective, log):
     candidates = finalists_of(study, opts.finalists)
     folds = opts.folds
     if budget.deadline is not None and candidates:
-        costs = costs_of(study)
+        costs = costs_of(study, ctx.ladder)
         n, folds = budget.plan(costs, room=budget.left() - budget.final_fit_cost(costs))
         if (n, folds) != (len(candidates), opts.folds):
             log(f"time budget: {budget.left():.0f} s left, enough to re-evaluate {n} finalist(s) on {folds} fold(s) "
@@ -391,7 +391,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             if opts.workers > 1 and done < opts.trials:
                 run_workers(dataclasses.replace(opts, deadline=ctx.budget.deadline), parent, study, progress, log)
             run_trials(study, objective, target=opts.trials, lock=ctx.lock, callbacks=[progress],
-                       stop=lambda: ctx.budget.stop_search(costs_of(study)), max_failures=max(3, opts.trials), log=log)
+                       stop=lambda: ctx.budget.stop_search(costs_of(study, ctx.ladder)), max_failures=max(3, opts.trials), log=log)
         finally:
             progress.close()
         _recover(study, tracker, log)
@@ -449,7 +449,7 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
     objective = make_objective(ctx, parent_run_id)
     try:
         return run_trials(ctx.study, objective, target=opts.trials, lock=ctx.lock,
-                          stop=lambda: ctx.budget.stop_search(costs_of(ctx.study)),
+                          stop=lambda: ctx.budget.stop_search(costs_of(ctx.study, ctx.ladder)),
                           max_failures=max(3, opts.trials), log=log)
     except KeyboardInterrupt as exc:
         _after_interrupt(ctx.study, ctx.tracker, exc, log, ctx.checkpoint_dir)
