@@ -139,6 +139,6 @@ def test_the_final_fit_trains_the_whole_last_rung_not_the_epoch_the_trial_peaked
     ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 3, 9, final=True)), 3, "data")
     cfg = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(8, 3)], dense=[]),
                            train=TrainConfig(epochs=3, batch_size=128)).validate()
-    _, _, fit = final_model(Champion(0, cfg, 0.5, 1, "optuna"), d, ladder, True, log=lambda m: None)
+    _, _, fit = final_model(Champion(0, cfg, 0.5, "optuna"), d, ladder, True, log=lambda m: None)
     assert fit.history["rung"] == [0, 1, 1, 1] and fit.epochs_run == 4
     assert fit.images_seen == ladder.sizes(len(d.y_train) + len(d.y_val))[0] + 3 * (len(d.y_train) + len(d.y_val))

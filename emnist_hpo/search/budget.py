@@ -47,16 +47,19 @@ def full_share(trial: optuna.trial.FrozenTrial, ladder: Ladder | None) -> float:
     return max(1.0, sum(r.epochs for r in ladder.rungs) / ran)
 
 
+def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> TrialCost | None:
+    """What a finished trial cost (with ``ladder``: and what a full run of it would); None without its times."""
+    if trial.datetime_start is None or trial.datetime_complete is None:
+        return None
+    seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
+    value = trial.values[0] if trial.values else float("-inf")
+    return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder))
+
+
 def costs_of(study: optuna.Study, ladder: Ladder | None = None) -> list[TrialCost]:
     """What the study's finished trials cost (with ``ladder``: and what a full run of each would)."""
-    out = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.datetime_start is None or t.datetime_complete is None:
-            continue
-        seconds = (t.datetime_complete - t.datetime_start).total_seconds()
-        value = t.values[0] if t.values else float("-inf")
-        out.append(TrialCost(value, seconds, t.state == TrialState.COMPLETE, full_share(t, ladder)))
-    return out
+    trials = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))
+    return [c for c in (cost_of(t, ladder) for t in trials) if c is not None]
 
 
 @dataclass
@@ -104,10 +107,13 @@ class TimeBudget:
                 best = (n, folds)
         return best
 
+    def fit_cost(self, champion: TrialCost) -> float:
+        """Seconds the final fit of ``champion`` takes: every epoch of the ladder on train+validation."""
+        return champion.seconds * champion.full * self.final_fit_scale
+
     def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
         top = [c for c in costs if c.complete]
-        best = max(top, key=lambda c: c.value) if top else None
-        return best.seconds * best.full * self.final_fit_scale if best else 0.0
+        return self.fit_cost(max(top, key=lambda c: c.value)) if top else 0.0
 
     def reserve(self, costs: Sequence[TrialCost]) -> float:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""
@@ -131,9 +137,6 @@ class TimeBudget:
             return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "
                     f"(~{reserve:.0f} s, judging by the trials' durations; a trial takes ~{next_trial:.0f} s)")
         return None
-
-    def affords(self, seconds: float, now: float | None = None) -> bool:
-        return seconds <= self.left(now)
 
 
 # --------------------------------------------------------------------------- what a rung costs on this machine

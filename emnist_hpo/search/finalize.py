@@ -28,7 +28,6 @@ class Champion:
     number: int  # the trial's number in its engine
     config: ExperimentConfig  # what the trial trained
     val_accuracy: float  # its validation score (the re-evaluated mean when finalists were re-evaluated: see caller)
-    best_epoch: int | None  # epoch of the last rung at which the trial peaked (None: train the config's epochs)
     engine: str  # optuna | keras-tuner
     run_tags: dict[str, Any] = field(default_factory=dict)  # extra tags of the champion run
     trial_run_id: str | None = None  # the trial's MLflow run

@@ -482,7 +482,6 @@ def _finalize(opts: StudyOptions, tuner: str, search: SpaceTuner, trial, tracker
     """The champion trial's model retrained on train+validation (or its own weights), tested and registered."""
     number = int(trial.trial_id)
     cfg, params_used = search.hypermodel.config(trial.hyperparameters.copy(), number)
-    best_epoch = trial.metrics.get_last_value("best_epoch") if trial.metrics.exists("best_epoch") else None
     final_fit = opts.final_fit
     if final_fit and deadline is not None:
         took = trial.metrics.get_last_value("train_seconds") if trial.metrics.exists("train_seconds") else 0.0
@@ -496,7 +495,7 @@ def _finalize(opts: StudyOptions, tuner: str, search: SpaceTuner, trial, tracker
             warnings.filterwarnings("ignore", message=".*Skipping variable loading for optimizer.*")
             return search.load_model(trial)
 
-    champion = Champion(number, cfg, float(trial.score), int(best_epoch) if best_epoch else None, ENGINE,
+    champion = Champion(number, cfg, float(trial.score), ENGINE,
                         run_tags={"keras_tuner.tuner": tuner, "keras_tuner.trial_id": trial.trial_id},
                         own_model=own_model)
     final = finalize_champion(champion, data, single(opts.epochs), tracker=tracker, parent=parent, split=opts.split,

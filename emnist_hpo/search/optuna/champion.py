@@ -14,7 +14,7 @@ runtime.configure()  # before Keras loads
 
 import keras  # noqa: E402
 
-from emnist_hpo.search.budget import costs_of, full_share  # noqa: E402
+from emnist_hpo.search.budget import cost_of, costs_of  # noqa: E402
 from emnist_hpo.search.finalize import Champion, finalize_champion  # noqa: E402
 from emnist_hpo.search.optuna.objective import Objective, config_of  # noqa: E402
 from emnist_hpo.search.optuna.slots import claim_finalize, claim_lease, drop_claim, finish_claim  # noqa: E402
@@ -59,10 +59,8 @@ def _final_fit_fits(ctx: StudyContext, champion: optuna.trial.FrozenTrial, log) 
     """Within a time budget, a final fit that would overrun it is skipped: the trial's own model is registered."""
     if ctx.budget.deadline is None:
         return True
-    need = ctx.budget.final_fit_cost(costs_of(ctx.study, ctx.ladder))
-    if champion.datetime_start and champion.datetime_complete:
-        need = ((champion.datetime_complete - champion.datetime_start).total_seconds()
-                * full_share(champion, ctx.ladder) * ctx.budget.final_fit_scale)
+    own = cost_of(champion, ctx.ladder)
+    need = ctx.budget.fit_cost(own) if own else ctx.budget.final_fit_cost(costs_of(ctx.study, ctx.ladder))
     if need <= ctx.budget.left():
         return True
     log(f"time budget: {max(ctx.budget.left(), 0):.0f} s left, a final fit takes ~{need:.0f} s: the champion trial's "
@@ -90,7 +88,7 @@ def _finalize(ctx: StudyContext, objective: Objective, parent: str, champion, fr
     opts, study, tracker = ctx.opts, ctx.study, ctx.tracker
     val = float(champion.values[0])
     chosen = Champion(
-        champion.number, config_of(objective, champion), val, champion.user_attrs.get("best_epoch"), "optuna",
+        champion.number, config_of(objective, champion), val, "optuna",
         trial_run_id=champion.user_attrs.get("mlflow_run_id"),
         own_model=_own_model(ctx.checkpoint_dir / f"trial_{champion.number}.keras", champion.number, log),
     )
