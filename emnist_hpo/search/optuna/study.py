@@ -99,9 +99,6 @@ class StudyResult:
         return next((f for f in self.finalists if self.champion_trial and f.trial == self.champion_trial.number), None)
 
 
-# --------------------------------------------------------------------------- building blocks
-
-
 # --------------------------------------------------------------------------- opening a study
 
 
@@ -193,9 +190,6 @@ def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna
     study.set_user_attr("objectives", list(opts.objectives))
     study.set_metric_names(["val_accuracy", *opts.objectives[1:]])
     return study
-
-
-# --------------------------------------------------------------------------- the queue: seeds, warm starts, resumes
 
 
 # --------------------------------------------------------------------------- planning
@@ -454,9 +448,6 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
     except KeyboardInterrupt as exc:
         _after_interrupt(ctx.study, ctx.tracker, exc, log, ctx.checkpoint_dir)
         raise
-
-
-# --------------------------------------------------------------------------- the champion
 
 
 # --------------------------------------------------------------------------- the summary
