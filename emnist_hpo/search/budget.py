@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
+
 if TYPE_CHECKING:
     from emnist_hpo.train.fidelity import Ladder
 
@@ -48,8 +50,9 @@ def full_share(trial: optuna.trial.FrozenTrial, ladder: Ladder | None) -> float:
 
 
 def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> TrialCost | None:
-    """What a finished trial cost (with ``ladder``: and what a full run of it would); None without its times."""
-    if trial.datetime_start is None or trial.datetime_complete is None:
+    """What a finished trial cost (with ``ladder``: and what a full run of it would); None without its times,
+    and for a repeat (it took its twin's outcome without training: its time says nothing of a trial's)."""
+    if trial.datetime_start is None or trial.datetime_complete is None or REPEAT_ATTR in trial.user_attrs:
         return None
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     value = trial.values[0] if trial.values else float("-inf")

@@ -20,6 +20,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData, Rows
+from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.trainer import train
 
@@ -59,13 +60,16 @@ def folds(data: PreparedData, n_folds: int, seed: int) -> list[tuple[np.ndarray,
 
 
 def finalists_of(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
-    """The top-k complete trials: by validation accuracy, or the Pareto front's most accurate for two objectives."""
-    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    """The top-k complete trials: by validation accuracy, or the Pareto front's most accurate for two objectives.
+
+    A repeat (a trial that took an earlier twin's outcome, :mod:`~emnist_hpo.search.optuna.repeats`) is
+    never a finalist: its twin stands for it.
+    """
     if len(study.directions) > 1:
         pool = study.best_trials
     else:
-        pool = complete
-    return sorted(pool, key=lambda t: -t.values[0])[:k]
+        pool = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return sorted((t for t in pool if REPEAT_ATTR not in t.user_attrs), key=lambda t: -t.values[0])[:k]
 
 
 @dataclass

@@ -104,6 +104,11 @@ class Param:
             return self.choices
         return (self.low, self.high)
 
+    @property
+    def free(self) -> bool:
+        """Whether the parameter can take more than one value."""
+        return len(set(self.values)) > 1
+
     def suggest(self, trial, name: str | None = None) -> Any:
         name = name or self.name
         if self.kind == "fixed":
@@ -229,6 +234,11 @@ class SearchSpace:
                     f"{self.source}: conv_blocks must be <= {fit} for kernel {kernel} with padding {padding!r} "
                     f"(a 28x28 image is pooled 2x per block; conv_blocks high={deepest})"
                 )
+
+    @property
+    def free(self) -> bool:
+        """Whether any parameter can take more than one value (a space with none trains one configuration)."""
+        return any(p.free for p in self.params.values())
 
     def _get(self, name: str, default: Any) -> Param:
         return self.params.get(name) or Param(name, "fixed", value=default)

@@ -19,6 +19,7 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, model_cost
 from emnist_hpo.search.budget import rung_work
+from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR, config_key, earlier_twin
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.trial import NO_SKILL_FACTOR, RESUME_ATTR, SEED_ATTR, Limits, end_trial, run_trial
 from emnist_hpo.train.fidelity import Ladder, Rung, promotable
@@ -144,6 +145,12 @@ class Objective:
             trial.set_user_attr("fail_reason", f"sampling failed: {exc}")
             end_trial(trial, self.hooks, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
             raise
+        if self.space.free and RESUME_ATTR not in trial.user_attrs:
+            key = config_key(cfg)
+            trial.set_user_attr(KEY_ATTR, key)
+            twin = earlier_twin(trial, key)
+            if twin is not None:
+                return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
         resumed = self._take_over(trial, checkpoint)
         control = OptunaRungs(
@@ -159,6 +166,22 @@ class Objective:
             raise optuna.TrialPruned(outcome.reason)
         values = tuple(self._value(o, outcome.result, trial) for o in self.objectives)
         return values if self.multi else values[0]
+
+    def _repeat(self, trial: optuna.Trial, cfg: ExperimentConfig,
+                twin: optuna.trial.FrozenTrial) -> float | tuple[float, ...]:
+        """Take the outcome of ``twin``, an earlier trial of the same configuration, without training."""
+        trial.set_user_attr(REPEAT_ATTR, twin.number)
+        for attr in ("params", "flops"):
+            if attr in twin.user_attrs:
+                trial.set_user_attr(attr, twin.user_attrs[attr])
+        pruned = twin.state == optuna.trial.TrialState.PRUNED
+        reason = (f"the same configuration as trial {twin.number} ({'pruned' if pruned else 'complete'}): "
+                  "its outcome taken, not trained again")
+        trial.set_user_attr("fail_reason" if pruned else "repeat_reason", reason)
+        end_trial(trial, self.hooks, TrialOutcome("PRUNED" if pruned else "COMPLETE", cfg, reason=reason), begin=True)
+        if pruned:
+            raise optuna.TrialPruned(reason)
+        return tuple(twin.values) if self.multi else twin.values[0]
 
     def _rule(self, trial: optuna.Trial) -> str:
         if self.pruner in ("none", "successive-halving"):

@@ -49,6 +49,7 @@ from emnist_hpo.search.optuna.queue import (
     enqueue_warm_start,
     warm_start_sources,
 )
+from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import finished_count, make_sampler, make_storage
 from emnist_hpo.search.optuna.workers import run_workers
@@ -216,13 +217,17 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None
 
 
 def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.FrozenTrial | None, list]:
-    """Single objective: the best trial. Two: the smallest Pareto model within ``tolerance`` of the best accuracy."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    """Single objective: the best trial. Two: the smallest Pareto model within ``tolerance`` of the best accuracy.
+
+    Repeats (trials that took an earlier twin's outcome) are skipped: the twin trained the model.
+    """
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_repeat(t)]
     if not complete:
         return None, []
     if len(study.directions) == 1:
-        return study.best_trial, []
-    front = sorted(study.best_trials, key=lambda t: (-t.values[0], t.values[1]))
+        sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
+        return max(complete, key=lambda t: sign * t.values[0]), []  # the first of equals: the earliest
+    front = sorted((t for t in study.best_trials if not is_repeat(t)), key=lambda t: (-t.values[0], t.values[1]))
     top = front[0].values[0]
     ok = [t for t in front if t.values[0] >= top - tolerance]
     return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
@@ -458,6 +463,8 @@ def summary_table(res: StudyResult) -> str:
     states: dict[str, int] = {}
     for t in res.study.get_trials(deepcopy=False):
         states[t.state.name] = states.get(t.state.name, 0) + 1
+        if is_repeat(t):  # "repeated (not retrained) 2": a configuration already trained, its twin's outcome taken
+            states["REPEATED (NOT RETRAINED)"] = states.get("REPEATED (NOT RETRAINED)", 0) + 1
     title = f"study {res.study.study_name!r}: {finished_count(res.study)} finished trials"
     split = res.study.user_attrs.get("split", "")
     if res.champion_trial is None:
