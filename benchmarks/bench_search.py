@@ -109,6 +109,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "champion_trial": number, "champion_seed": seed_name, "sampled": chosen is not None and not seed_name,
         "val_accuracy": chosen.values[0] if chosen and chosen.values else None,
         "trials": len(trials), "screened": len(trained), "reached": reached,
+        "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
         "pruned_before_training": sum(1 for t in trials if "max-params" in str(t.user_attrs.get("fail_reason", ""))),
         "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
         "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),
@@ -168,13 +169,13 @@ def main(argv=None) -> int:
                 rows.append([split, seed, key, f"{100 * r['test_accuracy']:.2f}" if r.get("test_accuracy") else "-",
                              r.get("params"), r.get("flops"),
                              ("sampled" if r.get("sampled") else r.get("champion_seed") or "-") if key != "compact" else "-",
-                             r.get("screened", "-"), r.get("screened_per_hour", "-"),
+                             r.get("screened", "-"), r.get("repeats", "-"), r.get("screened_per_hour", "-"),
                              " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
                              if key != "compact" else "-",
                              r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-"])
     md = [f"# The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
           f"--max-params {args.max_params or '-'})", "",
-          table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "per hour",
+          table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
                  "trials per rung", "wall s", "overrun"], rows), ""]
     json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},
                                        "\n".join(md))
