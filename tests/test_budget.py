@@ -92,3 +92,34 @@ def test_the_final_fit_is_priced_for_every_epoch_of_the_ladder_not_the_early_sto
     assert [c.full for c in costs] == [2.0, 1.0]  # unknown epochs: priced as the trial itself
     assert budget().final_fit_cost(costs) == pytest.approx(100 * 2.0 * 1.25)
     assert costs_of(study)[0].full == 1.0
+
+
+def _finished(study, seconds: float, **attrs) -> None:
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.COMPLETE, value=0.8, values=None, datetime_start=t0,
+        datetime_complete=t0 + dt.timedelta(seconds=seconds), params={}, distributions={}, user_attrs=attrs,
+        system_attrs={}, intermediate_values={}, trial_id=0))
+
+
+def test_the_eta_is_not_extrapolated_from_the_big_seeds_trained_first():
+    """The research's seeds (the 2-conv recipe: 929k parameters) train first and to the end; the ETA of the
+    configurations still to screen comes from the plan until sampled trials have finished, then from them."""
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.plan import ETA_SAMPLED, Plan, search_eta
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 13_385, 47)
+    the_plan = Plan(ladder, 13_385, 3_346, 50, [], 0.0, 0.0, Throughput(), 13.5e6)
+    study = optuna.create_study(direction="maximize")
+    _finished(study, 900.0, seed_experiment="two_conv")
+    _finished(study, 60.0)
+    _finished(study, 0.2, repeat_of=1)  # took trial 1's outcome without training
+    planned = the_plan.per_config(Throughput())
+    assert 0 < planned < 900
+    assert search_eta(study, the_plan, 10) == pytest.approx(10 * planned)  # one sampled trial: the plan
+    for _ in range(ETA_SAMPLED - 1):
+        _finished(study, 120.0)
+    mean = (60.0 + 120.0 * (ETA_SAMPLED - 1)) / ETA_SAMPLED
+    assert search_eta(study, the_plan, 10) == pytest.approx(10 * mean)  # sampled trials: their mean
+    assert search_eta(study, the_plan, 10, workers=2) == pytest.approx(5 * mean)

@@ -17,13 +17,20 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.search.budget import REEVAL_SHARE, Throughput
-from emnist_hpo.search.optuna.storage import finished_count
+from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
+from emnist_hpo.search.optuna.storage import FINISHED, finished_count
 from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.search.trial import Limits, planned_cost
+from emnist_hpo.search.trial import SEED_ATTR, Limits, planned_cost
 from emnist_hpo.train.fidelity import Ladder
 
 if TYPE_CHECKING:
     from emnist_hpo.search.optuna.study import StudyContext
+
+#: Sampled trials a study must have finished before its ETA is their mean duration times the trials left.
+#: Until then the ETA is the plan's typical model at the speed the study's rungs measured: the research's
+#: seeds, trained first and to the end, are far larger than a typical sampled model (the 2-conv recipe:
+#: 929k parameters) and extrapolating from them overstated the README's main command by ~70%.
+ETA_SAMPLED = 3
 
 
 @dataclass
@@ -40,6 +47,11 @@ class Plan:
     throughput: Throughput
     median_flops: float  # forward FLOPs per image of a typical sampled model
     by_budget: bool = False  # the configuration count is what --timeout affords
+
+    def per_config(self, throughput: Throughput) -> float:
+        """Expected seconds of one screened configuration (its promotions included) of the typical model."""
+        typical = ModelCost(0, int(self.median_flops) if math.isfinite(self.median_flops) else 0)
+        return planned_cost(typical, self.ladder, self.n_train, self.n_val, throughput)
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
@@ -106,3 +118,18 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
             configs, by_budget = affordable, True
     return Plan(ladder, n, nv, configs, [configs * p for p in ladder.reach()], configs * per_config, reeval + final,
                 throughput, flops, by_budget)
+
+
+def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:
+    """Seconds the ``left`` configurations still to screen take (``workers`` processes screen at once).
+
+    The mean wall time of the study's finished sampled trials (not seeds, not repeats) once there are
+    :data:`ETA_SAMPLED` of them; before that, the plan's typical model at the throughput measured so far.
+    """
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds()
+                 for t in study.get_trials(deepcopy=False, states=FINISHED)
+                 if t.datetime_start is not None and t.datetime_complete is not None
+                 and SEED_ATTR not in t.user_attrs and REPEAT_ATTR not in t.user_attrs]
+    per = statistics.fmean(durations) if len(durations) >= ETA_SAMPLED else the_plan.per_config(
+        Throughput.of_study(study))
+    return per * max(left, 0) / max(1, workers)

@@ -39,7 +39,7 @@ from emnist_hpo.paths import find_experiment, find_search_space
 from emnist_hpo.search.budget import Throughput, TimeBudget, costs_of
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import Plan, plan
+from emnist_hpo.search.optuna.plan import Plan, plan, search_eta
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -370,15 +370,14 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             log(f"study {opts.name!r} already has {done} finished trials (>= {opts.trials}); nothing to run")
         elif done:
             log(f"resuming study {opts.name!r}: {done} of {opts.trials} trials finished")
-        started, at_start = time.monotonic(), done
+        at_start = done
 
         def eta() -> float:
             n = finished_count(study) - at_start
             left = opts.trials - at_start - n
             if n <= 0:
                 return the_plan.seconds + the_plan.finish_seconds
-            spent = time.monotonic() - started
-            search = spent / n * max(left, 0)
+            search = search_eta(study, the_plan, left, opts.workers)
             if ctx.budget.deadline is not None:
                 search = min(search, max(0.0, ctx.budget.left() - the_plan.finish_seconds))
             return search + the_plan.finish_seconds
