@@ -145,10 +145,10 @@ class Objective:
             trial.set_user_attr("fail_reason", f"sampling failed: {exc}")
             end_trial(trial, self.hooks, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
             raise
-        if self.space.free and RESUME_ATTR not in trial.user_attrs:
+        if self.space.free:  # a trial that continues an interrupted one is its own twin's second half: it trains
             key = config_key(cfg)
             trial.set_user_attr(KEY_ATTR, key)
-            twin = earlier_twin(trial, key)
+            twin = None if RESUME_ATTR in trial.user_attrs else earlier_twin(trial, key)
             if twin is not None:
                 return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
