@@ -92,12 +92,15 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
 
     study = optuna.load_study(study_name=f"emnist-{split}", storage=f"sqlite:///{work}/optuna.db")
     trials = study.get_trials(deepcopy=False)
-    trained = [t for t in trials if t.user_attrs.get("rungs") or t.user_attrs.get("epochs_run")]
-    reached: dict[int, int] = {}
-    for t in trained:
-        r = t.user_attrs.get("rung_reached", len(t.user_attrs.get("rungs", [])) - 1)
-        for i in range(int(r) + 1):
-            reached[i] = reached.get(i, 0) + 1
+    # a paused trial's continuation ("promote_of") is the same configuration: screened once; its rungs count
+    # for the trial that trained them (each rung record names it)
+    trained = [t for t in trials if (t.user_attrs.get("rungs") or t.user_attrs.get("epochs_run"))
+               and "promote_of" not in t.user_attrs]
+    at_rung: dict[int, set] = {}
+    for t in trials:
+        for i, rec in enumerate(t.user_attrs.get("rungs") or []):
+            at_rung.setdefault(int(rec.get("rung", i)), set()).add(int(rec.get("trial", t.number)))
+    reached = {i: len(v) for i, v in sorted(at_rung.items())}
     champ = study.user_attrs.get("champion", {})
     number = champ.get("trial")
     chosen = next((t for t in trials if t.number == number), None)
@@ -110,6 +113,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "val_accuracy": chosen.values[0] if chosen and chosen.values else None,
         "trials": len(trials), "screened": len(trained), "reached": reached,
         "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
+        "continuations": sum(1 for t in trials if "promote_of" in t.user_attrs),
         "pruned_before_training": sum(1 for t in trials if "max-params" in str(t.user_attrs.get("fail_reason", ""))),
         "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
         "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),

@@ -37,7 +37,7 @@ MAX_FINALISTS = 100
 @dataclass
 class StudyOptions:
     split: str  # EMNIST split
-    trials: int = 20  # finished (complete or pruned) trials the study should end with
+    trials: int = 20  # configurations (trials complete or pruned) the study should end with; promotions come on top
     epochs: int = 10  # max epochs per trial
     max_train_samples: int | None = None  # stratified training subset for quick runs
     val_fraction: float = 0.2  # validation share carved from train

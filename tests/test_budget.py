@@ -120,6 +120,7 @@ def test_the_eta_is_not_extrapolated_from_the_big_seeds_trained_first():
     assert search_eta(study, the_plan, 10) == pytest.approx(10 * planned)  # one sampled trial: the plan
     for _ in range(ETA_SAMPLED - 1):
         _finished(study, 120.0)
-    mean = (60.0 + 120.0 * (ETA_SAMPLED - 1)) / ETA_SAMPLED
+    _finished(study, 30.0, promote_of=1)  # a paused trial's continuation: more time for the same configuration
+    mean = (60.0 + 120.0 * (ETA_SAMPLED - 1) + 30.0) / ETA_SAMPLED
     assert search_eta(study, the_plan, 10) == pytest.approx(10 * mean)  # sampled trials: their mean
     assert search_eta(study, the_plan, 10, workers=2) == pytest.approx(5 * mean)

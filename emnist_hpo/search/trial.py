@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
@@ -37,6 +37,8 @@ SEED_ATTR = "seed_experiment"
 RESUME_ATTR = "resume_of"
 #: Trial user attribute of a trial enqueued from another study's results ("<study>#<trial>").
 WARM_ATTR = "warm_start_from"
+#: Trial user attribute of a trial that continues another's training: the trial whose training seed it keeps.
+SEED_OF_ATTR = "seed_of"
 #: How many times the no-skill accuracy a screening rung must reach (the guard of every pruner but none).
 NO_SKILL_FACTOR = 2.0
 
@@ -108,7 +110,8 @@ def run_trial(
     if result.stopped_reason == "stopped":
         reason = result.stop_detail or "stopped"
         trial.set_user_attr("fail_reason", reason)
-        _remove(checkpoint)
+        if not getattr(control, "paused", False):  # a paused trial keeps its checkpoint: it may be continued
+            _remove(checkpoint)
         return end_trial(trial, hooks, TrialOutcome("PRUNED", cfg, result, reason=reason))
     ev = evaluate(data.y_val, predict_proba(result.model, data.x_val), data.classes)
     if keep_model is not None:
@@ -143,6 +146,11 @@ def record(trial, result: TrainResult) -> None:
         trial.set_user_attr("epoch_time", round(sum(result.epoch_times) / len(result.epoch_times), 3))
     if math.isfinite(result.best_val_accuracy):
         trial.set_user_attr("best_val_accuracy", result.best_val_accuracy)
+
+
+def seed_origin(number: int, attrs: Mapping[str, Any]) -> int:
+    """The trial whose training seed trial ``number`` trains with: its own, or the first of the chain it continues."""
+    return int(attrs.get(SEED_OF_ATTR, attrs.get(RESUME_ATTR, number)))
 
 
 def interrupt_reason(exc: BaseException) -> str:

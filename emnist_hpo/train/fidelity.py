@@ -174,7 +174,9 @@ def promotable(value: float, peers: Sequence[float], eta: int) -> bool:
     """Asynchronous successive halving: ``value`` is in the top ``1/eta`` of ``peers`` (which include it).
 
     With fewer than ``eta`` peers only the best so far goes on (the rule of Optuna's
-    SuccessiveHalvingPruner): early trials are not all promoted by default.
+    SuccessiveHalvingPruner): early trials are not all promoted by default. A study that keeps
+    checkpoints pauses such a trial instead (:mod:`emnist_hpo.search.optuna.promotions`); this rule is
+    for trials that cannot wait (no checkpoint directory).
     """
     ranked = sorted(peers, reverse=True)
     k = max(1, len(ranked) // eta)

@@ -3,8 +3,9 @@
 :class:`Objective` samples the trial's config (or takes its seed experiment's), and runs it through the
 shared trial path (:func:`~emnist_hpo.search.trial.run_trial`) under :class:`OptunaRungs`: the time budget
 before every rung; after it, the rung's record, the no-skill guard, then asynchronous successive halving
-(or one of Optuna's own pruners). A trial enqueued with ``resume_of`` takes the interrupted trial's
-checkpoint and rung records over and trains on from its last epoch.
+(:mod:`.promotions`: a trial outside the best 1/eta of its rung pauses, to be continued if it gets
+there) or one of Optuna's own pruners. A trial enqueued with ``resume_of`` (interrupted) or
+``promote_of`` (paused) takes that trial's checkpoint and rung records over and trains on.
 """
 
 from __future__ import annotations
@@ -19,18 +20,22 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, model_cost
 from emnist_hpo.search.budget import rung_work
+from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, PROMOTE_ATTR, continues, records_of, rung_table, top
 from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR, config_key, earlier_twin
 from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.search.trial import NO_SKILL_FACTOR, RESUME_ATTR, SEED_ATTR, Limits, end_trial, run_trial
+from emnist_hpo.search.trial import (
+    NO_SKILL_FACTOR,
+    RESUME_ATTR,
+    SEED_ATTR,
+    SEED_OF_ATTR,
+    Limits,
+    end_trial,
+    run_trial,
+    seed_origin,
+)
 from emnist_hpo.train.fidelity import Ladder, Rung, promotable
 from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
 from emnist_hpo.train.trainer import RungControl, RungResult, TrainResult, TrialCheckpoint
-
-
-def rung_scores(trial: optuna.trial.FrozenTrial) -> dict[int, float]:
-    """The validation accuracy a trial recorded at the end of each rung it finished, by rung."""
-    return {int(r.get("rung", i)): float(r["score"])
-            for i, r in enumerate(trial.user_attrs.get("rungs", []) or []) if isinstance(r, dict)}
 
 
 class OptunaRungs(RungControl):
@@ -45,12 +50,16 @@ class OptunaRungs(RungControl):
 
     def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
                  report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
-                 | None = None, resumed: Sequence[Mapping[str, Any]] = ()):
+                 | None = None, resumed: Sequence[Mapping[str, Any]] = (), can_pause: bool = False,
+                 promoted_through: int = -1):
         self.trial, self.ladder, self.cost = trial, ladder, cost
         self.pruner, self.no_skill, self.report = pruner, no_skill, report
         self.n_train, self.n_val = data_sizes
         self.time_left = time_left
         self.records: list[dict[str, Any]] = [dict(r) for r in resumed]
+        self.can_pause = can_pause  # a checkpoint is kept: a trial not (yet) in the best 1/eta waits, paused
+        self.promoted_through = promoted_through  # rungs already judged: the paused trial this one continues earned them
+        self.paused = False  # set when this trial pauses (the trial path keeps its checkpoint)
 
     def _work(self, index: int, images: int) -> float:
         return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
@@ -62,14 +71,16 @@ class OptunaRungs(RungControl):
 
     def after(self, result: RungResult, final: bool) -> str | None:
         step = self.ladder.rungs[result.index].step
-        self.records = [r for r in self.records if r.get("rung") != result.index]  # a resumed rung end: once
-        self.records.append({"rung": result.index, "score": result.score, "images": result.images,
-                             "seconds": round(result.seconds, 3), "work": self._work(result.index, result.images),
-                             "step": step})
+        decided = result.index <= self.promoted_through
+        if not (decided and any(r.get("rung") == result.index for r in self.records)):
+            self.records = [r for r in self.records if r.get("rung") != result.index]  # a resumed rung end: once
+            self.records.append({"rung": result.index, "score": result.score, "images": result.images,
+                                 "seconds": round(result.seconds, 3), "work": self._work(result.index, result.images),
+                                 "step": step, "trial": self.trial.number})
         self.trial.set_user_attr("rungs", self.records)  # peers in every process judge against it
-        if self.report and math.isfinite(result.score):
+        if self.report and math.isfinite(result.score) and not decided:  # a decided rung was reported on take-over
             self.trial.report(result.score, step)
-        if final or self.pruner == "none":
+        if final or self.pruner == "none" or decided:
             return None
         if not math.isfinite(result.score):
             return f"pruned at rung {result.index}: validation accuracy is not a number"
@@ -77,12 +88,20 @@ class OptunaRungs(RungControl):
             return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): under "
                     f"{NO_SKILL_FACTOR:g}x the no-skill accuracy {self.no_skill:.4f}")
         if self.pruner == "successive-halving":
-            peers = [s[result.index] for t in self.trial.study.get_trials(deepcopy=False)
-                     if t.number != self.trial.number and result.index in (s := rung_scores(t))]
-            if not promotable(result.score, [*peers, result.score], self.ladder.eta):
-                rank = 1 + sum(p > result.score for p in peers)
-                return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): rank {rank} of "
-                        f"{len(peers) + 1} at this rung, only the best 1/{self.ladder.eta} go on")
+            table = rung_table(self.trial.study.get_trials(deepcopy=False), exclude=self.trial.number)
+            scores = {**table.get(result.index, {}), self.trial.number: result.score}
+            rank = 1 + sum(p > result.score for p in scores.values())
+            where = f"rank {rank} of {len(scores)} at this rung"
+            if self.can_pause:  # ASHA: the best 1/eta of the rung so far go on; the others wait, paused
+                if self.trial.number in top(scores, self.ladder.eta):
+                    return None
+                self.paused = True
+                self.trial.set_user_attr(PAUSED_ATTR, result.index)
+                return (f"paused at rung {result.index} (val_accuracy {result.score:.4f}): {where}, only the best "
+                        f"1/{self.ladder.eta} go on; continues if it gets there")
+            if not promotable(result.score, list(scores.values()), self.ladder.eta):
+                return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): {where}, only the best "
+                        f"1/{self.ladder.eta} go on")
             return None
         if self.trial.should_prune():
             return f"pruned at rung {result.index} (val_accuracy {result.score:.4f}) by the {self.pruner} pruner"
@@ -131,8 +150,8 @@ class Objective:
             cfg.train.batch_size, cfg.train.optimizer = s.train.batch_size, s.train.optimizer
             cfg.train.learning_rate, cfg.train.schedule = s.train.learning_rate, s.train.schedule
             cfg.name = seed
-        # a resumed trial keeps the seed of the trial it continues: the same run, picked up where it stopped
-        cfg.train.seed = self.base.train.seed + int(attrs.get(RESUME_ATTR, trial.number))
+        # a trial that continues another keeps its seed: the same run, picked up where it stopped
+        cfg.train.seed = self.base.train.seed + seed_origin(trial.number, attrs)
         return cfg
 
     def checkpoint_of(self, number: int) -> TrialCheckpoint | None:
@@ -145,10 +164,10 @@ class Objective:
             trial.set_user_attr("fail_reason", f"sampling failed: {exc}")
             end_trial(trial, self.hooks, TrialOutcome("FAIL", None, reason=f"sampling failed: {exc}"))
             raise
-        if self.space.free:  # a trial that continues an interrupted one is its own twin's second half: it trains
+        if self.space.free:  # a trial that continues another is its twin's second half: it trains
             key = config_key(cfg)
             trial.set_user_attr(KEY_ATTR, key)
-            twin = None if RESUME_ATTR in trial.user_attrs else earlier_twin(trial, key)
+            twin = None if continues(trial.user_attrs) is not None else earlier_twin(trial, key)
             if twin is not None:
                 return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
@@ -156,7 +175,8 @@ class Objective:
         control = OptunaRungs(
             trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
             no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
-            time_left=self.budget_check, resumed=resumed,
+            time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
+            promoted_through=self._promoted_through(trial),
         )
         outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
                             limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
@@ -188,9 +208,20 @@ class Objective:
             return self.pruner
         return "none" if self.multi else self.pruner  # Optuna's pruners take one objective
 
+    @staticmethod
+    def _promoted_through(trial: optuna.Trial) -> int:
+        """The rung the paused trial this one continues was paused at (its promotion is decided); -1 otherwise."""
+        old = trial.user_attrs.get(PROMOTE_ATTR)
+        if old is None:
+            return -1
+        for t in trial.study.get_trials(deepcopy=False):
+            if t.number == int(old):
+                return int(t.user_attrs.get(PAUSED_ATTR, -1))
+        return -1
+
     def _take_over(self, trial: optuna.Trial, checkpoint: TrialCheckpoint | None) -> list[dict]:
-        """A trial enqueued to continue an interrupted one: take its checkpoint and the rungs it had finished."""
-        old = trial.user_attrs.get(RESUME_ATTR)
+        """A trial enqueued to continue an interrupted or a paused one: take its checkpoint and finished rungs."""
+        old = continues(trial.user_attrs)
         if old is None or checkpoint is None:
             return []
         previous = self.checkpoint_of(int(old))
@@ -198,8 +229,8 @@ class Objective:
             previous.move_to(checkpoint)
         done = []
         for t in trial.study.get_trials(deepcopy=False):
-            if t.number == int(old):
-                done = [r for r in t.user_attrs.get("rungs", []) or [] if isinstance(r, dict)]
+            if t.number == old:  # each record keeps the trial that trained it: peers count it once
+                done = [{**r, "trial": int(r.get("trial", old))} for r in records_of(t)]
         for r in done:
             if not self.multi and "step" in r and math.isfinite(float(r["score"])):
                 trial.report(float(r["score"]), int(r["step"]))
@@ -232,7 +263,7 @@ class Objective:
 
 def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> ExperimentConfig:
     fixed = optuna.trial.FixedTrial(trial.params, number=trial.number)
-    for attr in (SEED_ATTR, RESUME_ATTR):
+    for attr in (SEED_ATTR, RESUME_ATTR, SEED_OF_ATTR):
         if attr in trial.user_attrs:
             fixed.set_user_attr(attr, trial.user_attrs[attr])
     return objective.config_for(fixed)

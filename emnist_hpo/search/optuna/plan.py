@@ -17,6 +17,7 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.search.budget import REEVAL_SHARE, Throughput
+from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.storage import FINISHED, finished_count
 from emnist_hpo.search.space import SearchSpace
@@ -123,13 +124,16 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:
     """Seconds the ``left`` configurations still to screen take (``workers`` processes screen at once).
 
-    The mean wall time of the study's finished sampled trials (not seeds, not repeats) once there are
-    :data:`ETA_SAMPLED` of them; before that, the plan's typical model at the throughput measured so far.
+    The wall time the study's finished sampled trials took per configuration (a paused trial's continuations
+    included; seeds and repeats left out) once there are :data:`ETA_SAMPLED` configurations; before that,
+    the plan's typical model at the throughput measured so far.
     """
-    durations = [(t.datetime_complete - t.datetime_start).total_seconds()
-                 for t in study.get_trials(deepcopy=False, states=FINISHED)
-                 if t.datetime_start is not None and t.datetime_complete is not None
-                 and SEED_ATTR not in t.user_attrs and REPEAT_ATTR not in t.user_attrs]
-    per = statistics.fmean(durations) if len(durations) >= ETA_SAMPLED else the_plan.per_config(
-        Throughput.of_study(study))
+    sampled = [t for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if t.datetime_start is not None and t.datetime_complete is not None
+               and SEED_ATTR not in t.user_attrs and REPEAT_ATTR not in t.user_attrs]
+    configs = sum(PROMOTE_ATTR not in t.user_attrs for t in sampled)
+    if configs >= ETA_SAMPLED:
+        per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in sampled) / configs
+    else:
+        per = the_plan.per_config(Throughput.of_study(study))
     return per * max(left, 0) / max(1, workers)

@@ -16,6 +16,7 @@ runtime.configure()  # before Keras loads
 import keras  # noqa: E402
 
 from emnist_hpo.search.optuna.plan import duration  # noqa: E402
+from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR  # noqa: E402
 from emnist_hpo.search.optuna.storage import FINISHED  # noqa: E402
 from emnist_hpo.search.trial import RESUME_ATTR, SEED_ATTR  # noqa: E402
 from emnist_hpo.train.fidelity import Ladder  # noqa: E402
@@ -55,6 +56,8 @@ class Progress(TrialHooks):
             who += f" ({seed})"
         if RESUME_ATTR in (getattr(trial, "user_attrs", {}) or {}):
             who += f" resuming trial {trial.user_attrs[RESUME_ATTR]}"
+        elif PROMOTE_ATTR in (getattr(trial, "user_attrs", {}) or {}):
+            who += f" continuing paused trial {trial.user_attrs[PROMOTE_ATTR]}"
         self._set(f"{who}: starting")
         return [EpochProgress(self, who)]
 
@@ -72,7 +75,8 @@ class Progress(TrialHooks):
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if self.bar is None or trial.state not in FINISHED:
             return
-        self.bar.update(1)
+        if PROMOTE_ATTR not in trial.user_attrs:  # the bar counts configurations, as --trials does
+            self.bar.update(1)
         try:
             if len(study.directions) == 1:
                 self.best = study.best_value

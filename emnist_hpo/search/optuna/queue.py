@@ -16,7 +16,7 @@ from emnist_hpo.errors import ConfigError
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.search.optuna.storage import FINISHED
 from emnist_hpo.search.space import SearchSpace
-from emnist_hpo.search.trial import RESUME_ATTR, SEED_ATTR, WARM_ATTR
+from emnist_hpo.search.trial import RESUME_ATTR, SEED_ATTR, SEED_OF_ATTR, WARM_ATTR, seed_origin
 
 #: A seed experiment whose trial failed this many times (not interrupted) is not enqueued again.
 SEED_RETRIES = 2
@@ -86,6 +86,7 @@ def enqueue_resumes(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
         if t.user_attrs.get("params") is None and not t.params:
             continue  # failed before it was sampled: nothing to continue
         attrs = {k: v for k, v in t.user_attrs.items() if k in (SEED_ATTR, WARM_ATTR)}
+        attrs[SEED_OF_ATTR] = seed_origin(t.number, t.user_attrs)
         if (checkpoint_dir / f"running_{t.number}.npz").is_file():
             attrs[RESUME_ATTR] = t.number
         study.enqueue_trial(dict(t.params), user_attrs=attrs)

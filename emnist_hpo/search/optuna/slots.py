@@ -38,6 +38,7 @@ import optuna
 from optuna.trial import TrialState
 
 from emnist_hpo.coordination import OWNER_ATTR, OWNER_TAG, current_owner, owner_alive, store_lock
+from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.search.trial import interrupt_reason
 from emnist_hpo.tracking.tracker import TAG_KIND, TAG_REASON, TAG_STATE, TAG_STUDY, TAG_TRIAL, Tracker, trial_status
 
@@ -97,12 +98,19 @@ class _Release:
 
 
 def slot(study: optuna.Study, target: int) -> str:
-    """``"run"`` if a trial may start, ``"wait"`` while running trials may still fill the target, else ``"done"``."""
-    trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING,))
-    finished = sum(t.state in FINISHED for t in trials)
+    """``"run"`` if a trial may start, ``"wait"`` while running trials may still fill the target, else ``"done"``.
+
+    ``target`` counts configurations: the continuation of a paused trial is not one, and one that waits
+    in the queue always runs (a promotion the search earned, even at its end).
+    """
+    trials = study.get_trials(deepcopy=False, states=FINISHED + (TrialState.RUNNING, TrialState.WAITING))
+    if any(t.state == TrialState.WAITING and PROMOTE_ATTR in t.user_attrs for t in trials):
+        return "run"
+    counted = [t for t in trials if PROMOTE_ATTR not in t.user_attrs and t.state != TrialState.WAITING]
+    finished = sum(t.state in FINISHED for t in counted)
     if finished >= target:
         return "done"
-    if len(trials) >= target:
+    if len(counted) >= target:
         return "wait"
     return "run"
 
@@ -211,26 +219,33 @@ def run_trials(
     stop: Callable[[], str | None] | None = None,
     max_failures: int | None = None,
     log: Callable[[str], None] = print,
+    prepare: Callable[[], object] | None = None,
+    finish: Callable[[], object] | None = None,
 ) -> int:
     """Run trials one at a time until the study has ``target`` finished trials; return how many this process ran.
 
-    ``stop`` is asked before every trial: a reason (the time budget, say) ends the loop.
+    ``stop`` is asked before every trial: a reason (the time budget, say) ends the loop. ``prepare`` runs
+    under the study lock before every trial (it enqueues the paused trials that earned promotion);
+    ``finish`` when the search would end, under the lock: what it enqueues still runs (a closing promotion).
     """
     ran = failures = 0
     last = _Last()
     while True:
         reason = stop() if stop is not None else None
-        if reason:
-            log(reason)
-            break
         with lock.held() as handle:
             fail_dead_trials(study)
-            state = slot(study, target)
+            if prepare is not None and not reason:
+                prepare()
+            state = "done" if reason else slot(study, target)
+            if state == "done" and finish is not None and finish():
+                state = "run"
             if state == "run":
                 last.trial = None
                 study.optimize(_Owned(objective, handle.release), n_trials=1, callbacks=[*callbacks, last],
                                catch=(Exception,), gc_after_trial=True)
         if state == "done":
+            if reason:
+                log(reason)
             break
         if state == "wait":
             time.sleep(POLL_S)

@@ -9,6 +9,7 @@ from optuna.trial import TrialState
 
 from emnist_hpo.coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
 from emnist_hpo.errors import StorageError
+from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.tracking.tracker import redact
 
 #: Trial states that count towards ``--trials``.
@@ -65,4 +66,5 @@ def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampl
 
 
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    """Finished configurations: what ``--trials`` counts (a paused trial's continuation is not another one)."""
+    return sum(PROMOTE_ATTR not in t.user_attrs for t in study.get_trials(deepcopy=False, states=FINISHED))

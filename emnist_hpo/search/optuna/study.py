@@ -49,6 +49,7 @@ from emnist_hpo.search.optuna.queue import (
     enqueue_warm_start,
     warm_start_sources,
 )
+from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import finished_count, make_sampler, make_storage
@@ -233,6 +234,30 @@ def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.F
     return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
 
 
+def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
+    """``run_trials``' hooks: before every trial, queue the continuation of each paused trial now in the best
+    1/eta of its rung; when the search ends with no trial at the last rung, continue the best paused one."""
+    eta = ctx.ladder.eta
+
+    def prepare() -> list[int]:
+        if ctx.opts.pruner != "successive-halving":
+            return []
+        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir)
+        for n in numbers:
+            log(f"trial {n}, paused, is now in the best 1/{eta} of its rung: queued to continue")
+        return numbers
+
+    def finish() -> list[int]:
+        if ctx.opts.pruner != "successive-halving":
+            return []
+        numbers = enqueue_closing(ctx.study, ctx.checkpoint_dir)
+        for n in numbers:
+            log(f"no trial has reached the last rung: trial {n}, the best paused one, continues")
+        return numbers
+
+    return {"prepare": prepare, "finish": finish}
+
+
 def _budget(opts: StudyOptions) -> TimeBudget:
     budget = TimeBudget.start(opts.timeout, finalists=opts.finalists, folds=opts.folds, final_fit=opts.final_fit,
                               val_fraction=opts.val_fraction)
@@ -389,7 +414,9 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             if opts.workers > 1 and done < opts.trials:
                 run_workers(dataclasses.replace(opts, deadline=ctx.budget.deadline), parent, study, progress, log)
             run_trials(study, objective, target=opts.trials, lock=ctx.lock, callbacks=[progress],
-                       stop=lambda: ctx.budget.stop_search(costs_of(study, ctx.ladder)), max_failures=max(3, opts.trials), log=log)
+                       stop=lambda: ctx.budget.stop_search(costs_of(study, ctx.ladder)), max_failures=max(3, opts.trials), log=log,
+                       **_promotions(ctx, log))
+            drop_paused_checkpoints(study, ctx.checkpoint_dir)  # the search is over: none will be continued
         finally:
             progress.close()
         _recover(study, tracker, log)
@@ -448,7 +475,7 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
     try:
         return run_trials(ctx.study, objective, target=opts.trials, lock=ctx.lock,
                           stop=lambda: ctx.budget.stop_search(costs_of(ctx.study, ctx.ladder)),
-                          max_failures=max(3, opts.trials), log=log)
+                          max_failures=max(3, opts.trials), log=log, **_promotions(ctx, log))
     except KeyboardInterrupt as exc:
         _after_interrupt(ctx.study, ctx.tracker, exc, log, ctx.checkpoint_dir)
         raise

@@ -1,0 +1,126 @@
+"""Asynchronous successive halving with paused trials: a trial is promoted when it earns it, not when it is early.
+
+At the end of a rung a trial goes on only if it is in the best ``1/eta`` of every score the rung has
+seen (Li et al. 2020, ASHA). With fewer than ``eta`` scores, none is: the trial is *paused*, i.e.
+pruned with its checkpoint kept and ``paused_at`` recorded. Before every new trial the study
+looks, top rung first, for a paused trial that has since entered the best ``1/eta`` of its rung and
+enqueues its continuation (``promote_of``): the same configuration and seed, which takes the
+checkpoint and rung records over and trains on from the next rung.
+
+Without pausing (the rule before), the first trials of a study went up every rung whatever their
+score, being "the best so far" of one or two: in a 30-minute study the first trained trial, 58% on
+letters where the best reached 93%, took 289 s of the budget to its last rung.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import optuna
+from optuna.trial import TrialState
+
+#: Trial user attribute of a trial paused at the end of a rung (its index), its checkpoint kept.
+PAUSED_ATTR = "paused_at"
+#: Trial user attribute of a trial that continues a paused one (its number) from the next rung.
+PROMOTE_ATTR = "promote_of"
+
+
+def records_of(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
+    """The rung records a trial holds (its own, and those it took over from the trial it continues)."""
+    return [r for r in trial.user_attrs.get("rungs", []) or [] if isinstance(r, dict)]
+
+
+def rung_table(trials: Iterable[optuna.trial.FrozenTrial], exclude: int | None = None) -> dict[int, dict[int, float]]:
+    """Every rung's scores by the trial that trained them (``rung -> {trial: score}``).
+
+    A record taken over by a continuation counts once, for the trial that trained it.
+    """
+    table: dict[int, dict[int, float]] = {}
+    for t in trials:
+        if t.number == exclude:
+            continue
+        for i, r in enumerate(records_of(t)):
+            table.setdefault(int(r.get("rung", i)), {})[int(r.get("trial", t.number))] = float(r["score"])
+    return table
+
+
+def top(scores: Mapping[int, float], eta: int) -> set[int]:
+    """The trials in the best ``1/eta`` of a rung's ``scores`` (none while it has fewer than ``eta``)."""
+    k = len(scores) // eta
+    ranked = sorted(scores, key=lambda n: (-scores[n], n))  # NaN never ranks: scores are finite here
+    return set(ranked[:k])
+
+
+def promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    """Paused trials now in the best ``1/eta`` of their rung, not yet continued, checkpoint at hand; top rung first."""
+    trials = study.get_trials(deepcopy=False)
+    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in trials if PROMOTE_ATTR in t.user_attrs}
+    table = rung_table(trials)
+    out = []
+    for t in sorted(trials, key=lambda t: (-int(t.user_attrs.get(PAUSED_ATTR, -1)), t.number)):
+        if t.state != TrialState.PRUNED or PAUSED_ATTR not in t.user_attrs or t.number in continued:
+            continue
+        if t.number in top(table.get(int(t.user_attrs[PAUSED_ATTR]), {}), eta) \
+                and (checkpoint_dir / f"running_{t.number}.npz").is_file():
+            out.append(t)
+    return out
+
+
+def enqueue_promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[int]:
+    """Enqueue the continuation of every paused trial that has earned its next rung (called under the study lock)."""
+    return [_enqueue(study, t) for t in promotions(study, eta, checkpoint_dir)]
+
+
+def enqueue_closing(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
+    """When the search ends and no trial has reached the last rung: continue the best paused trial of the
+    highest rung reached (a study of fewer trials than ``eta`` still crowns a champion). Under the study lock."""
+    trials = study.get_trials(deepcopy=False)
+    if any(t.state == TrialState.COMPLETE for t in trials):
+        return []
+    if any(t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs for t in trials):
+        return []  # one is on its way
+    if any(PROMOTE_ATTR in t.user_attrs and t.state in (TrialState.PRUNED, TrialState.FAIL)
+           and PAUSED_ATTR not in t.user_attrs for t in trials):
+        return []  # a continuation was stopped for good (the time budget, a guard): no second try
+    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in trials if PROMOTE_ATTR in t.user_attrs}
+    paused = [t for t in trials if t.state == TrialState.PRUNED and PAUSED_ATTR in t.user_attrs
+              and t.number not in continued and (checkpoint_dir / f"running_{t.number}.npz").is_file()]
+    if not paused:
+        return []
+    table = rung_table(trials)
+
+    def rank(t: optuna.trial.FrozenTrial) -> tuple[int, float]:
+        rung = int(t.user_attrs[PAUSED_ATTR])
+        return rung, table.get(rung, {}).get(t.number, float("-inf"))
+
+    return [_enqueue(study, max(paused, key=rank))]
+
+
+def _enqueue(study: optuna.Study, t: optuna.trial.FrozenTrial) -> int:
+    from emnist_hpo.search.trial import SEED_ATTR, SEED_OF_ATTR, WARM_ATTR, seed_origin  # the trial path loads Keras
+
+    attrs = {k: v for k, v in t.user_attrs.items() if k in (SEED_ATTR, WARM_ATTR)}
+    attrs[PROMOTE_ATTR] = t.number
+    attrs[SEED_OF_ATTR] = seed_origin(t.number, t.user_attrs)
+    study.enqueue_trial(dict(t.params), user_attrs=attrs, skip_if_exists=False)
+    return t.number
+
+
+def continues(attrs: Mapping[str, Any]) -> int | None:
+    """The trial a trial takes the checkpoint and rung records of: the interrupted or paused one it continues."""
+    old = attrs.get("resume_of", attrs.get(PROMOTE_ATTR))  # search.trial.RESUME_ATTR (that module loads Keras)
+    return None if old is None else int(old)
+
+
+def drop_paused_checkpoints(study: optuna.Study, checkpoint_dir: Path) -> int:
+    """Once the search is over, the checkpoints of the paused trials that were never continued (how many)."""
+    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in study.get_trials(deepcopy=False)
+                 if PROMOTE_ATTR in t.user_attrs}
+    dropped = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if PAUSED_ATTR in t.user_attrs and t.number not in continued:
+            for path in checkpoint_dir.glob(f"running_{t.number}.*"):
+                path.unlink(missing_ok=True)
+                dropped += 1
+    return dropped

@@ -1,0 +1,146 @@
+"""Asynchronous successive halving with paused trials: a trial climbs when it is in the best 1/eta of its rung,
+not because it came early; a paused trial that gets there later is continued from its checkpoint."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import optuna
+import pytest
+
+from emnist_hpo.config import ExperimentConfig, TrainConfig
+from emnist_hpo.search.optuna.objective import Objective, config_of
+from emnist_hpo.search.optuna.promotions import (
+    PAUSED_ATTR,
+    PROMOTE_ATTR,
+    enqueue_promotions,
+    promotions,
+    rung_table,
+    top,
+)
+from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.search.trial import SEED_OF_ATTR
+from emnist_hpo.train.fidelity import Ladder, Rung
+
+PRUNED, COMPLETE = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+
+
+def _add(study, state, rungs: list[tuple[int, float]], attrs: dict | None = None, value: float | None = None,
+         trained_by: dict[int, int] | None = None) -> int:
+    """A finished trial with rung records (``trained_by``: rung -> the trial that trained it, if not this one)."""
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    number = len(study.trials)
+    records = [{"rung": r, "score": s, "trial": (trained_by or {}).get(r, number)} for r, s in rungs]
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=number, state=state, value=value, values=None, datetime_start=t0,
+        datetime_complete=t0 + dt.timedelta(seconds=10), params={"x": float(number)},
+        distributions={"x": optuna.distributions.FloatDistribution(0, 100)},
+        user_attrs={"rungs": records, **(attrs or {})}, system_attrs={},
+        intermediate_values={r: s for r, s in rungs}, trial_id=number))
+    return number
+
+
+def _checkpoint(tmp_path: Path, *numbers: int) -> Path:
+    for n in numbers:
+        (tmp_path / f"running_{n}.npz").write_bytes(b"weights")
+    return tmp_path
+
+
+def test_none_of_a_rung_goes_on_before_it_has_eta_scores_then_its_best_third():
+    assert top({0: 0.9}, 3) == set() and top({0: 0.9, 1: 0.5}, 3) == set()
+    assert top({0: 0.5, 1: 0.9, 2: 0.7}, 3) == {1}
+    assert top({n: s for n, s in enumerate([0.1, 0.6, 0.5, 0.9, 0.3, 0.8])}, 3) == {3, 5}
+
+
+def test_a_rung_record_taken_over_by_a_continuation_counts_once():
+    study = optuna.create_study(direction="maximize")
+    _add(study, PRUNED, [(0, 0.7)], {PAUSED_ATTR: 0})
+    n = _add(study, COMPLETE, [(0, 0.7), (1, 0.8)], {PROMOTE_ATTR: 0}, value=0.8, trained_by={0: 0})
+    assert rung_table(study.trials) == {0: {0: 0.7}, 1: {n: 0.8}}
+
+
+def test_a_paused_trial_is_continued_once_it_enters_the_best_third_of_its_rung(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    for score in (0.5, 0.7):
+        _add(study, PRUNED, [(0, score)], {PAUSED_ATTR: 0})
+    ckpt = _checkpoint(tmp_path, 0, 1, 2)
+    assert promotions(study, 3, ckpt) == []  # two scores at rung 0: nobody has earned rung 1 yet
+    _add(study, PRUNED, [(0, 0.6)], {PAUSED_ATTR: 0})
+    assert enqueue_promotions(study, 3, ckpt) == [1]  # 0.7 is the best third of three
+    waiting = study.trials[-1]
+    assert waiting.state == optuna.trial.TrialState.WAITING and waiting.system_attrs["fixed_params"] == {"x": 1.0}
+    assert waiting.user_attrs[PROMOTE_ATTR] == 1 and waiting.user_attrs[SEED_OF_ATTR] == 1  # trial 1's seed
+    assert enqueue_promotions(study, 3, ckpt) == []  # continued once
+
+
+def test_a_paused_trial_without_its_checkpoint_is_not_continued(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    for score in (0.5, 0.9, 0.6):
+        _add(study, PRUNED, [(0, score)], {PAUSED_ATTR: 0})
+    assert promotions(study, 3, _checkpoint(tmp_path, 0, 2)) == []
+
+
+# --------------------------------------------------------------------------- real training, real checkpoints
+
+
+@pytest.fixture(scope="module")
+def digits(prepared_sample):
+    return prepared_sample("digits", 900)
+
+
+def test_paused_trials_are_continued_from_their_checkpoint_at_the_next_rung(digits, tmp_path):
+    """Three trials pause at rung 0 (the first two: too few peers); the best of them is continued at rung 1
+    from its checkpoint, with its seed and its rung-0 record, and completes without training rung 0 again."""
+    space = SearchSpace.from_dict({"conv_blocks": 1, "filters": {"choices": [4, 8, 16]}, "kernel": 3,
+                                   "dense_layers": 0, "dense_units": 32, "learning_rate": 3.0e-3,
+                                   "batch_size": 64})
+    ladder = Ladder((Rung(0.5, 2, 1), Rung(1.0, 1, 2, final=True)), 3, "data")
+    objective = Objective(space, ExperimentConfig(train=TrainConfig(epochs=1)), digits, ladder=ladder,
+                          checkpoint_dir=tmp_path)
+    study = optuna.create_study(direction="maximize")
+    for f in (16, 8, 4):  # the widest first: likely the best, paused for want of peers
+        study.enqueue_trial({"filters_0": f})
+    for _ in range(3):
+        study.optimize(objective, n_trials=1, catch=())
+    first = study.trials[:3]
+    assert [t.user_attrs.get(PAUSED_ATTR) for t in first[:2]] == [0, 0]  # nobody goes on before 3 scores
+    assert all((tmp_path / f"running_{t.number}.npz").is_file() for t in first if PAUSED_ATTR in t.user_attrs)
+    best = max(first, key=lambda t: t.user_attrs["rungs"][0]["score"])
+    if PAUSED_ATTR not in best.user_attrs:  # the third was the best: it went straight on
+        assert best.number == 2 and best.state == COMPLETE
+        return
+    assert enqueue_promotions(study, 3, tmp_path) == [best.number]
+    study.optimize(objective, n_trials=1, catch=())
+    cont = study.trials[-1]
+    assert cont.state == COMPLETE and cont.user_attrs[PROMOTE_ATTR] == best.number
+    assert [(r["rung"], r["trial"]) for r in cont.user_attrs["rungs"]] == [(0, best.number), (1, cont.number)]
+    assert cont.user_attrs["rungs"][0]["score"] == best.user_attrs["rungs"][0]["score"]
+    assert cont.user_attrs["epochs_run"] == 3  # rung 0's two epochs (taken over) and rung 1's
+    assert config_of(objective, cont).train.seed == config_of(objective, best).train.seed
+    assert not (tmp_path / f"running_{best.number}.npz").exists()  # handed over, then removed on completion
+
+
+@pytest.mark.slow
+def test_a_study_of_fewer_trials_than_eta_still_crowns_the_best_paused_one(tmp_path, sample_dir):
+    """--trials 2 on a two-rung ladder: both trials pause at rung 0 (two scores: nobody is in the best third),
+    and when the search ends with no trial at the last rung the better one is continued and crowned.
+    The continuation is not a configuration: the study has its 2."""
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
+    from emnist_hpo.search.optuna.storage import finished_count
+
+    res = run_study(StudyOptions(
+        split="digits", trials=2, epochs=3, fidelity="epochs", max_train_samples=3000, data_dir=str(sample_dir),
+        storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
+        checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
+    ), log=lambda m: None)
+    t0, t1, cont = res.study.trials
+    # each pauses at rung 0 (or, one that learnt nothing in an epoch, is pruned by the no-skill guard)
+    assert all(t.state == PRUNED for t in (t0, t1))
+    paused = [t for t in (t0, t1) if t.user_attrs.get(PAUSED_ATTR) == 0]
+    assert paused and all("paused at rung 0" in t.user_attrs["fail_reason"] for t in paused)
+    better = max(paused, key=lambda t: t.user_attrs["rungs"][0]["score"])
+    assert cont.user_attrs[PROMOTE_ATTR] == better.number and cont.state == COMPLETE
+    assert res.champion_trial.number == cont.number
+    assert finished_count(res.study) == 2
+    assert list((tmp_path / "ckpt").rglob("running_*")) == []  # the search is over: no paused checkpoint is kept
