@@ -58,7 +58,7 @@ class OptunaRungs(RungControl):
         self.time_left = time_left
         self.records: list[dict[str, Any]] = [dict(r) for r in resumed]
         self.can_pause = can_pause  # a checkpoint is kept: a trial not (yet) in the best 1/eta waits, paused
-        self.promoted_through = promoted_through  # rungs already judged: the paused trial this one continues earned them
+        self.promoted_through = promoted_through  # rungs already judged: the paused trial it continues earned them
         self.paused = False  # set when this trial pauses (the trial path keeps its checkpoint)
 
     def _work(self, index: int, images: int) -> float:
@@ -171,12 +171,13 @@ class Objective:
             if twin is not None:
                 return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
-        resumed = self._take_over(trial, checkpoint)
+        previous = _trial(trial.study, continues(trial.user_attrs))  # the interrupted or paused trial it continues
+        resumed = self._take_over(trial, checkpoint, previous)
         control = OptunaRungs(
             trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
             no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
             time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
-            promoted_through=self._promoted_through(trial),
+            promoted_through=self._promoted_through(trial, previous),
         )
         outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
                             limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
@@ -209,28 +210,23 @@ class Objective:
         return "none" if self.multi else self.pruner  # Optuna's pruners take one objective
 
     @staticmethod
-    def _promoted_through(trial: optuna.Trial) -> int:
+    def _promoted_through(trial: optuna.Trial, previous: optuna.trial.FrozenTrial | None) -> int:
         """The rung the paused trial this one continues was paused at (its promotion is decided); -1 otherwise."""
-        old = trial.user_attrs.get(PROMOTE_ATTR)
-        if old is None:
+        if previous is None or PROMOTE_ATTR not in trial.user_attrs:
             return -1
-        for t in trial.study.get_trials(deepcopy=False):
-            if t.number == int(old):
-                return int(t.user_attrs.get(PAUSED_ATTR, -1))
-        return -1
+        return int(previous.user_attrs.get(PAUSED_ATTR, -1))
 
-    def _take_over(self, trial: optuna.Trial, checkpoint: TrialCheckpoint | None) -> list[dict]:
+    def _take_over(self, trial: optuna.Trial, checkpoint: TrialCheckpoint | None,
+                   previous_trial: optuna.trial.FrozenTrial | None) -> list[dict]:
         """A trial enqueued to continue an interrupted or a paused one: take its checkpoint and finished rungs."""
         old = continues(trial.user_attrs)
         if old is None or checkpoint is None:
             return []
-        previous = self.checkpoint_of(int(old))
+        previous = self.checkpoint_of(old)
         if previous is not None and previous.exists():
             previous.move_to(checkpoint)
-        done = []
-        for t in trial.study.get_trials(deepcopy=False):
-            if t.number == old:  # each record keeps the trial that trained it: peers count it once
-                done = [{**r, "trial": int(r.get("trial", old))} for r in records_of(t)]
+        # each record keeps the trial that trained it: peers count it once
+        done = [{**r, "trial": int(r.get("trial", old))} for r in records_of(previous_trial)] if previous_trial else []
         for r in done:
             if not self.multi and "step" in r and math.isfinite(float(r["score"])):
                 trial.report(float(r["score"]), int(r["step"]))
@@ -267,3 +263,10 @@ def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> Experime
         if attr in trial.user_attrs:
             fixed.set_user_attr(attr, trial.user_attrs[attr])
     return objective.config_for(fixed)
+
+
+def _trial(study: optuna.Study, number: int | None) -> optuna.trial.FrozenTrial | None:
+    """Trial ``number`` of ``study`` (None for None or an unknown number)."""
+    if number is None:
+        return None
+    return next((t for t in study.get_trials(deepcopy=False) if t.number == number), None)

@@ -52,19 +52,25 @@ def top(scores: Mapping[int, float], eta: int) -> set[int]:
     return set(ranked[:k])
 
 
+def _continued(trials: Iterable[optuna.trial.FrozenTrial]) -> set[int]:
+    """The trials some other trial continues (whatever state that continuation is in)."""
+    return {int(t.user_attrs[PROMOTE_ATTR]) for t in trials if PROMOTE_ATTR in t.user_attrs}
+
+
+def _waiting(trials: list[optuna.trial.FrozenTrial], checkpoint_dir: Path | None) -> list[optuna.trial.FrozenTrial]:
+    """Paused trials nobody continues yet (with ``checkpoint_dir``: only those whose checkpoint is at hand)."""
+    continued = _continued(trials)
+    return [t for t in trials if t.state == TrialState.PRUNED and PAUSED_ATTR in t.user_attrs
+            and t.number not in continued
+            and (checkpoint_dir is None or (checkpoint_dir / f"running_{t.number}.npz").is_file())]
+
+
 def promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[optuna.trial.FrozenTrial]:
     """Paused trials now in the best ``1/eta`` of their rung, not yet continued, checkpoint at hand; top rung first."""
     trials = study.get_trials(deepcopy=False)
-    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in trials if PROMOTE_ATTR in t.user_attrs}
     table = rung_table(trials)
-    out = []
-    for t in sorted(trials, key=lambda t: (-int(t.user_attrs.get(PAUSED_ATTR, -1)), t.number)):
-        if t.state != TrialState.PRUNED or PAUSED_ATTR not in t.user_attrs or t.number in continued:
-            continue
-        if t.number in top(table.get(int(t.user_attrs[PAUSED_ATTR]), {}), eta) \
-                and (checkpoint_dir / f"running_{t.number}.npz").is_file():
-            out.append(t)
-    return out
+    waiting = sorted(_waiting(trials, checkpoint_dir), key=lambda t: (-int(t.user_attrs[PAUSED_ATTR]), t.number))
+    return [t for t in waiting if t.number in top(table.get(int(t.user_attrs[PAUSED_ATTR]), {}), eta)]
 
 
 def enqueue_promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[int]:
@@ -83,9 +89,7 @@ def enqueue_closing(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
     if any(PROMOTE_ATTR in t.user_attrs and t.state in (TrialState.PRUNED, TrialState.FAIL)
            and PAUSED_ATTR not in t.user_attrs for t in trials):
         return []  # a continuation was stopped for good (the time budget, a guard): no second try
-    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in trials if PROMOTE_ATTR in t.user_attrs}
-    paused = [t for t in trials if t.state == TrialState.PRUNED and PAUSED_ATTR in t.user_attrs
-              and t.number not in continued and (checkpoint_dir / f"running_{t.number}.npz").is_file()]
+    paused = _waiting(trials, checkpoint_dir)
     if not paused:
         return []
     table = rung_table(trials)
@@ -115,12 +119,9 @@ def continues(attrs: Mapping[str, Any]) -> int | None:
 
 def drop_paused_checkpoints(study: optuna.Study, checkpoint_dir: Path) -> int:
     """Once the search is over, the checkpoints of the paused trials that were never continued (how many)."""
-    continued = {int(t.user_attrs[PROMOTE_ATTR]) for t in study.get_trials(deepcopy=False)
-                 if PROMOTE_ATTR in t.user_attrs}
     dropped = 0
-    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        if PAUSED_ATTR in t.user_attrs and t.number not in continued:
-            for path in checkpoint_dir.glob(f"running_{t.number}.*"):
-                path.unlink(missing_ok=True)
-                dropped += 1
+    for t in _waiting(study.get_trials(deepcopy=False), None):
+        for path in checkpoint_dir.glob(f"running_{t.number}.*"):
+            path.unlink(missing_ok=True)
+            dropped += 1
     return dropped
