@@ -184,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
+    s.add_argument("--no-prefer-smaller", action="store_true",
+                   help="crown the best validation score; by default the trial with the fewest parameters among "
+                        "those within one standard error of the best is crowned (scores closer than their noise "
+                        "do not rank models)")
     s.add_argument("--finalists", type=_positive_int, default=3,
                    help="top-k trials re-trained on other folds before crowning the best mean, 0 = off")
     s.add_argument("--folds", type=_positive_int, default=1,
@@ -280,6 +284,7 @@ def _study_options(args: argparse.Namespace):
         early_stopping_patience=args.early_stopping,
         final_fit=not args.no_final_fit,
         register=not args.no_register,
+        prefer_smaller=not args.no_prefer_smaller,
         finalists=args.finalists,
         folds=args.folds,
         max_params=args.max_params,

@@ -60,6 +60,7 @@ class StudyOptions:
     final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
     register: bool = True  # register the champion in the MLflow model registry
     tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
+    prefer_smaller: bool = True  # single objective: the fewest parameters within one standard error of the best
     finalists: int = 3  # top-k trials re-trained on other folds before crowning (0 = trust the single score)
     folds: int = 1  # re-evaluation folds per finalist (fresh seed each): each costs one full-fidelity training
     max_params: int | None = None  # prune (before training) any sampled model with more parameters

@@ -33,21 +33,24 @@ def test_reserve_counts_each_finalist_on_every_fold_and_the_final_fit_on_the_lar
     assert budget(timeout=1000.0).reserve(costs) == pytest.approx(190 + 100 * 1.25)
 
 
-def test_plan_prefers_fewer_folds_to_a_lone_finalist_and_can_afford_nothing():
+def test_plan_prefers_fewer_folds_to_fewer_finalists_and_never_re_evaluates_a_lone_one():
     costs = [TrialCost(0.9, 100, True), TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
     b = budget(timeout=1e5, finalists=3, folds=3)
     assert b.plan(costs) == (3, 3)
     assert b.plan(costs, room=650) == (2, 3)  # 2 x 300 s
     assert b.plan(costs, room=450) == (2, 2)  # 3 folds fit one finalist only; 2 folds fit two
     assert b.plan(costs, room=250) == (2, 1)
-    assert b.plan(costs, room=150) == (1, 1)  # one run: an honest estimate of the best, if nothing to compare
+    assert b.plan(costs, room=150) == (0, 0)  # one run would re-evaluate one finalist: nothing to compare it with
     assert b.plan(costs, room=50) == (0, 0)
     assert budget(finalists=0).plan(costs) == (0, 0)
+    assert b.plan(costs[:1]) == (0, 0)  # one complete trial: its budget goes to the search
 
 
 def test_search_stops_while_the_next_trial_and_the_reserve_still_fit():
-    costs = [TrialCost(0.8, 100, True)]  # reserve: 1 finalist x 2 folds x 100 s + 1.25 x 100 s = 325 s
+    # reserve: 2 finalists x 1 fold x 100 s (2 folds exceed the re-evaluation's 200 s share) + 1.25 x 100 s
+    costs = [TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
     b = budget(timeout=1000.0)
+    assert b.reserve(costs[:1]) == pytest.approx(125)  # one complete trial: only its final fit is kept back
     assert b.stop_search(costs, now=0.0) is None  # 1000 s left >= 100 + 325
     assert b.stop_search(costs, now=570.0) is None  # 430 s left
     reason = b.stop_search(costs, now=580.0)  # 420 s left < 425

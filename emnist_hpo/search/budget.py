@@ -89,26 +89,23 @@ class TimeBudget:
         """``(finalists, folds)`` the re-evaluation can afford: within its share of the budget (and
         ``room`` seconds, when given), each finalist costing ``folds`` runs of its own trial's duration.
 
-        Fewer folds are preferred to fewer than two finalists (one finalist cannot be compared
-        with anything); ``(0, 0)`` when not even one run of the best trial fits.
+        Fewer folds are preferred to fewer finalists; ``(0, 0)`` when two finalists do not fit even with one
+        fold, or the study has one complete trial: one finalist cannot be compared with anything.
         """
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)[: self.finalists]
-        if not top or self.folds < 1:
-            return 0, 0
+        if len(top) < 2 or self.folds < 1:
+            return 0, 0  # one finalist cannot be compared with anything: not worth the budget
         share = float("inf") if self.timeout is None else REEVAL_SHARE * self.timeout
         room = share if room is None else min(room, share)
-        best = (0, 0)
         for folds in range(self.folds, 0, -1):
             n, spent = 0, 0.0
             for c in top:
                 if spent + c.seconds * folds > room:
                     break
                 n, spent = n + 1, spent + c.seconds * folds
-            if n >= min(2, len(top)):
+            if n >= 2:
                 return n, folds
-            if n > best[0]:
-                best = (n, folds)
-        return best
+        return 0, 0
 
     def fit_cost(self, champion: TrialCost) -> float:
         """Seconds the final fit of ``champion`` takes: every epoch of the ladder on train+validation."""

@@ -5,11 +5,17 @@ score is mostly luck. The top-k finalists are therefore re-trained with fresh
 seeds on other folds of the training pool (train + validation), and the
 champion is the best *mean*; each finalist's spread and the optimism of its
 original score (original minus re-evaluated mean) are recorded.
+
+Scores closer than their noise do not rank models: within one standard error of
+the best, the model with the fewest parameters is crowned (the one-standard-error
+rule of Breiman et al., glmnet's ``lambda.1se``), the project's aim being the
+best *and smallest* CNN. Two objectives use their ``tolerance`` the same way.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -49,6 +55,14 @@ class Finalist:
         return {"trial": self.trial, "original_val_accuracy": self.original, "reeval_mean": self.mean,
                 "reeval_std": self.std, "optimism": self.optimism, "params": self.params,
                 "scores": " ".join(f"{s:.4f}" for s in self.scores)}
+
+
+def standard_error(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on ``n`` images, ``sqrt(p (1 - p) / n)``; 0 without images."""
+    if n < 1 or not math.isfinite(accuracy):
+        return 0.0
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.sqrt(p * (1.0 - p) / n)
 
 
 def folds(data: PreparedData, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -114,11 +128,11 @@ def reevaluate(
     return out
 
 
-def choose(finalists: Sequence[Finalist], multi: bool, tolerance: float) -> Finalist:
-    """Best re-evaluated mean (fewer parameters on ties); with two objectives, the smallest
-    finalist on the re-evaluated front within ``tolerance`` of the best mean."""
+def choose(finalists: Sequence[Finalist], multi: bool, tolerance: float, images: int = 0) -> Finalist:
+    """The finalist with the fewest parameters among those whose re-evaluated mean is within a margin of the
+    best: one standard error of a mean over ``images`` validation images (0: none, i.e. the best mean, fewer
+    parameters on ties); with two objectives, ``tolerance``."""
     best = max(finalists, key=lambda f: (f.mean, -f.params))
-    if not multi:
-        return best
-    ok = [f for f in finalists if f.mean >= best.mean - tolerance]
+    margin = tolerance if multi else standard_error(best.mean, images)
+    ok = [f for f in finalists if f.mean >= best.mean - margin]
     return min(ok, key=lambda f: (f.params, -f.mean))

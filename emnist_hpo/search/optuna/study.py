@@ -54,7 +54,7 @@ from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import finished_count, make_sampler, make_storage
 from emnist_hpo.search.optuna.workers import run_workers
-from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate
+from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate, standard_error
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.summary import format_summary, next_commands
 from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, directions, interrupt_reason
@@ -217,8 +217,10 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None
 # --------------------------------------------------------------------------- champion selection
 
 
-def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.FrozenTrial | None, list]:
-    """Single objective: the best trial. Two: the smallest Pareto model within ``tolerance`` of the best accuracy.
+def pick_champion(study: optuna.Study, tolerance: float, images: int = 0) -> tuple[optuna.trial.FrozenTrial | None, list]:
+    """Single objective: the fewest parameters among the trials whose validation accuracy is within one standard
+    error (on ``images`` validation images; 0: none) of the best. Two: the smallest Pareto model within
+    ``tolerance`` of the best accuracy. Equals go to the fewer FLOPs, then the earlier trial.
 
     Repeats (trials that took an earlier twin's outcome) are skipped: the twin trained the model.
     """
@@ -227,11 +229,35 @@ def pick_champion(study: optuna.Study, tolerance: float) -> tuple[optuna.trial.F
         return None, []
     if len(study.directions) == 1:
         sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
-        return max(complete, key=lambda t: sign * t.values[0]), []  # the first of equals: the earliest
+        best = max(complete, key=lambda t: sign * t.values[0])
+        margin = standard_error(best.values[0], images) if sign > 0 else 0.0
+        ok = [t for t in complete if sign * t.values[0] >= sign * best.values[0] - margin]
+        return min(ok, key=lambda t: (_size(t), -sign * t.values[0], t.number)), []
     front = sorted((t for t in study.best_trials if not is_repeat(t)), key=lambda t: (-t.values[0], t.values[1]))
     top = front[0].values[0]
     ok = [t for t in front if t.values[0] >= top - tolerance]
     return min(ok, key=lambda t: (t.values[1], -t.values[0])), front
+
+
+def _say_smaller(study: optuna.Study, champion: optuna.trial.FrozenTrial | None, images: int, log) -> None:
+    """Say so when the one-standard-error rule crowned a smaller trial than the best single score."""
+    if champion is None or len(study.directions) > 1:
+        return
+    best = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_repeat(t)),
+               key=lambda t: t.values[0])
+    if best.number != champion.number:
+        log(f"trial {champion.number} ({champion.values[0]:.4f}, {champion.user_attrs.get('params')} params) is "
+            f"within one standard error ({standard_error(best.values[0], images):.4f} on {images} validation images) "
+            f"of trial {best.number}'s best score ({best.values[0]:.4f}, {best.user_attrs.get('params')} params): "
+            "the smaller one leads (--no-prefer-smaller: the best score)")
+
+
+def _size(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
+    """Parameters, then FLOPs (unknown: last)."""
+    def num(key: str) -> float:
+        v = t.user_attrs.get(key)
+        return float(v) if isinstance(v, (int, float)) else float("inf")
+    return num("params"), num("flops")
 
 
 def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
@@ -242,7 +268,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     def prepare() -> list[int]:
         if ctx.opts.pruner != "successive-halving":
             return []
-        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir)
+        numbers = enqueue_promotions(ctx.study, eta, len(ctx.ladder.rungs), ctx.checkpoint_dir)
         for n in numbers:
             log(f"trial {n}, paused, is now in the best 1/{eta} of its rung: queued to continue")
         return numbers
@@ -283,14 +309,19 @@ def _reevaluate(ctx: StudyContext, objective: Objective, log):
                 "and fit the champion")
         candidates = candidates[:n]
         if not candidates:
-            return finalists_of(study, 1)[0], []
+            return pick_champion(study, opts.tolerance, _scored(ctx))[0], []
     log(f"re-evaluating {len(candidates)} finalist(s) on {folds} fold(s) each...")
     finalists = reevaluate(candidates_of(candidates, lambda t: config_of(objective, t)), ctx.data, folds, opts.seed,
                            ctx.ladder, log)
     if not finalists:
         return candidates[0], []
-    chosen = choose(finalists, len(study.directions) > 1, opts.tolerance)
+    chosen = choose(finalists, len(study.directions) > 1, opts.tolerance, _scored(ctx) * folds)
     return next(t for t in candidates if t.number == chosen.trial), finalists
+
+
+def _scored(ctx: StudyContext) -> int:
+    """Validation images behind a trial's score, for the one-standard-error margin (0: ``--no-prefer-smaller``)."""
+    return len(ctx.data.y_val) if ctx.opts.prefer_smaller else 0
 
 
 # --------------------------------------------------------------------------- the loop
@@ -421,7 +452,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             progress.close()
         _recover(study, tracker, log)
 
-        champion, front = pick_champion(study, opts.tolerance)
+        champion, front = pick_champion(study, opts.tolerance, _scored(ctx))
+        _say_smaller(study, champion, _scored(ctx), log)
         finalists: list[Finalist] = []
         if champion is not None and opts.finalists > 0:
             champion, finalists = _reevaluate(ctx, objective, log)
