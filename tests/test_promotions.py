@@ -15,7 +15,6 @@ from emnist_hpo.search.optuna.promotions import (
     PAUSED_ATTR,
     PROMOTE_ATTR,
     enqueue_promotions,
-    going_on,
     promotions,
     rung_table,
     top,
@@ -54,15 +53,6 @@ def test_none_of_a_rung_goes_on_before_it_has_eta_scores_then_its_best_third():
     assert top({n: s for n, s in enumerate([0.1, 0.6, 0.5, 0.9, 0.3, 0.8])}, 3) == {3, 5}
 
 
-def test_the_rung_before_the_last_sends_on_at_least_two_so_a_champion_is_chosen_not_crowned_alone():
-    scores = {0: 0.5, 1: 0.9, 2: 0.7, 3: 0.6}
-    assert going_on(scores, 3, rung=1, rungs=3) == {1, 2}  # the best third is one trial: two go to the last rung
-    assert going_on(scores, 3, rung=0, rungs=3) == {1}  # lower rungs: the best third
-    assert going_on({0: 0.5, 1: 0.9}, 3, rung=1, rungs=3) == set()  # still none before eta scores
-    many = {n: n / 10 for n in range(9)}
-    assert going_on(many, 3, rung=1, rungs=3) == {8, 7, 6}  # a third of nine is already more than two
-
-
 def test_a_rung_record_taken_over_by_a_continuation_counts_once():
     study = optuna.create_study(direction="maximize")
     _add(study, PRUNED, [(0, 0.7)], {PAUSED_ATTR: 0})
@@ -75,20 +65,20 @@ def test_a_paused_trial_is_continued_once_it_enters_the_best_third_of_its_rung(t
     for score in (0.5, 0.7):
         _add(study, PRUNED, [(0, score)], {PAUSED_ATTR: 0})
     ckpt = _checkpoint(tmp_path, 0, 1, 2)
-    assert promotions(study, 3, 3, ckpt) == []  # two scores at rung 0: nobody has earned rung 1 yet
+    assert promotions(study, 3, ckpt) == []  # two scores at rung 0: nobody has earned rung 1 yet
     _add(study, PRUNED, [(0, 0.6)], {PAUSED_ATTR: 0})
-    assert enqueue_promotions(study, 3, 3, ckpt) == [1]  # 0.7 is the best third of three
+    assert enqueue_promotions(study, 3, ckpt) == [1]  # 0.7 is the best third of three
     waiting = study.trials[-1]
     assert waiting.state == optuna.trial.TrialState.WAITING and waiting.system_attrs["fixed_params"] == {"x": 1.0}
     assert waiting.user_attrs[PROMOTE_ATTR] == 1 and waiting.user_attrs[SEED_OF_ATTR] == 1  # trial 1's seed
-    assert enqueue_promotions(study, 3, 3, ckpt) == []  # continued once
+    assert enqueue_promotions(study, 3, ckpt) == []  # continued once
 
 
 def test_a_paused_trial_without_its_checkpoint_is_not_continued(tmp_path):
     study = optuna.create_study(direction="maximize")
     for score in (0.5, 0.9, 0.6):
         _add(study, PRUNED, [(0, score)], {PAUSED_ATTR: 0})
-    assert promotions(study, 3, 3, _checkpoint(tmp_path, 0, 2)) == []
+    assert promotions(study, 3, _checkpoint(tmp_path, 0, 2)) == []
 
 
 # --------------------------------------------------------------------------- real training, real checkpoints
@@ -100,9 +90,8 @@ def digits(prepared_sample):
 
 
 def test_paused_trials_are_continued_from_their_checkpoint_at_the_next_rung(digits, tmp_path):
-    """Three trials pause at rung 0 (the first two: too few peers); the best two (rung 0 is the rung before the
-    last) are continued at rung 1 from their checkpoints, with their seeds and rung-0 records, and complete
-    without training rung 0 again."""
+    """Three trials pause at rung 0 (the first two: too few peers); the best of them is continued at rung 1
+    from its checkpoint, with its seed and its rung-0 record, and completes without training rung 0 again."""
     space = SearchSpace.from_dict({"conv_blocks": 1, "filters": {"choices": [4, 8, 16]}, "kernel": 3,
                                    "dense_layers": 0, "dense_units": 32, "learning_rate": 3.0e-3,
                                    "batch_size": 64})
@@ -117,22 +106,19 @@ def test_paused_trials_are_continued_from_their_checkpoint_at_the_next_rung(digi
     first = study.trials[:3]
     assert [t.user_attrs.get(PAUSED_ATTR) for t in first[:2]] == [0, 0]  # nobody goes on before 3 scores
     assert all((tmp_path / f"running_{t.number}.npz").is_file() for t in first if PAUSED_ATTR in t.user_attrs)
-    # rung 0 is the rung before the last: its best two go on (the third trial, if among them, went straight on)
-    ranked = sorted(first, key=lambda t: -t.user_attrs["rungs"][0]["score"])[:2]
-    waiting = sorted(t.number for t in ranked if PAUSED_ATTR in t.user_attrs)
-    assert waiting and enqueue_promotions(study, 3, 2, tmp_path) == waiting
-    study.optimize(objective, n_trials=len(waiting), catch=())
-    continuations = {t.user_attrs[PROMOTE_ATTR]: t for t in study.trials[3:]}
-    assert sorted(continuations) == waiting
-    for number, cont in continuations.items():
-        paused = study.trials[number]
-        assert cont.state == COMPLETE and cont.user_attrs[PROMOTE_ATTR] == number
-        assert [(r["rung"], r["trial"]) for r in cont.user_attrs["rungs"]] == [(0, number), (1, cont.number)]
-        assert cont.user_attrs["rungs"][0]["score"] == paused.user_attrs["rungs"][0]["score"]
-        assert cont.user_attrs["epochs_run"] == 3  # rung 0's two epochs (taken over) and rung 1's
-        assert config_of(objective, cont).train.seed == config_of(objective, paused).train.seed
-        assert not (tmp_path / f"running_{number}.npz").exists()  # handed over, then removed on completion
-    assert sum(t.state == COMPLETE for t in study.trials) == 2  # two reached the last rung
+    best = max(first, key=lambda t: t.user_attrs["rungs"][0]["score"])
+    if PAUSED_ATTR not in best.user_attrs:  # the third was the best: it went straight on
+        assert best.number == 2 and best.state == COMPLETE
+        return
+    assert enqueue_promotions(study, 3, tmp_path) == [best.number]
+    study.optimize(objective, n_trials=1, catch=())
+    cont = study.trials[-1]
+    assert cont.state == COMPLETE and cont.user_attrs[PROMOTE_ATTR] == best.number
+    assert [(r["rung"], r["trial"]) for r in cont.user_attrs["rungs"]] == [(0, best.number), (1, cont.number)]
+    assert cont.user_attrs["rungs"][0]["score"] == best.user_attrs["rungs"][0]["score"]
+    assert cont.user_attrs["epochs_run"] == 3  # rung 0's two epochs (taken over) and rung 1's
+    assert config_of(objective, cont).train.seed == config_of(objective, best).train.seed
+    assert not (tmp_path / f"running_{best.number}.npz").exists()  # handed over, then removed on completion
 
 
 @pytest.mark.slow

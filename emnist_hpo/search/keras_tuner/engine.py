@@ -457,7 +457,8 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
 
 def _choose(opts: StudyOptions, search: SpaceTuner, best: list, data: PreparedData, deadline: float | None,
             tracker: Tracker, parent: str, log: Callable[[str], None]):
-    """``--finalists``: the top trials re-trained on other folds, the best mean crowned (as a study does)."""
+    """``--finalists``: the top trials re-trained on other folds, the smallest within one standard error of the best
+    mean crowned (as a study does)."""
     if opts.finalists <= 1 or len(best) < 2:
         return best[0]
     seconds = [float(t.metrics.get_last_value("train_seconds") or 0) for t in best if t.metrics.exists("train_seconds")]
@@ -472,7 +473,7 @@ def _choose(opts: StudyOptions, search: SpaceTuner, best: list, data: PreparedDa
                                     int(t.metrics.get_last_value("params") or 0), cfg))
     log(f"re-evaluating {len(candidates)} finalist(s) on {opts.folds} fold(s) each...")
     finalists = reevaluate(candidates, data, opts.folds, opts.seed, single(opts.epochs), log)
-    pick = choose(finalists, False, opts.tolerance)
+    pick = choose(finalists, False, opts.tolerance, len(data.y_val) * opts.folds if opts.prefer_smaller else 0)
     tracker.log_metrics(parent, {f"finalist_{f.trial}_mean": f.mean for f in finalists})
     return next(t for t in best if int(t.trial_id) == pick.trial)
 

@@ -20,7 +20,7 @@ from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, model_cost
 from emnist_hpo.search.budget import rung_work
-from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, PROMOTE_ATTR, continues, going_on, records_of, rung_table
+from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, PROMOTE_ATTR, continues, records_of, rung_table, top
 from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR, config_key, earlier_twin
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.trial import (
@@ -93,7 +93,7 @@ class OptunaRungs(RungControl):
             rank = 1 + sum(p > result.score for p in scores.values())
             where = f"rank {rank} of {len(scores)} at this rung"
             if self.can_pause:  # ASHA: the best 1/eta of the rung so far go on; the others wait, paused
-                if self.trial.number in going_on(scores, self.ladder.eta, result.index, len(self.ladder.rungs)):
+                if self.trial.number in top(scores, self.ladder.eta):
                     return None
                 self.paused = True
                 self.trial.set_user_attr(PAUSED_ATTR, result.index)

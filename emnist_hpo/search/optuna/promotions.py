@@ -24,10 +24,6 @@ from optuna.trial import TrialState
 PAUSED_ATTR = "paused_at"
 #: Trial user attribute of a trial that continues a paused one (its number) from the next rung.
 PROMOTE_ATTR = "promote_of"
-#: The rung before the last sends on at least this many of its trials (once it has ``eta`` scores): the
-#: champion is chosen between full-budget trials, not crowned alone. With 1 (plain ASHA) a 30-minute study
-#: screening 9-12 configurations brought a single one to the last rung, whoever came first among equals.
-LAST_RUNG_AT_LEAST = 2
 
 
 def records_of(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
@@ -49,20 +45,11 @@ def rung_table(trials: Iterable[optuna.trial.FrozenTrial], exclude: int | None =
     return table
 
 
-def top(scores: Mapping[int, float], eta: int, at_least: int = 1) -> set[int]:
-    """The trials in the best ``1/eta`` of a rung's ``scores``, at least ``at_least`` of them (none while it has
-    fewer than ``eta``)."""
+def top(scores: Mapping[int, float], eta: int) -> set[int]:
+    """The trials in the best ``1/eta`` of a rung's ``scores`` (none while it has fewer than ``eta``)."""
     k = len(scores) // eta
-    if k:
-        k = max(k, at_least)
     ranked = sorted(scores, key=lambda n: (-scores[n], n))  # NaN never ranks: scores are finite here
     return set(ranked[:k])
-
-
-def going_on(scores: Mapping[int, float], eta: int, rung: int, rungs: int) -> set[int]:
-    """The trials of rung ``rung`` (of ``rungs``) that go on to the next: :func:`top`, with at least
-    :data:`LAST_RUNG_AT_LEAST` from the rung before the last."""
-    return top(scores, eta, LAST_RUNG_AT_LEAST if rung == rungs - 2 else 1)
 
 
 def _continued(trials: Iterable[optuna.trial.FrozenTrial]) -> set[int]:
@@ -78,20 +65,17 @@ def _waiting(trials: list[optuna.trial.FrozenTrial], checkpoint_dir: Path | None
             and (checkpoint_dir is None or (checkpoint_dir / f"running_{t.number}.npz").is_file())]
 
 
-def promotions(study: optuna.Study, eta: int, rungs: int, checkpoint_dir: Path) -> list[optuna.trial.FrozenTrial]:
-    """Paused trials now going on from their rung (:func:`going_on`; ``rungs`` in the ladder), not yet continued,
-    checkpoint at hand; top rung first."""
+def promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[optuna.trial.FrozenTrial]:
+    """Paused trials now in the best ``1/eta`` of their rung, not yet continued, checkpoint at hand; top rung first."""
     trials = study.get_trials(deepcopy=False)
     table = rung_table(trials)
     waiting = sorted(_waiting(trials, checkpoint_dir), key=lambda t: (-int(t.user_attrs[PAUSED_ATTR]), t.number))
-    return [t for t in waiting
-            if t.number in going_on(table.get(int(t.user_attrs[PAUSED_ATTR]), {}), eta, int(t.user_attrs[PAUSED_ATTR]),
-                                    rungs)]
+    return [t for t in waiting if t.number in top(table.get(int(t.user_attrs[PAUSED_ATTR]), {}), eta)]
 
 
-def enqueue_promotions(study: optuna.Study, eta: int, rungs: int, checkpoint_dir: Path) -> list[int]:
+def enqueue_promotions(study: optuna.Study, eta: int, checkpoint_dir: Path) -> list[int]:
     """Enqueue the continuation of every paused trial that has earned its next rung (called under the study lock)."""
-    return [_enqueue(study, t) for t in promotions(study, eta, rungs, checkpoint_dir)]
+    return [_enqueue(study, t) for t in promotions(study, eta, checkpoint_dir)]
 
 
 def enqueue_closing(study: optuna.Study, checkpoint_dir: Path) -> list[int]:

@@ -268,7 +268,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     def prepare() -> list[int]:
         if ctx.opts.pruner != "successive-halving":
             return []
-        numbers = enqueue_promotions(ctx.study, eta, len(ctx.ladder.rungs), ctx.checkpoint_dir)
+        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir)
         for n in numbers:
             log(f"trial {n}, paused, is now in the best 1/{eta} of its rung: queued to continue")
         return numbers
