@@ -58,7 +58,8 @@ def _opts(store, **kw) -> StudyOptions:
 
 def test_hyperband_study_is_logged_and_registered_like_optuna(store, monkeypatch):
     monkeypatch.setenv("EMNIST_HPO_CACHE", str(store["root"] / "cache"))
-    res = run_kt_study(_opts(store), tuner="hyperband", log=lambda m: None, kt_dir=store["kt"])
+    # --no-prefer-smaller: the best score is crowned (the one-standard-error rule is tested in test_selection.py)
+    res = run_kt_study(_opts(store, prefer_smaller=False), tuner="hyperband", log=lambda m: None, kt_dir=store["kt"])
     assert res.finished == 2 and res.champion_trial is not None and res.registered is not None
     assert res.registered.champion and 0.5 < res.test_accuracy <= 1.0
 
