@@ -243,8 +243,7 @@ def _say_smaller(study: optuna.Study, champion: optuna.trial.FrozenTrial | None,
     """Say so when the one-standard-error rule crowned a smaller trial than the best single score."""
     if champion is None or len(study.directions) > 1:
         return
-    best = max((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if not is_repeat(t)),
-               key=lambda t: t.values[0])
+    best, _ = pick_champion(study, 0.0, images=0)  # no margin: the best score
     if best.number != champion.number:
         log(f"trial {champion.number} ({champion.values[0]:.4f}, {champion.user_attrs.get('params')} params) is "
             f"within one standard error ({standard_error(best.values[0], images):.4f} on {images} validation images) "
@@ -292,11 +291,11 @@ def _budget(opts: StudyOptions) -> TimeBudget:
     return budget
 
 
-def _reevaluate(ctx: StudyContext, objective: Objective, log):
-    """Re-train the top ``--finalists`` trials on ``--folds`` folds; crown the best mean.
+def _reevaluate(ctx: StudyContext, objective: Objective, picked: optuna.trial.FrozenTrial, log):
+    """Re-train the top ``--finalists`` trials on ``--folds`` folds; crown by their means.
 
     Within a time budget, only the finalists and folds that fit in what is left
-    (after the final fit) are re-trained; with none, the best single score stands.
+    (after the final fit) are re-trained; with none, ``picked`` (by the single scores) stands.
     """
     opts, study, budget = ctx.opts, ctx.study, ctx.budget
     candidates = finalists_of(study, opts.finalists)
@@ -309,7 +308,7 @@ def _reevaluate(ctx: StudyContext, objective: Objective, log):
                 "and fit the champion")
         candidates = candidates[:n]
         if not candidates:
-            return pick_champion(study, opts.tolerance, _scored(ctx))[0], []
+            return picked, []
     log(f"re-evaluating {len(candidates)} finalist(s) on {folds} fold(s) each...")
     finalists = reevaluate(candidates_of(candidates, lambda t: config_of(objective, t)), ctx.data, folds, opts.seed,
                            ctx.ladder, log)
@@ -456,7 +455,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         _say_smaller(study, champion, _scored(ctx), log)
         finalists: list[Finalist] = []
         if champion is not None and opts.finalists > 0:
-            champion, finalists = _reevaluate(ctx, objective, log)
+            champion, finalists = _reevaluate(ctx, objective, champion, log)
         result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front, finalists, the_plan,
                              tracking_uri=tracker.tracking_uri)
         if champion is not None:
