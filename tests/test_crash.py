@@ -59,8 +59,11 @@ def _run_until_pause(cwd: Path, env: dict, phase: str, args=ARGS, sig: int = sig
     """Start the study, wait until it pauses at ``phase``, send ``sig``; return (exit code, stderr)."""
     err = cwd / f"stderr-{phase.replace('#', '-')}-{sig}.txt"
     with open(err, "w") as f:
+        # Ctrl-C as a terminal delivers it, even when these tests run from a background job (a shell without job
+        # control starts those with SIGINT ignored, and a Python started so keeps ignoring it)
         proc = subprocess.Popen([sys.executable, "-m", "emnist_hpo", *args], cwd=cwd,
-                                env={**env, "EMNIST_HPO_TEST_PAUSE_AT": phase}, stdout=subprocess.DEVNULL, stderr=f)
+                                env={**env, "EMNIST_HPO_TEST_PAUSE_AT": phase}, stdout=subprocess.DEVNULL, stderr=f,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while "test pause at" not in err.read_text():
         assert proc.poll() is None, f"ended ({proc.returncode}) before pausing at {phase}:\n{err.read_text()[-3000:]}"
