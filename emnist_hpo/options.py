@@ -53,6 +53,7 @@ class StudyOptions:
     seed: int = 0  # seeds the sampler, the data split and trial training
     timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
+    startup_trials: int | None = None  # internal: TPE's random trials before it models (from the study's plan), for workers
     objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params / accuracy,flops (a Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
     seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue

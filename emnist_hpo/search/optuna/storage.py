@@ -17,6 +17,8 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: Optuna heartbeat of running trials: written every HEARTBEAT_S, stale (FAIL) after GRACE_S without one.
 #: Dead processes on this host are noticed at once through the trial's owner (see slots.py).
 HEARTBEAT_S, GRACE_S = 30, 120
+#: TPE's random trials before it models the results, when no plan says otherwise (see ``plan.sampler_startup``).
+DEFAULT_STARTUP = 8
 
 
 def make_storage(url: str) -> optuna.storages.BaseStorage:
@@ -52,9 +54,10 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
     return storage
 
 
-def make_sampler(name: str, seed: int, multi: bool) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int, multi: bool, startup: int = DEFAULT_STARTUP) -> optuna.samplers.BaseSampler:
+    """The sampler called ``name``; ``startup``: TPE's trials drawn at random before it models the results."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=8,
+        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
                                           constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)

@@ -39,7 +39,7 @@ from emnist_hpo.paths import find_experiment, find_search_space
 from emnist_hpo.search.budget import Throughput, TimeBudget, costs_of
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import Plan, plan, search_eta
+from emnist_hpo.search.optuna.plan import Plan, plan, sampler_startup, search_eta
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -52,7 +52,7 @@ from emnist_hpo.search.optuna.queue import (
 from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
-from emnist_hpo.search.optuna.storage import finished_count, make_sampler, make_storage
+from emnist_hpo.search.optuna.storage import DEFAULT_STARTUP, finished_count, make_sampler, make_storage
 from emnist_hpo.search.optuna.workers import run_workers
 from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate, standard_error
 from emnist_hpo.search.space import SearchSpace
@@ -121,6 +121,7 @@ class StudyContext:
     ladder: Ladder
     budget: TimeBudget
     no_skill: float  # accuracy of always answering the most frequent validation class
+    sampler_seed: int = 0  # this process's sampler seed (--seed, offset per worker and per session)
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -153,11 +154,19 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
         study.set_user_attr(SESSIONS_ATTR, session + 1)
     # Concurrent workers must not draw the same parameters, nor a resumed run replay the first run's draws:
     # the first process to open a study uses --seed itself, the n-th seed + 1000 * n.
-    study.sampler = make_sampler(opts.sampler or ("nsga2" if len(opts.objectives) > 1 else "tpe"),
-                                 opts.seed + 1000 * (opts.worker + session), len(opts.objectives) > 1)
-    budget = _budget(opts)
-    return StudyContext(opts, space, seeds, base, data, storage_url, storage, tracker, study, lock, ladder, budget,
-                        no_skill)
+    ctx = StudyContext(opts, space, seeds, base, data, storage_url, storage, tracker, study, lock, ladder,
+                       _budget(opts), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
+    set_sampler(ctx, opts.startup_trials or DEFAULT_STARTUP)
+    return ctx
+
+
+def sampler_name(opts: StudyOptions) -> str:
+    return opts.sampler or ("nsga2" if len(opts.objectives) > 1 else "tpe")
+
+
+def set_sampler(ctx: StudyContext, startup: int) -> None:
+    """The study's sampler for this process, ``startup`` trials drawn at random before TPE models the results."""
+    ctx.study.sampler = make_sampler(sampler_name(ctx.opts), ctx.sampler_seed, ctx.multi, startup)
 
 
 def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna.Study:
@@ -438,11 +447,15 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             return search + the_plan.finish_seconds
 
         total = min(opts.trials, done + the_plan.configs) if the_plan.by_budget else opts.trials  # what the bar can fill
+        startup = sampler_startup(total)
+        if sampler_name(opts) == "tpe":
+            set_sampler(ctx, startup)
+            log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided")
         progress = Progress(total, done, opts.progress, ctx.ladder, eta)
         objective = make_objective(ctx, parent, [progress])
         try:
             if opts.workers > 1 and done < opts.trials:
-                run_workers(dataclasses.replace(opts, deadline=ctx.budget.deadline), parent, study, progress, log)
+                run_workers(dataclasses.replace(opts, deadline=ctx.budget.deadline, startup_trials=startup), parent, study, progress, log)
             run_trials(study, objective, target=opts.trials, lock=ctx.lock, callbacks=[progress],
                        stop=lambda: ctx.budget.stop_search(costs_of(study, ctx.ladder)), max_failures=max(3, opts.trials), log=log,
                        **_promotions(ctx, log))
