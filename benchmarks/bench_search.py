@@ -14,8 +14,10 @@ For each split and seed, on the sample beside the repository, one process at a t
 
 Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
 (not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
-reached, wall time and its overrun of the budget. ``--old-rev REV`` adds the project's previous default
-(a git revision of this repository, run from a temporary worktree) for the screening rate.
+reached, wall time and its overrun of the budget. ``--runs ...,hand`` adds Optuna wired by hand under the
+same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
+``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
+temporary worktree) for the screening rate.
 Writes JSON and Markdown to benchmarks/results/.
 """
 
@@ -121,6 +123,28 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
     }
 
 
+def by_hand(split: str, seed: int, args) -> dict:
+    """Optuna wired by hand (benchmarks/generalization.py's peer: TPE + median pruning over a typical Keras
+    space, up to 8 epochs, the best single validation score crowned), same budget, data split and seed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        row_file = Path(tmp) / "row.json"
+        t0 = time.perf_counter()
+        res = subprocess.run([PYTHON, str(ROOT / "benchmarks" / "generalization.py"), "--role", "peer", "--seed",
+                              str(seed), "--split", split, "--budget-minutes", str(args.budget_minutes),
+                              "--data-dir", args.data_dir, "--row-file", str(row_file)],
+                             capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        if res.returncode != 0:
+            raise RuntimeError(f"Optuna by hand failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        row = json.loads(row_file.read_text())
+    budget = args.budget_minutes * 60
+    return {"test_accuracy": row["test"], "params": row["params"], "flops": row.get("flops"),
+            "val_accuracy": row["val"], "sampled": True, "trials": row["trials"], "screened": row["trials"],
+            "search_s": round(row["seconds"], 1), "wall_s": round(wall, 1), "budget_s": budget,
+            "overrun": round(row["seconds"] / budget - 1, 3),
+            "screened_per_hour": round(row["trials"] / row["seconds"] * 3600, 1)}
+
+
 def old_default(split: str, seed: int, args) -> dict:
     """The project's default before multi-fidelity (``--old-rev``), same budget: trials screened per hour."""
     tree = Path(tempfile.mkdtemp(prefix="old-")) / "tree"
@@ -142,7 +166,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=15, help="epochs at the last rung (compact's own 15)")
     p.add_argument("--max-params", type=int, default=189_647, help="the compact seed's size (0: no limit)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
-    p.add_argument("--runs", default="compact,search,seeds", help="which of compact,search,seeds,old to run")
+    p.add_argument("--runs", default="compact,search,seeds", help="which of compact,search,seeds,hand,old to run")
     p.add_argument("--old-rev", default=None, help="git revision of the previous default, for --runs old")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default="search")
@@ -161,12 +185,15 @@ def main(argv=None) -> int:
                 if key in runs:
                     log(f"{split} seed {seed}: {key} ({args.budget_minutes:g} min)")
                     entry[key] = run_study(split, seed, args, warm)
+            if "hand" in runs:
+                log(f"{split} seed {seed}: Optuna wired by hand ({args.budget_minutes:g} min)")
+                entry["hand"] = by_hand(split, seed, args)
             if "old" in runs and args.old_rev:
                 log(f"{split} seed {seed}: previous default ({args.old_rev})")
                 entry["old"] = old_default(split, seed, args)
             results.append(entry)
             write_results(args.name, {"machine": machine(), "args": vars(args), "results": results}, "(partial)")
-            for key in ("compact", "search", "seeds", "old"):
+            for key in ("compact", "search", "seeds", "hand", "old"):
                 r = entry.get(key)
                 if r is None:
                     continue

@@ -45,6 +45,21 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPE_PARAMS = 928_947  # the 2-conv recipe on 47 classes
 
 
+def forward_flops(model) -> int:
+    """Forward FLOPs per image of a built Keras CNN's conv and dense layers (multiply-add = 2), the convention
+    of emnist_hpo.model.cost."""
+    flops = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Conv2D):
+            kh, kw, cin, cout = layer.kernel.shape
+            _, h, w, _ = layer.output.shape
+            flops += 2 * kh * kw * cin * cout * h * w
+        elif isinstance(layer, keras.layers.Dense):
+            cin, cout = layer.kernel.shape
+            flops += 2 * cin * cout
+    return int(flops)
+
+
 def peer(data, budget_s: float, seed: int) -> dict:
     """Optuna by hand: float32 inputs, TPE + MedianPruner, best single validation score wins."""
     xtr = data.x_train.astype("float32")[..., None] / 255.0
@@ -83,7 +98,7 @@ def peer(data, budget_s: float, seed: int) -> dict:
     test = float((m.predict(data.x_test.astype("float32")[..., None] / 255.0, verbose=0).argmax(1)
                   == data.y_test).mean())
     return {"engine": "optuna-by-hand", "seed": seed, "trials": len(study.trials), "val": best["val"],
-            "test": test, "params": int(m.count_params()), "gap": best["val"] - test,
+            "test": test, "params": int(m.count_params()), "flops": forward_flops(m), "gap": best["val"] - test,
             "seconds": time.perf_counter() - t0}
 
 
