@@ -9,7 +9,8 @@ For each split and seed, on the sample beside the repository, one process at a t
   final fit (train+validation, the same fidelity ladder, ``--epochs`` at the last rung) and tested once:
   what a user gets without any search;
 - ``search, no seeds``: ``python -m emnist_hpo study --no-warm-start --timeout BUDGET --max-params P``
-  (P = compact's parameter count by default: the search must find a model no larger than the seed);
+  (P = compact's parameter count for the split's classes by default: the search must find a model no
+  larger than the seed);
 - ``search, seeds first``: the same with the research's seeds and compact enqueued first (the default).
 
 Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
@@ -70,6 +71,16 @@ print("RESULT " + json.dumps({{"test_accuracy": ev.accuracy, "params": cost.para
     return json.loads(line[len("RESULT "):])
 
 
+def compact_params(split: str) -> int:
+    """The compact seed's parameter count with ``split``'s classes (its dense head grows with them)."""
+    from emnist_hpo.config import load_experiment
+    from emnist_hpo.data.nist import load_classes
+    from emnist_hpo.model.cost import model_cost
+    from emnist_hpo.paths import find_experiment
+
+    return model_cost(load_experiment(find_experiment("compact")).model, len(load_classes(split))).params
+
+
 def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd: Path = ROOT,
               extra: list[str] | None = None) -> dict:
     """One budgeted study in a fresh folder of stores; what it crowned and what it screened."""
@@ -78,8 +89,9 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
             "--timeout", str(args.budget_minutes * 60), "--epochs", str(args.epochs), "--data-dir", args.data_dir,
             "--storage", f"sqlite:///{work}/optuna.db", "--tracking-uri", f"sqlite:///{work}/mlflow.db",
             "--no-progress"]
-    if args.max_params:
-        argv += ["--max-params", str(args.max_params)]
+    limit = compact_params(split) if args.max_params is None else args.max_params
+    if limit:
+        argv += ["--max-params", str(limit)]
     if not warm:
         argv.append("--no-warm-start")
     argv += extra or []
@@ -113,6 +125,8 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "flops": chosen.user_attrs.get("flops") if chosen else None,
         "champion_trial": number, "champion_seed": seed_name, "sampled": chosen is not None and not seed_name,
         "val_accuracy": chosen.values[0] if chosen and chosen.values else None,
+        "champion_config": dict(chosen.params) if chosen else None, "max_params": limit,
+        "complete": sum(1 for t in trials if t.state.name == "COMPLETE"),
         "trials": len(trials), "screened": len(trained), "reached": reached,
         "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
         "continuations": sum(1 for t in trials if "promote_of" in t.user_attrs),
@@ -164,7 +178,8 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--budget-minutes", type=float, default=30)
     p.add_argument("--epochs", type=int, default=15, help="epochs at the last rung (compact's own 15)")
-    p.add_argument("--max-params", type=int, default=189_647, help="the compact seed's size (0: no limit)")
+    p.add_argument("--max-params", type=int, default=None,
+                   help="parameter limit of the studies (default: the compact seed's size for each split; 0: none)")
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--runs", default="compact,search,seeds", help="which of compact,search,seeds,hand,old to run")
     p.add_argument("--old-rev", default=None, help="git revision of the previous default, for --runs old")
@@ -205,7 +220,7 @@ def main(argv=None) -> int:
                              if key != "compact" else "-",
                              r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-"])
     md = [f"# The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
-          f"--max-params {args.max_params or '-'})", "",
+          f"--max-params {'compact' if args.max_params is None else args.max_params or '-'})", "",
           table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
                  "trials per rung", "wall s", "overrun"], rows), ""]
     json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},

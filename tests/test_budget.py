@@ -148,3 +148,33 @@ def test_tpe_draws_a_quarter_of_the_planned_configurations_at_random_within_4_to
         return bool(drawn)
 
     assert [guided() for _ in range(startup + 2)] == [False] * startup + [True, True]
+
+
+def test_tpe_start_counts_configurations_that_trained_not_refused_draws_or_continuations():
+    """With a tight --max-params many random draws are refused before training: they stay in TPE's model
+    (it learns the limit from them) but do not use up the random start the plan promised."""
+    from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
+    from emnist_hpo.search.optuna.storage import make_sampler
+    from emnist_hpo.search.trial import REFUSED_ATTR
+
+    sampler = make_sampler("tpe", 0, False, 3)
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+
+    def guided(attr: str | None = None) -> bool:
+        trial = study.ask()
+        frozen = study._storage.get_trial(trial._trial_id)
+        drawn = sampler.sample_relative(study, frozen, sampler.infer_relative_search_space(study, frozen))
+        value = trial.suggest_float("x", 0, 1) + trial.suggest_int("k", 1, 5)
+        if attr is not None:
+            trial.set_user_attr(attr, True)
+        study.tell(trial, value if attr != REFUSED_ATTR else None,
+                   state=optuna.trial.TrialState.PRUNED if attr == REFUSED_ATTR else None)
+        return bool(drawn)
+
+    for _ in range(2):
+        guided()  # trained: 2 of 3
+    assert [guided(REFUSED_ATTR) for _ in range(4)] == [False] * 4  # refused: the start is not used up
+    assert guided(PROMOTE_ATTR) is False  # a continuation of a paused trial is not another configuration
+    assert guided() is False  # the third trained configuration, still drawn at random
+    assert guided() is True  # then TPE models all eight, the refused among them
+    assert len(study.trials) == 9

@@ -39,6 +39,8 @@ RESUME_ATTR = "resume_of"
 WARM_ATTR = "warm_start_from"
 #: Trial user attribute of a trial that continues another's training: the trial whose training seed it keeps.
 SEED_OF_ATTR = "seed_of"
+#: Trial user attribute of a configuration refused for its size before training (``--max-params``, ``--max-flops``).
+REFUSED_ATTR = "refused"
 #: How many times the no-skill accuracy a screening rung must reach (the guard of every pruner but none).
 NO_SKILL_FACTOR = 2.0
 
@@ -82,6 +84,7 @@ def run_trial(
     refused = (limits or Limits()).refuse(cost)
     if refused:  # priced, never built: "filters: 1e9" costs microseconds
         trial.set_user_attr("fail_reason", refused)
+        trial.set_user_attr(REFUSED_ATTR, True)
         return end_trial(trial, hooks, TrialOutcome("PRUNED", cfg, reason=refused), begin=True)
     callbacks = []
     for h in hooks:

@@ -10,6 +10,7 @@ from optuna.trial import TrialState
 from emnist_hpo.coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
 from emnist_hpo.errors import StorageError
 from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
+from emnist_hpo.search.trial import REFUSED_ATTR
 from emnist_hpo.tracking.tracker import redact
 
 #: Trial states that count towards ``--trials``.
@@ -57,8 +58,8 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
 def make_sampler(name: str, seed: int, multi: bool, startup: int = DEFAULT_STARTUP) -> optuna.samplers.BaseSampler:
     """The sampler called ``name``; ``startup``: TPE's trials drawn at random before it models the results."""
     if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
-                                          constant_liar=True)
+        return TrainedStartTPE(seed=seed, multivariate=True, group=True, n_startup_trials=startup,
+                               constant_liar=True)
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "qmc":
@@ -66,6 +67,40 @@ def make_sampler(name: str, seed: int, multi: bool, startup: int = DEFAULT_START
     if name == "cmaes":
         return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
     return optuna.samplers.NSGAIISampler(seed=seed)
+
+
+class TrainedStartTPE(optuna.samplers.TPESampler):
+    """TPE whose random start counts configurations that trained (what the plan's "first N" says).
+
+    A draw refused for its size before training (``--max-params``, ``--max-flops``; microseconds) stays in
+    TPE's model, among the bad trials, so TPE learns where the limit is; but it is not one of the start's
+    configurations: with a tight limit, refusals would otherwise use up the random start (16 of a
+    30-minute letters study's 36 draws were refused) and leave TPE guiding from one or two trained models.
+    """
+
+    def __init__(self, *, seed: int | None = None, n_startup_trials: int = DEFAULT_STARTUP, **kwargs: Any) -> None:
+        super().__init__(seed=seed, n_startup_trials=n_startup_trials, **kwargs)
+        self.startup = n_startup_trials
+        self.random = optuna.samplers.RandomSampler(seed=seed)
+
+    def reseed_rng(self) -> None:
+        super().reseed_rng()
+        self.random.reseed_rng()
+
+    def trained(self, study: optuna.Study) -> int:
+        """Configurations that trained: a refused draw never did; a paused trial's continuation is not another."""
+        return sum(not (REFUSED_ATTR in t.user_attrs or PROMOTE_ATTR in t.user_attrs)
+                   for t in study.get_trials(deepcopy=False, states=FINISHED))
+
+    def sample_relative(self, study, trial, search_space):
+        if self.trained(study) < self.startup:
+            return {}
+        return super().sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        if self.trained(study) < self.startup:
+            return self.random.sample_independent(study, trial, param_name, param_distribution)
+        return super().sample_independent(study, trial, param_name, param_distribution)
 
 
 def finished_count(study: optuna.Study) -> int:
