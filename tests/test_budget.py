@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 
 import optuna
 import pytest
@@ -178,3 +179,20 @@ def test_tpe_start_counts_configurations_that_trained_not_refused_draws_or_conti
     assert guided() is False  # the third trained configuration, still drawn at random
     assert guided() is True  # then TPE models all eight, the refused among them
     assert len(study.trials) == 9
+
+
+def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under_a_budget():
+    """The plan's arithmetic for the leader rule: ~1 + ln(m/eta) successive bests among m scores at the rung
+    below (never more than m, none without scores); without it, 1/eta of the rung below."""
+    from emnist_hpo.search.optuna.plan import last_rung_runs
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 14_435, 26)
+    assert len(ladder.rungs) == 3 and ladder.eta == 3
+    assert last_rung_runs(27, ladder, False) == pytest.approx(3.0)  # 27 / 3**2
+    assert last_rung_runs(27, ladder, True) == pytest.approx(1 + math.log(3))  # 9 scores at rung 1
+    assert last_rung_runs(6, ladder, True) == pytest.approx(1.0)  # 2 scores below eta: the closing continuation
+    assert last_rung_runs(0, ladder, True) == 0.0
+    assert last_rung_runs(1, ladder, True) == pytest.approx(1 / 3)  # never more runs than scores below
+    runs = [last_rung_runs(c, ladder, True) for c in (30, 60, 120, 240)]
+    assert runs == sorted(runs) and runs[-1] - runs[0] == pytest.approx(math.log(8))  # grows like a log

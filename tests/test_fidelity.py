@@ -107,6 +107,28 @@ def test_successive_halving_prunes_all_but_the_best_third_of_a_rung():
     assert control.trial.user_attrs["rungs"][0]["score"] == 0.68  # recorded for the peers that come later
 
 
+def test_under_a_time_budget_only_the_best_of_the_rung_below_the_last_runs_to_the_end():
+    """A full-length run costs several lower rungs: under a budget (``leader_rung``) the second of the rung
+    below the last waits, paused, where the best 1/eta rule alone would have let it go on."""
+    below = len(LADDER.rungs) - 2
+    study = optuna.create_study(direction="maximize")
+    for score in (0.30, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70, 0.80):
+        t = _trial(study, [0.5] * below + [score])
+        study.tell(t, state=optuna.trial.TrialState.PRUNED)
+
+    def control(leader: int | None):
+        return OptunaRungs(_trial(study), LADDER, ModelCost(1000, 10**6), pruner="successive-halving",
+                           no_skill=NO_SKILL, report=True, data_sizes=(13_385, 3_347), can_pause=True,
+                           leader_rung=leader)
+
+    assert _end(control(None), below, 0.75) is None  # second of 9: in the best third, it goes on
+    c = control(below)
+    why = _end(c, below, 0.75)
+    assert why and "paused" in why and "only its best goes on to the last rung" in why and c.paused
+    assert _end(control(below), below, 0.85) is None  # the new best of the rung goes on
+    assert _end(control(below), 0, 0.75) is None  # lower rungs keep the best third
+
+
 def test_two_objective_studies_are_pruned_on_accuracy_without_optuna_reports():
     study = optuna.create_study(directions=["maximize", "minimize"])
     for score in (0.6, 0.7, 0.8):

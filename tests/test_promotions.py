@@ -53,6 +53,25 @@ def test_none_of_a_rung_goes_on_before_it_has_eta_scores_then_its_best_third():
     assert top({n: s for n, s in enumerate([0.1, 0.6, 0.5, 0.9, 0.3, 0.8])}, 3) == {3, 5}
 
 
+def test_into_the_last_rung_under_a_time_budget_only_the_best_of_the_rung_below_goes_on():
+    scores = {n: s for n, s in enumerate([0.1, 0.6, 0.5, 0.9, 0.3, 0.8])}
+    assert top(scores, 3, leader=True) == {3}  # not 5 as well: second of the rung below, its full run would not lead
+    assert top({0: 0.9, 1: 0.5}, 3, leader=True) == set()  # still fewer than eta scores: nobody
+    assert top({0: 0.5, 1: 0.9, 2: 0.7}, 3, leader=True) == {1}
+
+
+def test_a_paused_trial_below_the_last_rung_is_continued_only_as_the_best_of_its_rung(tmp_path):
+    """Under a time budget (``leader_rung``) the rung below the last lets its best alone go on; lower rungs and
+    studies without a budget keep the best 1/eta."""
+    study = optuna.create_study(direction="maximize")
+    for score in (0.5, 0.8, 0.6, 0.3, 0.7, 0.2):  # six scores at rung 1: the best third is 0.8 and 0.7
+        _add(study, PRUNED, [(0, 0.9), (1, score)], {PAUSED_ATTR: 1})
+    ckpt = _checkpoint(tmp_path, *range(6))
+    assert [t.number for t in promotions(study, 3, ckpt)] == [1, 4]  # no budget: the best third
+    assert [t.number for t in promotions(study, 3, ckpt, leader_rung=1)] == [1]  # a budget: its best
+    assert [t.number for t in promotions(study, 3, ckpt, leader_rung=2)] == [1, 4]  # another rung's rule
+
+
 def test_a_rung_record_taken_over_by_a_continuation_counts_once():
     study = optuna.create_study(direction="maximize")
     _add(study, PRUNED, [(0, 0.7)], {PAUSED_ATTR: 0})
@@ -144,3 +163,31 @@ def test_a_study_of_fewer_trials_than_eta_still_crowns_the_best_paused_one(tmp_p
     assert res.champion_trial.number == cont.number
     assert finished_count(res.study) == 2
     assert list((tmp_path / "ckpt").rglob("running_*")) == []  # the search is over: no paused checkpoint is kept
+
+
+@pytest.mark.slow
+def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_when_it_went_on(tmp_path, sample_dir):
+    """A real study with --timeout (one process: trials run in their numbers' order): whoever trained the last
+    rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so."""
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
+
+    space = tmp_path / "space.yaml"
+    space.write_text("conv_blocks: 1\nfilters: {choices: [2, 4, 8, 16]}\nkernel: 3\ndense_layers: 0\n"
+                     "dense_units: 32\nlearning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nbatch_size: 64\n")
+    lines: list[str] = []
+    res = run_study(StudyOptions(
+        split="digits", trials=9, epochs=3, fidelity="epochs", max_train_samples=1500, data_dir=str(sample_dir),
+        storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
+        checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
+        search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0,
+    ), log=lines.append)
+    assert any("to the last rung only the best" in ln for ln in lines)
+    trials = res.study.trials
+    table_before = lambda n: rung_table([t for t in trials if t.number < n])  # noqa: E731
+    entrants = [(t.number, r) for t in trials for r in t.user_attrs.get("rungs", []) if r["rung"] == 1
+                and r["trial"] == t.number]
+    assert entrants and res.champion_trial is not None
+    for decider, _ in entrants:
+        below = next(r for r in trials[decider].user_attrs["rungs"] if r["rung"] == 0)
+        earlier = table_before(decider).get(0, {})
+        assert all(below["score"] >= s for n, s in earlier.items() if n != below["trial"]), (decider, earlier)

@@ -45,13 +45,14 @@ class OptunaRungs(RungControl):
     ``pruner``: ``successive-halving`` (asynchronous successive halving over the rungs, decided here
     from the rung scores the study's trials recorded, so it works for two objectives too),
     ``optuna`` (the study's own pruner decides on the reported rung values: hyperband, median),
-    or ``none``.
+    or ``none``. ``leader_rung``: the rung whose best alone goes on (the one below the last, under a time
+    budget; None: the best ``1/eta`` of every rung go on).
     """
 
     def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
                  report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
                  | None = None, resumed: Sequence[Mapping[str, Any]] = (), can_pause: bool = False,
-                 promoted_through: int = -1):
+                 promoted_through: int = -1, leader_rung: int | None = None):
         self.trial, self.ladder, self.cost = trial, ladder, cost
         self.pruner, self.no_skill, self.report = pruner, no_skill, report
         self.n_train, self.n_val = data_sizes
@@ -60,6 +61,7 @@ class OptunaRungs(RungControl):
         self.can_pause = can_pause  # a checkpoint is kept: a trial not (yet) in the best 1/eta waits, paused
         self.promoted_through = promoted_through  # rungs already judged: the paused trial it continues earned them
         self.paused = False  # set when this trial pauses (the trial path keeps its checkpoint)
+        self.leader_rung = leader_rung
 
     def _work(self, index: int, images: int) -> float:
         return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
@@ -93,12 +95,15 @@ class OptunaRungs(RungControl):
             rank = 1 + sum(p > result.score for p in scores.values())
             where = f"rank {rank} of {len(scores)} at this rung"
             if self.can_pause:  # ASHA: the best 1/eta of the rung so far go on; the others wait, paused
-                if self.trial.number in top(scores, self.ladder.eta):
+                leader = result.index == self.leader_rung
+                if self.trial.number in top(scores, self.ladder.eta, leader=leader):
                     return None
                 self.paused = True
                 self.trial.set_user_attr(PAUSED_ATTR, result.index)
-                return (f"paused at rung {result.index} (val_accuracy {result.score:.4f}): {where}, only the best "
-                        f"1/{self.ladder.eta} go on; continues if it gets there")
+                rule = ("only its best goes on to the last rung (a time budget)" if leader
+                        else f"only the best 1/{self.ladder.eta} go on")
+                return (f"paused at rung {result.index} (val_accuracy {result.score:.4f}): {where}, {rule}; "
+                        "continues if it gets there")
             if not promotable(result.score, list(scores.values()), self.ladder.eta):
                 return (f"pruned at rung {result.index} (val_accuracy {result.score:.4f}): {where}, only the best "
                         f"1/{self.ladder.eta} go on")
@@ -126,6 +131,7 @@ class Objective:
         pruner: str = "successive-halving",
         no_skill: float = 0.0,
         budget_check: Callable[[Ladder, int, float], str | None] | None = None,
+        leader_rung: int | None = None,
     ):
         self.space, self.base, self.data, self.ladder = space, base, data, ladder
         self.objectives = tuple(objectives)
@@ -134,6 +140,7 @@ class Objective:
         self.checkpoint_dir = checkpoint_dir
         self.limits = limits or Limits()
         self.pruner, self.no_skill, self.budget_check = pruner, no_skill, budget_check
+        self.leader_rung = leader_rung  # the rung whose best alone goes on (see OptunaRungs)
 
     @property
     def multi(self) -> bool:
@@ -177,7 +184,7 @@ class Objective:
             trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
             no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
             time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
-            promoted_through=self._promoted_through(trial, previous),
+            promoted_through=self._promoted_through(trial, previous), leader_rung=self.leader_rung,
         )
         outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
                             limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))

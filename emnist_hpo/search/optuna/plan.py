@@ -53,6 +53,7 @@ class Plan:
     throughput: Throughput
     median_flops: float  # forward FLOPs per image of a typical sampled model
     by_budget: bool = False  # the configuration count is what --timeout affords
+    leader: bool = False  # only the best of the rung below goes on to the last (a time budget, one objective)
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the typical model."""
@@ -61,7 +62,7 @@ class Plan:
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
-               f"of each rung go on"]
+               f"of each rung go on" + (", to the last rung only the best" if self.leader else "")]
         out.append("  " + self.ladder.describe(self.n_train, self.n_val).replace("; ", "\n  "))
         reach = ", ".join(f"~{n:.0f} at rung {i}" for i, n in enumerate(self.per_rung))
         what = "the time budget affords" if self.by_budget else "to screen"
@@ -72,6 +73,25 @@ class Plan:
         out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
                    f"~{duration(self.finish_seconds)}")
         return out
+
+
+def leader_rung(ctx: "StudyContext") -> int | None:
+    """The rung whose best alone goes on to the last: the one below it, in a one-objective study under a time
+    budget (full-length runs are scarce there, and only the champion's counts); None otherwise."""
+    if ctx.budget.deadline is None or ctx.multi or len(ctx.ladder.rungs) < 2:
+        return None
+    return len(ctx.ladder.rungs) - 2
+
+
+def last_rung_runs(configs: float, ladder: Ladder, leader: bool) -> float:
+    """Expected runs of the last rung among ``configs`` screened configurations: ``1/eta**(rungs-1)`` of them;
+    under the leader rule the successive bests of the rung below, ~``1 + ln(m/eta)`` of its ``m`` scores
+    (the best of its first ``eta``, then each score better than all before it)."""
+    reach = ladder.reach()
+    if not leader or len(reach) < 2:
+        return configs * reach[-1]
+    m = configs * reach[-2]
+    return 0.0 if m <= 0 else min(m, 1.0 + max(0.0, math.log(m / ladder.eta)))
 
 
 def sampler_startup(configs: int) -> int:
@@ -115,7 +135,14 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     throughput = Throughput.of_study(ctx.study)
     flops = typical_flops(ctx.space, ctx.base, data.num_classes, limits, seed=opts.seed)
     typical = ModelCost(0, int(flops) if math.isfinite(flops) else 0)
-    per_config = planned_cost(typical, ladder, n, nv, throughput)  # a screened configuration, promotions included
+    leader = leader_rung(ctx) is not None
+    reach, last_i = ladder.reach(), len(ladder.rungs) - 1
+    below = planned_cost(typical, ladder, n, nv, throughput, reach=[*reach[:-1], 0.0])  # the rungs below the last
+    last = planned_cost(typical, ladder, n, nv, throughput, reach=[0.0] * last_i + [1.0])  # one last-rung run
+
+    def search_cost(c: int) -> float:
+        return c * below + last_rung_runs(c, ladder, leader) * last
+
     whole = planned_cost(typical, ladder, n, nv, throughput, reach=[1.0] * len(ladder.rungs))  # up the whole ladder
     reeval = whole * opts.finalists * opts.folds
     final = whole / (1 - opts.val_fraction) if opts.final_fit else 0.0
@@ -125,11 +152,15 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
         time_left = ctx.budget.left()
         reeval = min(reeval, REEVAL_SHARE * (opts.timeout or time_left))
         room = max(0.0, time_left - reeval - final)
-        affordable = int(room / per_config) if per_config > 0 else left
+        unit = below if leader else below + reach[-1] * last  # per configuration (leader: a bound)
+        affordable = min(left, int(room / unit)) if unit > 0 else left
+        while affordable > 0 and search_cost(affordable) > room:
+            affordable -= 1
         if affordable < left:
             configs, by_budget = affordable, True
-    return Plan(ladder, n, nv, configs, [configs * p for p in ladder.reach()], configs * per_config, reeval + final,
-                throughput, flops, by_budget)
+    per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
+    return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
+                leader)
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:

@@ -39,7 +39,7 @@ from emnist_hpo.paths import find_experiment, find_search_space
 from emnist_hpo.search.budget import Throughput, TimeBudget, costs_of
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import Plan, plan, sampler_startup, search_eta
+from emnist_hpo.search.optuna.plan import Plan, leader_rung, plan, sampler_startup, search_eta
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -276,7 +276,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     def prepare() -> list[int]:
         if ctx.opts.pruner != "successive-halving":
             return []
-        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir)
+        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir, leader_rung(ctx))
         for n in numbers:
             log(f"trial {n}, paused, is now in the best 1/{eta} of its rung: queued to continue")
         return numbers
@@ -342,7 +342,7 @@ def make_objective(ctx: StudyContext, parent: str, extra_hooks: Sequence[TrialHo
     return Objective(
         ctx.space, ctx.base, ctx.data, ladder=ctx.ladder, objectives=opts.objectives, hooks=hooks, seeds=ctx.seeds,
         checkpoint_dir=ctx.checkpoint_dir, limits=Limits(opts.max_params, opts.max_flops), pruner=opts.pruner,
-        no_skill=ctx.no_skill, budget_check=_rung_budget(ctx),
+        no_skill=ctx.no_skill, budget_check=_rung_budget(ctx), leader_rung=leader_rung(ctx),
     )
 
 
