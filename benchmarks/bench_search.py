@@ -130,7 +130,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "trials": len(trials), "screened": len(trained), "reached": reached,
         "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
         "continuations": sum(1 for t in trials if "promote_of" in t.user_attrs),
-        "pruned_before_training": sum(1 for t in trials if "max-params" in str(t.user_attrs.get("fail_reason", ""))),
+        "pruned_before_training": sum(1 for t in trials if t.user_attrs.get("refused")),  # search.trial.REFUSED_ATTR
         "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
         "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),
         "screened_per_hour": round(len(trained) / wall * 3600, 1), "plan": plan, "work": str(work),

@@ -82,6 +82,7 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
         super().__init__(seed=seed, n_startup_trials=n_startup_trials, **kwargs)
         self.startup = n_startup_trials
         self.random = optuna.samplers.RandomSampler(seed=seed)
+        self._at_random: dict[int, bool] = {}  # trial id -> drawn at random (decided once, at its relative draw)
 
     def reseed_rng(self) -> None:
         super().reseed_rng()
@@ -92,13 +93,19 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
         return sum(not (REFUSED_ATTR in t.user_attrs or PROMOTE_ATTR in t.user_attrs)
                    for t in study.get_trials(deepcopy=False, states=FINISHED))
 
+    def _drawn_at_random(self, study: optuna.Study, trial) -> bool:
+        """Whether ``trial`` is drawn at random: read from the storage once per trial, not once per parameter."""
+        if trial._trial_id not in self._at_random:
+            self._at_random = {trial._trial_id: self.trained(study) < self.startup}  # the trial before is done
+        return self._at_random[trial._trial_id]
+
     def sample_relative(self, study, trial, search_space):
-        if self.trained(study) < self.startup:
+        if self._drawn_at_random(study, trial):
             return {}
         return super().sample_relative(study, trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
-        if self.trained(study) < self.startup:
+        if self._drawn_at_random(study, trial):
             return self.random.sample_independent(study, trial, param_name, param_distribution)
         return super().sample_independent(study, trial, param_name, param_distribution)
 
