@@ -301,6 +301,21 @@ def test_edge_warning_skips_limits_of_the_parameter_itself():
     assert edge_warning(space, trial) is None
 
 
+def test_edge_warning_skips_the_deepest_stack_the_image_holds(tmp_path):
+    default = SearchSpace.load(REPO / "search_spaces" / "default.yaml")  # conv_blocks 1..4, padding same
+    four = {"conv_blocks": 4, "kernel_0": 3, "kernel_1": 5, "kernel_2": 3, "kernel_3": 3, "convs_per_block": 2}
+    assert "conv_blocks" in default.edges(four)
+    assert "conv_blocks" not in edge_params(default, four)  # 28 -> 14 -> 7 -> 3 -> 1: a fifth block is 0x0
+    rest = "filters: 16\ndense_layers: 0\ndense_units: 64\nlearning_rate: 1.0e-3\n"
+    shallow = tmp_path / "shallow.yaml"  # three blocks of a space that could hold four
+    shallow.write_text("conv_blocks: {low: 1, high: 3}\nkernel: {choices: [3, 5]}\npadding: same\n" + rest)
+    assert edge_params(SearchSpace.load(shallow), {"conv_blocks": 3, "kernel_0": 3}) == ["conv_blocks"]
+    valid = tmp_path / "valid.yaml"  # padding valid with 5x5 kernels: 28 -> 12 -> 4 -> 0 holds two blocks
+    valid.write_text("conv_blocks: {low: 1, high: 2}\nkernel: {choices: [3, 5]}\npadding: valid\n" + rest)
+    assert edge_params(SearchSpace.load(valid), {"conv_blocks": 2, "kernel_0": 5, "kernel_1": 5}) == []
+    assert edge_params(SearchSpace.load(valid), {"conv_blocks": 2, "kernel_0": 3, "kernel_1": 3}) == ["conv_blocks"]
+
+
 def test_pareto_mask_keeps_only_undominated_points():
     params = [100, 200, 300, 150, 300]
     acc = [0.5, 0.7, 0.6, 0.5, 0.9]

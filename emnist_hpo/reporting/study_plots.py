@@ -7,8 +7,9 @@ or, for two objectives, the Pareto front) to the study's parent run. When the
 champion's value of a numeric range parameter lies at a bound of the search
 space (:meth:`SearchSpace.edges`), the best model may lie outside the space: the
 warning is printed and set as tag ``emnist_hpo.edge_warning``. Bounds that are
-limits of the parameter itself (dropout 0, one conv block) are not reported: the
-space cannot be widened past them. Neither ever fails the study.
+limits of the parameter itself (dropout 0, one conv block, the deepest stack a
+28x28 image can be pooled through) are not reported: the space cannot be widened
+past them. Neither ever fails the study.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 import optuna
 
+from emnist_hpo.model.architecture import max_blocks
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.tracking.tracker import Tracker
 
@@ -41,11 +43,26 @@ def _base(name: str) -> str:
     return name.rsplit("_", 1)[0] if name[-1].isdigit() else name
 
 
+def _deepest(space: SearchSpace, params: dict[str, Any]) -> int:
+    """The most conv blocks a 28x28 image holds with ``params``' kernels, padding and convs per block."""
+
+    def value(name: str, default: Any) -> Any:
+        if name in params:
+            return params[name]
+        spec = space.params.get(name)
+        return spec.values[0] if spec is not None and spec.kind == "fixed" else default
+
+    kernels = [v for k, v in params.items() if _base(k) == "kernel"] or [value("kernel", 3)]
+    return max_blocks(max(kernels), value("padding", "same"), value("convs_per_block", 1))
+
+
 def edge_params(space: SearchSpace, params: dict[str, Any]) -> list[str]:
     """:meth:`SearchSpace.edges` of ``params``, less values on a limit of the parameter's own domain."""
     out = []
     for name in space.edges(params):
         low, high = DOMAIN_LIMITS.get(_base(name), (None, None))
+        if name == "conv_blocks":
+            high = _deepest(space, params)  # 2x2 pooling: a fifth block would take 28x28 below 1x1
         if params[name] == low or params[name] == high:
             continue
         out.append(name)
