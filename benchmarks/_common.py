@@ -53,7 +53,18 @@ def machine() -> dict[str, Any]:
 
         info["tensorflow"] = tf.__version__
         info["onednn"] = onednn_enabled()  # TensorFlow's oneDNN kernels (emnist_hpo turns them on for x86-64)
+    info["commit"] = commit()
     return info
+
+
+def commit() -> str:
+    """The code the figures were taken with: ``git describe``'s commit, ``-dirty`` with uncommitted changes."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
 
 
 def load_now() -> float:

@@ -72,6 +72,46 @@ def test_costs_of_reads_trial_durations():
     assert [(c.seconds, c.complete) for c in costs] == [(30.0, True), (5.0, False)]
 
 
+def test_the_next_trial_is_priced_as_a_typical_configuration_not_a_full_length_run():
+    # two full-length runs (100 s) and six configurations stopped at their first rungs (20 s): the search goes
+    # on while a typical configuration and the reserve (2 x 100 s + 125 s final fit) fit; the rung check stops
+    # any rung that would not
+    costs = [TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)] + [TrialCost(0.3, 20, False)] * 6
+    refused = TrialCost(0.0, 0.01, False, trained=False)  # refused for its size: trained nothing, costs nothing
+    b = budget(timeout=1000.0)
+    assert b.stop_search(costs + [refused] * 9, now=650.0) is None  # 350 s left >= 20 + 325
+    reason = b.stop_search(costs + [refused] * 9, now=660.0)  # 340 s left < 345: refusals do not lower the guess
+    assert reason and "a trial takes ~20 s" in reason
+
+
+def test_a_first_rung_that_no_longer_fits_the_time_ends_the_search():
+    costs = [TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)] + [TrialCost(0.3, 20, False)] * 6
+    b = budget(timeout=1000.0)  # began at 0
+    late = TrialCost(float("-inf"), 0.2, False, trained=False, out_of_time=True, ended=400.0)
+    reason = b.stop_search(costs + [late], now=400.0)  # typical trials would still fit: the refusal says not
+    assert reason and "first rung no longer fits" in reason
+    leader = TrialCost(0.6, 40, False, trained=True, out_of_time=True, ended=400.0)  # refused its *last* rung
+    assert b.stop_search(costs + [leader], now=400.0) is None  # a new configuration's first rung may still fit
+    earlier = TrialCost(float("-inf"), 0.2, False, trained=False, out_of_time=True, ended=-50.0)
+    assert b.stop_search(costs + [earlier], now=400.0) is None  # a previous session's budget: not this one's
+
+
+def test_costs_of_tells_trained_trials_from_refusals_and_time_stops():
+    study = optuna.create_study(direction="maximize")
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    rows = [({"rungs": [{"rung": 0}]}, 20), ({"refused": True, "fail_reason": "params 9 > --max-params 1"}, 0),
+            ({"fail_reason": "time budget: rung 0 would take ~30 s and 10 s are left"}, 0),
+            ({"rungs": [{"rung": 0}], "fail_reason": "time budget: rung 2 would take ~90 s"}, 25)]
+    for attrs, secs in rows:
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, state=optuna.trial.TrialState.PRUNED, value=None, values=None, datetime_start=t0,
+            datetime_complete=t0 + dt.timedelta(seconds=secs), params={}, distributions={}, user_attrs=attrs,
+            system_attrs={}, intermediate_values={}, trial_id=0))
+    costs = costs_of(study)
+    assert [(c.trained, c.out_of_time) for c in costs] == [(True, False), (False, False), (False, True), (True, True)]
+    assert costs[0].ended == pytest.approx((t0 + dt.timedelta(seconds=20)).timestamp())
+
+
 @pytest.mark.parametrize("bad", [0, -5, float("nan")])
 def test_bad_timeout_is_refused(bad):
     with pytest.raises(ConfigError, match="--timeout must be > 0"):

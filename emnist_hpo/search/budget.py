@@ -39,6 +39,9 @@ class TrialCost:
     seconds: float  # its wall time, tracking included
     complete: bool  # COMPLETE (a finalist candidate) rather than PRUNED
     full: float = 1.0  # the ladder's epochs over the epochs it ran (> 1 when early stopping ended it): a final fit runs all
+    trained: bool = True  # it ran at least one rung (False: refused for its size, or its first rung did not fit the time)
+    out_of_time: bool = False  # stopped because its next rung would not fit in the time budget
+    ended: float = 0.0  # when it finished (seconds since the epoch)
 
 
 def full_share(trial: optuna.trial.FrozenTrial, ladder: Ladder | None) -> float:
@@ -56,7 +59,11 @@ def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> Tr
         return None
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     value = trial.values[0] if trial.values else float("-inf")
-    return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder))
+    reason = trial.user_attrs.get("fail_reason")
+    return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder),
+                     trained=bool(trial.user_attrs.get("rungs")) or trial.state == TrialState.COMPLETE,
+                     out_of_time=isinstance(reason, str) and reason.startswith("time budget"),
+                     ended=trial.datetime_complete.timestamp())
 
 
 def costs_of(study: optuna.Study, ladder: Ladder | None = None) -> list[TrialCost]:
@@ -130,8 +137,14 @@ class TimeBudget:
             return "the time budget is spent"
         if not costs:
             return None
-        complete = [c.seconds for c in costs if c.complete]  # a trial that trains to the end: the safe guess
-        next_trial = statistics.median(complete or [c.seconds for c in costs])
+        began = self.deadline - (self.timeout if self.timeout is not None else left)
+        if any(c.out_of_time and not c.trained and c.ended >= began for c in costs):
+            return (f"time budget: {left:.0f} s left, and a configuration's first rung no longer fits before the "
+                    f"time kept for re-evaluating the finalists and the final fit")
+        # what the next configuration typically costs: most stop at a low rung, and the check before every rung
+        # stops one whose next rung would not fit, so a full-length trial is not the guess (it left ~10% unused)
+        trained = [c.seconds for c in costs if c.trained]
+        next_trial = statistics.median(trained or [c.seconds for c in costs])
         reserve = self.reserve(costs)
         if next_trial + reserve > left:
             return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "
