@@ -8,7 +8,7 @@ import math
 import optuna
 import pytest
 
-from emnist_hpo.search.budget import TimeBudget, TrialCost, costs_of
+from emnist_hpo.search.budget import TimeBudget, TrialCost, cost_of, costs_of
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.errors import ConfigError
 
@@ -110,6 +110,26 @@ def test_costs_of_tells_trained_trials_from_refusals_and_time_stops():
     costs = costs_of(study)
     assert [(c.trained, c.out_of_time) for c in costs] == [(True, False), (False, False), (False, True), (True, True)]
     assert costs[0].ended == pytest.approx((t0 + dt.timedelta(seconds=20)).timestamp())
+
+
+def test_a_continuation_is_priced_with_the_rungs_it_trained_before_it_was_paused():
+    # compact paused after rung 0 (34 s, trial 2) and rung 1 (78 s, trial 7), continued by trial 16 (171 s):
+    # re-evaluating or refitting it trains all three rungs again (a balanced study reserved 171 s for it, spent
+    # ~285 s re-evaluating it and then had no time left for the final fit)
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    rungs = [{"rung": 0, "seconds": 34.0, "trial": 2}, {"rung": 1, "seconds": 78.0, "trial": 7},
+             {"rung": 2, "seconds": 168.0, "trial": 16}]
+    cont, own = (cost_of(optuna.trial.FrozenTrial(
+        number=number, state=optuna.trial.TrialState.COMPLETE, value=0.87 + number / 1000, values=None,
+        datetime_start=t0, datetime_complete=t0 + dt.timedelta(seconds=secs), params={}, distributions={},
+        user_attrs=attrs, system_attrs={}, intermediate_values={}, trial_id=number))
+        for number, secs, attrs in [(16, 171, {"rungs": rungs, "promote_of": 7}),
+                                    (28, 181, {"rungs": [{"rung": r, "seconds": 60.0, "trial": 28} for r in range(3)]})])
+    assert cont.seconds == pytest.approx(171) and cont.run_seconds == pytest.approx(171 + 34 + 78)
+    assert own.run_seconds == pytest.approx(181)  # every rung its own: nothing before it
+    b = budget(timeout=10_000.0, finalists=2, folds=1)
+    assert b.reserve([cont, own]) == pytest.approx(283 + 181 + 1.25 * 181)  # both re-evaluated, trial 28 refitted
+    assert b.fit_cost(cont) == pytest.approx(283 * 1.25)
 
 
 @pytest.mark.parametrize("bad", [0, -5, float("nan")])

@@ -5,7 +5,8 @@ and the champion is fitted again on train+validation. A budget that only stops
 *starting* trials lets those steps run past it (a 20-minute study that takes
 35). :class:`TimeBudget` instead stops the search while there is still time for
 them, estimated from the trials themselves: each finalist costs ``folds`` runs of
-its own trial's duration, the final fit one more on a pool 1/(1 - val_fraction)
+its own run's duration (a paused trial's continuation: with the rungs it trained before), the final fit one
+more on a pool 1/(1 - val_fraction)
 times the training set, for every epoch of the ladder (an early-stopped champion's
 final fit runs longer than its trial did). The re-evaluation gets at most ``REEVAL_SHARE`` of the
 budget (fewer folds, then fewer finalists, when that is not enough): a search
@@ -42,6 +43,12 @@ class TrialCost:
     trained: bool = True  # it ran at least one rung (False: refused for its size, or its first rung did not fit the time)
     out_of_time: bool = False  # stopped because its next rung would not fit in the time budget
     ended: float = 0.0  # when it finished (seconds since the epoch)
+    before: float = 0.0  # seconds its rungs took in the paused trials it continues (0 unless a continuation)
+
+    @property
+    def run_seconds(self) -> float:
+        """What training it from scratch costs: a continuation's run began in the trials it continues."""
+        return self.seconds + self.before
 
 
 def full_share(trial: optuna.trial.FrozenTrial, ladder: Ladder | None) -> float:
@@ -60,10 +67,12 @@ def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> Tr
     seconds = (trial.datetime_complete - trial.datetime_start).total_seconds()
     value = trial.values[0] if trial.values else float("-inf")
     reason = trial.user_attrs.get("fail_reason")
+    rungs = [r for r in trial.user_attrs.get("rungs") or [] if isinstance(r, dict)]
+    before = sum(float(r.get("seconds", 0.0)) for r in rungs if r.get("trial", trial.number) != trial.number)
     return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder),
                      trained=bool(trial.user_attrs.get("rungs")) or trial.state == TrialState.COMPLETE,
                      out_of_time=isinstance(reason, str) and reason.startswith("time budget"),
-                     ended=trial.datetime_complete.timestamp())
+                     ended=trial.datetime_complete.timestamp(), before=before)
 
 
 def costs_of(study: optuna.Study, ladder: Ladder | None = None) -> list[TrialCost]:
@@ -94,7 +103,8 @@ class TimeBudget:
 
     def plan(self, costs: Sequence[TrialCost], room: float | None = None) -> tuple[int, int]:
         """``(finalists, folds)`` the re-evaluation can afford: within its share of the budget (and
-        ``room`` seconds, when given), each finalist costing ``folds`` runs of its own trial's duration.
+        ``room`` seconds, when given), each finalist costing ``folds`` runs of its own run's duration
+        (:attr:`TrialCost.run_seconds`: a re-evaluation trains from scratch what a continuation picked up).
 
         Fewer folds are preferred to fewer finalists; ``(0, 0)`` when two finalists do not fit even with one
         fold, or the study has one complete trial: one finalist cannot be compared with anything.
@@ -107,16 +117,16 @@ class TimeBudget:
         for folds in range(self.folds, 0, -1):
             n, spent = 0, 0.0
             for c in top:
-                if spent + c.seconds * folds > room:
+                if spent + c.run_seconds * folds > room:
                     break
-                n, spent = n + 1, spent + c.seconds * folds
+                n, spent = n + 1, spent + c.run_seconds * folds
             if n >= 2:
                 return n, folds
         return 0, 0
 
     def fit_cost(self, champion: TrialCost) -> float:
         """Seconds the final fit of ``champion`` takes: every epoch of the ladder on train+validation."""
-        return champion.seconds * champion.full * self.final_fit_scale
+        return champion.run_seconds * champion.full * self.final_fit_scale
 
     def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
         top = [c for c in costs if c.complete]
@@ -126,7 +136,7 @@ class TimeBudget:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""
         n, folds = self.plan(costs)
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
-        return sum(c.seconds for c in top[:n]) * folds + self.final_fit_cost(costs)
+        return sum(c.run_seconds for c in top[:n]) * folds + self.final_fit_cost(costs)
 
     def stop_search(self, costs: Sequence[TrialCost], now: float | None = None) -> str | None:
         """Why the search must start no more trials, or None while the next trial still fits."""
