@@ -256,3 +256,29 @@ def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under
     assert last_rung_runs(1, ladder, True) == pytest.approx(1 / 3)  # never more runs than scores below
     runs = [last_rung_runs(c, ladder, True) for c in (30, 60, 120, 240)]
     assert runs == sorted(runs) and runs[-1] - runs[0] == pytest.approx(math.log(8))  # grows like a log
+
+
+def test_a_new_study_plans_with_the_speed_its_storages_other_studies_measured(tmp_path):
+    """Before its first rung a study's plan uses the rungs of the other studies in its storage (this machine,
+    for a local store), not the default guess; its own rungs, once it has some, win."""
+    from emnist_hpo.search.budget import DEFAULT_RATE, Throughput
+    from emnist_hpo.search.optuna.plan import Plan
+    from emnist_hpo.train.fidelity import make_ladder
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    done = optuna.create_study(study_name="emnist-letters", storage=storage, direction="maximize")
+    rungs = [{"rung": 0, "work": w, "seconds": 8.0 + w / 120e9, "trial": 0} for w in (5e11, 1e12, 3e12, 9e12)]
+    _finished(done, 100.0, rungs=rungs)
+    new = optuna.create_study(study_name="emnist-balanced", storage=storage, direction="maximize")
+    assert Throughput.of_study(new).measured == 0
+    prior = Throughput.of_storage(storage, skip="emnist-balanced")
+    assert prior.measured == 4 and prior.rate == pytest.approx(120e9, rel=1e-6) and prior.overhead == pytest.approx(8.0)
+    assert prior.rate != DEFAULT_RATE and prior.source == "other studies in this storage"
+    assert Throughput.of_storage(storage, skip="emnist-letters").measured == 0  # nothing but the skipped one
+    assert Throughput.of_storage(storage, skip="emnist-letters").source == ""
+    ladder = make_ladder("data", 15, 13_385, 47)
+    line = next(ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0, prior, 13.5e6).lines()
+                if "this machine" in ln)
+    assert "120 GFLOP/s training, 8.0 s per rung, measured on 4 rungs of other studies in this storage" in line
+    assert "(default guess)" in next(ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0, Throughput(),
+                                                       13.5e6).lines() if "this machine" in ln)

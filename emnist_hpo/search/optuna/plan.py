@@ -1,7 +1,8 @@
 """A study's plan, said before it starts: the ladder, the configurations each rung will see, the ETA.
 
 Everything is predicted from FLOPs known before training (:mod:`emnist_hpo.model.cost`) and the speed
-this machine showed on the study's earlier rungs (:class:`~emnist_hpo.search.budget.Throughput`).
+this machine showed on the study's earlier rungs (:class:`~emnist_hpo.search.budget.Throughput`), or on
+its storage's other studies before it has run any.
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class Plan:
         what = "the time budget affords" if self.by_budget else "to screen"
         out.append(f"  configurations {what}: {self.configs} ({reach})")
         rate = f"{self.throughput.rate / 1e9:.0f} GFLOP/s training, {self.throughput.overhead:.1f} s per rung" + (
-            f", measured on {self.throughput.measured} rungs" if self.throughput.measured else " (default guess)")
+            f", measured on {self.throughput.measured} rungs" + (f" of {self.throughput.source}" if self.throughput.source
+                                                                  else "")
+            if self.throughput.measured else " (default guess)")
         out.append(f"  a typical sampled model: {human(self.median_flops)} FLOPs per image; this machine: {rate}")
         out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
                    f"~{duration(self.finish_seconds)}")
@@ -133,6 +136,8 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     opts, data, ladder = ctx.opts, ctx.data, ctx.ladder
     n, nv = len(data.y_train), len(data.y_val)
     throughput = Throughput.of_study(ctx.study)
+    if not throughput.measured:  # a new study: the speed this storage's other studies measured, if any
+        throughput = Throughput.of_storage(ctx.storage, skip=ctx.study.study_name)
     flops = typical_flops(ctx.space, ctx.base, data.num_classes, limits, seed=opts.seed)
     typical = ModelCost(0, int(flops) if math.isfinite(flops) else 0)
     leader = leader_rung(ctx) is not None
@@ -168,7 +173,7 @@ def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1)
 
     The wall time the study's finished sampled trials took per configuration (a paused trial's continuations
     included; seeds and repeats left out) once there are :data:`ETA_SAMPLED` configurations; before that,
-    the plan's typical model at the throughput measured so far.
+    the plan's typical model at the throughput measured so far (the plan's own before any rung).
     """
     sampled = [t for t in study.get_trials(deepcopy=False, states=FINISHED)
                if t.datetime_start is not None and t.datetime_complete is not None
@@ -177,5 +182,6 @@ def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1)
     if configs >= ETA_SAMPLED:
         per = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in sampled) / configs
     else:
-        per = the_plan.per_config(Throughput.of_study(study))
+        own = Throughput.of_study(study)
+        per = the_plan.per_config(own if own.measured else the_plan.throughput)
     return per * max(left, 0) / max(1, workers)
