@@ -5,9 +5,9 @@ and the champion is fitted again on train+validation. A budget that only stops
 *starting* trials lets those steps run past it (a 20-minute study that takes
 35). :class:`TimeBudget` instead stops the search while there is still time for
 them, estimated from the trials themselves: each finalist costs ``folds`` runs of
-its own run's duration (a paused trial's continuation: with the rungs it trained before), the final fit one
-more on a pool 1/(1 - val_fraction)
-times the training set, for every epoch of the ladder (an early-stopped champion's
+its own run's duration (a paused trial's continuation: with the rungs it trained
+before), the final fit one more on a pool 1/(1 - val_fraction) times the training
+set, for every epoch of the ladder (an early-stopped champion's
 final fit runs longer than its trial did). The re-evaluation gets at most ``REEVAL_SHARE`` of the
 budget (fewer folds, then fewer finalists, when that is not enough): a search
 cut short to re-train finalists of a poor search gains nothing.
@@ -70,7 +70,7 @@ def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> Tr
     rungs = [r for r in trial.user_attrs.get("rungs") or [] if isinstance(r, dict)]
     before = sum(float(r.get("seconds", 0.0)) for r in rungs if r.get("trial", trial.number) != trial.number)
     return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder),
-                     trained=bool(trial.user_attrs.get("rungs")) or trial.state == TrialState.COMPLETE,
+                     trained=bool(rungs) or trial.state == TrialState.COMPLETE,
                      out_of_time=isinstance(reason, str) and reason.startswith("time budget"),
                      ended=trial.datetime_complete.timestamp(), before=before)
 
