@@ -282,3 +282,61 @@ def test_a_new_study_plans_with_the_speed_its_storages_other_studies_measured(tm
     assert "120 GFLOP/s training, 8.0 s per rung, measured on 4 rungs of other studies in this storage" in line
     assert "(default guess)" in next(ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0, Throughput(),
                                                        13.5e6).lines() if "this machine" in ln)
+
+
+def test_a_model_that_would_take_more_than_half_the_budget_to_be_crowned_is_refused_before_training():
+    """A balanced study spent 1,183 s of its 1,800 on one 80M-FLOP model (443 s up the ladder, ~740 s final fit)
+    and screened 12 configurations. Under --timeout a configuration whose climb of every rung and final fit would
+    take more than half the budget, at the speed the study measured, is refused untrained, like --max-flops."""
+    from types import SimpleNamespace
+
+    from emnist_hpo.model.cost import ModelCost
+    from emnist_hpo.search.budget import CROWN_SHARE, Throughput
+    from emnist_hpo.search.optuna.study import study_limits
+    from emnist_hpo.search.trial import Limits, crown_time, planned_cost
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 13_385, 47)
+    speed = Throughput(overhead=5.0, rate=120e9, measured=3)
+    seconds = crown_time(lambda: speed, ladder, 13_385, 3_346, final_fit_scale=1.25)
+    compact, heavy = ModelCost(189_647, 34_900_000), ModelCost(103_647, 80_000_000)
+    up = planned_cost(heavy, ladder, 13_385, 3_346, speed, reach=[1.0] * len(ladder.rungs))
+    assert seconds(heavy) == pytest.approx(up * (1 + 1.25))  # every rung, then the final fit on 1.25x the images
+    assert seconds(compact) < CROWN_SHARE * 1800 < seconds(heavy)
+    limits = Limits(max_seconds=CROWN_SHARE * 1800, seconds=seconds)
+    assert limits.refuse(compact) is None
+    why = limits.refuse(heavy)
+    assert why.startswith(f"model would take ~{seconds(heavy):,.0f} s") and "> 900 s" in why and "80M FLOPs" in why
+    # a refusal, not a time stop: it trained nothing and costs nothing, and the search goes on
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    refused = cost_of(optuna.trial.FrozenTrial(
+        number=5, state=optuna.trial.TrialState.PRUNED, value=None, values=None, datetime_start=t0,
+        datetime_complete=t0, params={}, distributions={}, user_attrs={"refused": True, "fail_reason": why},
+        system_attrs={}, intermediate_values={}, trial_id=5))
+    assert not refused.trained and not refused.out_of_time
+    assert budget(timeout=1000.0).stop_search([TrialCost(0.8, 20.0, True), refused], now=100.0) is None
+    # before the study has measured its speed (the default guess was 2-4x off) nothing is refused for time
+    unmeasured = crown_time(lambda: Throughput(), ladder, 13_385, 3_346, final_fit_scale=1.25)
+    assert Limits(max_seconds=1.0, seconds=unmeasured).refuse(heavy) is None
+    # a study's limits: the time limit only under --timeout, at CROWN_SHARE of it; the final fit only if it runs
+    study = optuna.create_study()
+    ctx = lambda timeout, final_fit: SimpleNamespace(  # noqa: E731
+        opts=SimpleNamespace(max_params=200_000, max_flops=None), study=study, ladder=ladder,
+        data=SimpleNamespace(y_train=range(13_385), y_val=range(3_346)),
+        budget=TimeBudget.start(timeout, finalists=0, folds=1, final_fit=final_fit, val_fraction=0.2))
+    assert study_limits(ctx(None, True)) == Limits(200_000, None)
+    timed = study_limits(ctx(1800.0, True))
+    assert (timed.max_params, timed.max_seconds) == (200_000, CROWN_SHARE * 1800)
+    assert timed.seconds(heavy) is None  # this study has measured nothing yet
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"rungs": [
+        {"rung": 0, "work": w, "seconds": 5.0 + w / 120e9} for w in (1e11, 5e11, 2e12)]}))
+    assert timed.seconds(heavy) == pytest.approx(seconds(heavy), rel=1e-6)
+    assert study_limits(ctx(1800.0, False)).seconds(heavy) == pytest.approx(up, rel=1e-6)
+    # the plan says so up front
+    from emnist_hpo.search.optuna.plan import Plan
+
+    said = Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0, speed, 13.5e6, crown_limit=900.0).lines()
+    assert any(ln.startswith("  refused before training: a configuration that would take over 15 min up every rung")
+               for ln in said)
+    assert not any("refused before training" in ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0,
+                                                                   speed, 13.5e6).lines())

@@ -32,6 +32,14 @@ if TYPE_CHECKING:
 #: The largest share of a time budget kept back from the search for the re-evaluation (the final fit comes on top):
 #: with a short budget the search itself matters more than a second opinion on its few finalists.
 REEVAL_SHARE = 0.2
+#: The largest share of a time budget one configuration may need to be crowned (every rung of the ladder, then the
+#: final fit): a heavier one is refused before it trains, as ``--max-flops`` would refuse it. Crowning it would
+#: leave the search less than the rest: a balanced study spent 1,183 s of 1,800 on one 80M-FLOP model (443 s up
+#: the ladder, ~740 s final fit) and screened 12 configurations where its seed-0 twin screened 24.
+CROWN_SHARE = 0.5
+#: Rungs the study must have measured before it refuses a configuration for time: the default speed guess was
+#: 2-4x off on the AVX-512 machine, and would refuse what fits.
+CROWN_MEASURED = 3
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.options import OBJECTIVES
 from emnist_hpo.reporting.evaluation import evaluate
-from emnist_hpo.search.budget import Throughput, rung_work
+from emnist_hpo.search.budget import CROWN_MEASURED, Throughput, rung_work
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
 from emnist_hpo.train.trainer import RungControl, TrainResult, TrialCheckpoint, predict_proba, train
@@ -47,16 +47,25 @@ NO_SKILL_FACTOR = 2.0
 
 @dataclass
 class Limits:
-    """What a trial may cost, known before it trains (``--max-params``, ``--max-flops``)."""
+    """What a trial may cost, known before it trains (``--max-params``, ``--max-flops``; under ``--timeout``, the
+    time it would take to be crowned)."""
 
     max_params: int | None = None
     max_flops: int | None = None
+    max_seconds: float | None = None  # the most its climb of every rung and its final fit may take (None: no limit)
+    seconds: Callable[[ModelCost], float | None] | None = None  # predicts that time (None: speed not yet measured)
 
     def refuse(self, cost: ModelCost) -> str | None:
         if self.max_params is not None and cost.params > self.max_params:
             return f"model has {cost.params:,} parameters > --max-params {self.max_params:,}"
         if self.max_flops is not None and cost.flops > self.max_flops:
             return f"model needs {human(cost.flops)} FLOPs per image > --max-flops {human(self.max_flops)}"
+        if self.max_seconds is not None and self.seconds is not None:
+            need = self.seconds(cost)
+            if need is not None and need > self.max_seconds:
+                return (f"model would take ~{need:,.0f} s up every rung and through its final fit > {self.max_seconds:,.0f}"
+                        f" s, the most one configuration may take of the time budget ({human(cost.flops)} FLOPs per "
+                        "image at the speed this study measured)")
         return None
 
 
@@ -163,6 +172,22 @@ def interrupt_reason(exc: BaseException) -> str:
 
 def directions(objectives: Sequence[str]) -> list[str]:
     return [OBJECTIVES[o] for o in objectives]
+
+
+def crown_time(throughput: Callable[[], Throughput], ladder: Ladder, n_train: int, n_val: int,
+               final_fit_scale: float, min_measured: int = CROWN_MEASURED) -> Callable[[ModelCost], float | None]:
+    """Predicts what crowning a model of a given cost takes: every rung of ``ladder``, then the final fit
+    (``final_fit_scale`` times that run; 0: none), at ``throughput()``'s speed; None until it is measured on
+    ``min_measured`` rungs."""
+
+    def seconds(cost: ModelCost) -> float | None:
+        speed = throughput()
+        if speed.measured < min_measured:
+            return None
+        whole = planned_cost(cost, ladder, n_train, n_val, speed, reach=[1.0] * len(ladder.rungs))
+        return whole * (1.0 + final_fit_scale)
+
+    return seconds
 
 
 def planned_cost(cost: ModelCost, ladder: Ladder, n_train: int, n_val: int, throughput: Throughput,

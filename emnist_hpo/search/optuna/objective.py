@@ -10,6 +10,7 @@ there) or one of Optuna's own pruners. A trial enqueued with ``resume_of`` (inte
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -186,8 +187,10 @@ class Objective:
             time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
             promoted_through=self._promoted_through(trial, previous), leader_rung=self.leader_rung,
         )
+        # a continuation's configuration was let through when it began: its time is not judged again
+        limits = self.limits if previous is None else dataclasses.replace(self.limits, max_seconds=None)
         outcome = run_trial(trial, cfg, self.data, ladder=self.ladder, hooks=self.hooks, control=control,
-                            limits=self.limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
+                            limits=limits, checkpoint=checkpoint, keep_model=lambda r: self._keep(trial, r))
         if outcome.state == "FAIL":
             raise outcome.error if outcome.error is not None else RuntimeError(outcome.reason)
         if outcome.state == "PRUNED":

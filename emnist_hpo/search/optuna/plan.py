@@ -17,7 +17,7 @@ import optuna
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
-from emnist_hpo.search.budget import REEVAL_SHARE, Throughput
+from emnist_hpo.search.budget import CROWN_MEASURED, CROWN_SHARE, REEVAL_SHARE, Throughput
 from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.storage import FINISHED, finished_count
@@ -55,6 +55,7 @@ class Plan:
     median_flops: float  # forward FLOPs per image of a typical sampled model
     by_budget: bool = False  # the configuration count is what --timeout affords
     leader: bool = False  # only the best of the rung below goes on to the last (a time budget, one objective)
+    crown_limit: float | None = None  # seconds a configuration may take up every rung and through its final fit
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the typical model."""
@@ -75,6 +76,10 @@ class Plan:
         out.append(f"  a typical sampled model: {human(self.median_flops)} FLOPs per image; this machine: {rate}")
         out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
                    f"~{duration(self.finish_seconds)}")
+        if self.crown_limit is not None:
+            out.append(f"  refused before training: a configuration that would take over {duration(self.crown_limit)} "
+                       f"up every rung and through its final fit ({CROWN_SHARE:.0%} of the budget, once {CROWN_MEASURED} rungs "
+                       "are measured)")
         return out
 
 
@@ -164,8 +169,9 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
         if affordable < left:
             configs, by_budget = affordable, True
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
+    crown = None if ctx.budget.timeout is None else CROWN_SHARE * ctx.budget.timeout
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
-                leader)
+                leader, crown)
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:

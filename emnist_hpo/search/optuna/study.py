@@ -36,7 +36,7 @@ from emnist_hpo.errors import ConfigError, EmnistHpoError
 from emnist_hpo.model.cost import human
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.paths import find_experiment, find_search_space
-from emnist_hpo.search.budget import Throughput, TimeBudget, costs_of
+from emnist_hpo.search.budget import CROWN_SHARE, Throughput, TimeBudget, costs_of
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.plan import Plan, leader_rung, plan, sampler_startup, search_eta
@@ -57,7 +57,7 @@ from emnist_hpo.search.optuna.workers import run_workers
 from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate, standard_error
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.summary import format_summary, next_commands
-from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, directions, interrupt_reason
+from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, crown_time, directions, interrupt_reason
 from emnist_hpo.tracking.registry import Registered
 from emnist_hpo.tracking.tracker import (
     TAG_ENGINE,
@@ -335,13 +335,24 @@ def _scored(ctx: StudyContext) -> int:
 # --------------------------------------------------------------------------- the loop
 
 
+def study_limits(ctx: StudyContext) -> Limits:
+    """What a trial of this study may cost: ``--max-params``, ``--max-flops`` and, under ``--timeout``, at most
+    ``CROWN_SHARE`` of the budget to climb every rung and be fitted finally (at the speed the study measured)."""
+    opts = ctx.opts
+    if ctx.budget.timeout is None:
+        return Limits(opts.max_params, opts.max_flops)
+    seconds = crown_time(lambda: Throughput.of_study(ctx.study), ctx.ladder, len(ctx.data.y_train),
+                         len(ctx.data.y_val), ctx.budget.final_fit_scale)
+    return Limits(opts.max_params, opts.max_flops, CROWN_SHARE * ctx.budget.timeout, seconds)
+
+
 def make_objective(ctx: StudyContext, parent: str, extra_hooks: Sequence[TrialHooks] = ()) -> Objective:
     opts = ctx.opts
     hooks: list[TrialHooks] = [MlflowTrialHooks(ctx.tracker, parent, opts.split, opts.name, plots=opts.trial_plots)]
     hooks += list(extra_hooks)
     return Objective(
         ctx.space, ctx.base, ctx.data, ladder=ctx.ladder, objectives=opts.objectives, hooks=hooks, seeds=ctx.seeds,
-        checkpoint_dir=ctx.checkpoint_dir, limits=Limits(opts.max_params, opts.max_flops), pruner=opts.pruner,
+        checkpoint_dir=ctx.checkpoint_dir, limits=study_limits(ctx), pruner=opts.pruner,
         no_skill=ctx.no_skill, budget_check=_rung_budget(ctx), leader_rung=leader_rung(ctx),
     )
 
