@@ -128,7 +128,8 @@ def test_a_continuation_is_priced_with_the_rungs_it_trained_before_it_was_paused
     assert cont.seconds == pytest.approx(171) and cont.run_seconds == pytest.approx(171 + 34 + 78)
     assert own.run_seconds == pytest.approx(181)  # every rung its own: nothing before it
     b = budget(timeout=10_000.0, finalists=2, folds=1)
-    assert b.reserve([cont, own]) == pytest.approx(283 + 181 + 1.25 * 181)  # both re-evaluated, trial 28 refitted
+    # both re-evaluated; either may win, and trial 16's final fit (all three rungs again) is the longer
+    assert b.reserve([cont, own]) == pytest.approx(283 + 181 + 1.25 * 283)
     assert b.fit_cost(cont) == pytest.approx(283 * 1.25)
 
 
@@ -340,3 +341,18 @@ def test_a_model_that_would_take_more_than_half_the_budget_to_be_crowned_is_refu
                for ln in said)
     assert not any("refused before training" in ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0,
                                                                    speed, 13.5e6).lines())
+
+
+def test_the_final_fit_kept_time_for_is_the_one_the_champion_needs_not_the_best_scores():
+    """A byclass study kept ~369 s for its best score's final fit (compact) and stopped its search with 424 s
+    left; the one-standard-error rule then crowned a smaller trial whose final fit needed ~451 s, so the
+    champion's own model (trained on 80% of the data) was tested. The reserve now prices every trial that may
+    be crowned: those within one standard error of the best, and the finalists."""
+    best, smaller, far = TrialCost(0.8403, 210.0, True), TrialCost(0.8335, 360.0, True), TrialCost(0.70, 900.0, True)
+    b = budget(timeout=10_000.0, finalists=0, folds=1)
+    assert b.final_fit_cost([best, smaller, far]) == pytest.approx(1.25 * 210)  # the best score is crowned
+    b.scored = 2637  # validation images: one standard error of 0.8403 is 0.0071
+    assert b.final_fit_cost([best, smaller, far]) == pytest.approx(1.25 * 360)
+    assert b.reserve([best, smaller, far]) == pytest.approx(1.25 * 360)
+    finalists = budget(timeout=10_000.0, finalists=3, folds=1)  # a finalist far below may win on re-evaluation
+    assert finalists.final_fit_cost([best, smaller, far]) == pytest.approx(1.25 * 900)

@@ -42,6 +42,14 @@ CROWN_SHARE = 0.5
 CROWN_MEASURED = 3
 
 
+def standard_error(accuracy: float, n: int) -> float:
+    """One standard error of an accuracy measured on ``n`` images, ``sqrt(p (1 - p) / n)``; 0 without images."""
+    if n < 1 or not math.isfinite(accuracy):
+        return 0.0
+    p = min(max(accuracy, 0.0), 1.0)
+    return math.sqrt(p * (1.0 - p) / n)
+
+
 @dataclass(frozen=True)
 class TrialCost:
     value: float  # the trial's first objective (validation accuracy)
@@ -96,6 +104,8 @@ class TimeBudget:
     folds: int = 1  # re-evaluation runs per finalist
     final_fit_scale: float = 0.0  # the final fit's cost in trial durations of the champion (0: no final fit)
     timeout: float | None = None  # the budget in seconds
+    scored: int = 0  # validation images behind a score: the champion is the smallest trial within one standard
+    # error of the best (the study's one-standard-error rule); 0: the best score is crowned
 
     @classmethod
     def start(cls, timeout: float | None, *, finalists: int, folds: int, final_fit: bool,
@@ -137,8 +147,14 @@ class TimeBudget:
         return champion.run_seconds * champion.full * self.final_fit_scale
 
     def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
-        top = [c for c in costs if c.complete]
-        return self.fit_cost(max(top, key=lambda c: c.value)) if top else 0.0
+        """Seconds the champion's final fit may take: the longest of those that may be crowned, the trials within
+        one standard error of the best (the smallest of them is crowned, not the best) and the finalists."""
+        top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
+        if not top:
+            return 0.0
+        margin = standard_error(top[0].value, self.scored)
+        n, _ = self.plan(costs)
+        return max(self.fit_cost(c) for c in [*top[:max(n, 1)], *(c for c in top if c.value >= top[0].value - margin)])
 
     def reserve(self, costs: Sequence[TrialCost]) -> float:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""

@@ -15,7 +15,6 @@ best *and smallest* CNN. Two objectives use their ``tolerance`` the same way.
 from __future__ import annotations
 
 import copy
-import math
 import statistics
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -26,6 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData, Rows
+from emnist_hpo.search.budget import standard_error  # noqa: F401  (the one-standard-error rule's margin)
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.trainer import train
@@ -55,14 +55,6 @@ class Finalist:
         return {"trial": self.trial, "original_val_accuracy": self.original, "reeval_mean": self.mean,
                 "reeval_std": self.std, "optimism": self.optimism, "params": self.params,
                 "scores": " ".join(f"{s:.4f}" for s in self.scores)}
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    """One standard error of an accuracy measured on ``n`` images, ``sqrt(p (1 - p) / n)``; 0 without images."""
-    if n < 1 or not math.isfinite(accuracy):
-        return 0.0
-    p = min(max(accuracy, 0.0), 1.0)
-    return math.sqrt(p * (1.0 - p) / n)
 
 
 def folds(data: PreparedData, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -155,7 +155,7 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
     # Concurrent workers must not draw the same parameters, nor a resumed run replay the first run's draws:
     # the first process to open a study uses --seed itself, the n-th seed + 1000 * n.
     ctx = StudyContext(opts, space, seeds, base, data, storage_url, storage, tracker, study, lock, ladder,
-                       _budget(opts), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
+                       _budget(opts, len(data.y_val)), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
     set_sampler(ctx, opts.startup_trials or DEFAULT_STARTUP)
     return ctx
 
@@ -292,9 +292,11 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     return {"prepare": prepare, "finish": finish}
 
 
-def _budget(opts: StudyOptions) -> TimeBudget:
+def _budget(opts: StudyOptions, val_images: int) -> TimeBudget:
     budget = TimeBudget.start(opts.timeout, finalists=opts.finalists, folds=opts.folds, final_fit=opts.final_fit,
                               val_fraction=opts.val_fraction)
+    # the final fit kept time for is the champion's: with the one-standard-error rule, maybe not the best score's
+    budget.scored = val_images if opts.prefer_smaller and len(opts.objectives) == 1 else 0
     if opts.deadline is not None:
         budget.deadline = opts.deadline
     return budget
