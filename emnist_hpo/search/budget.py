@@ -153,8 +153,9 @@ class TimeBudget:
         if not top:
             return 0.0
         margin = standard_error(top[0].value, self.scored)
-        n, _ = self.plan(costs)
-        return max(self.fit_cost(c) for c in [*top[:max(n, 1)], *(c for c in top if c.value >= top[0].value - margin)])
+        finalists = top[:max(self.plan(costs)[0], 1)]
+        within = [c for c in top if c.value >= top[0].value - margin]
+        return max(self.fit_cost(c) for c in finalists + within)
 
     def reserve(self, costs: Sequence[TrialCost]) -> float:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""

@@ -25,7 +25,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData, Rows
-from emnist_hpo.search.budget import standard_error  # noqa: F401  (the one-standard-error rule's margin)
+from emnist_hpo.search.budget import standard_error
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.trainer import train

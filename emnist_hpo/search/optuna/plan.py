@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import optuna
@@ -143,7 +143,8 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     throughput = Throughput.of_study(ctx.study)
     if not throughput.measured:  # a new study: the speed this storage's other studies measured, if any
         throughput = Throughput.of_storage(ctx.storage, skip=ctx.study.study_name)
-    flops = typical_flops(ctx.space, ctx.base, data.num_classes, limits, seed=opts.seed)
+    # without the time limit: it would read the study's rungs once per priced model (200 of them)
+    flops = typical_flops(ctx.space, ctx.base, data.num_classes, replace(limits, max_seconds=None), seed=opts.seed)
     typical = ModelCost(0, int(flops) if math.isfinite(flops) else 0)
     leader = leader_rung(ctx) is not None
     reach, last_i = ladder.reach(), len(ladder.rungs) - 1
@@ -169,9 +170,8 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
         if affordable < left:
             configs, by_budget = affordable, True
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
-    crown = None if ctx.budget.timeout is None else CROWN_SHARE * ctx.budget.timeout
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
-                leader, crown)
+                leader, limits.max_seconds)
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:

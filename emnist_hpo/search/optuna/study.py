@@ -36,7 +36,7 @@ from emnist_hpo.errors import ConfigError, EmnistHpoError
 from emnist_hpo.model.cost import human
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.paths import find_experiment, find_search_space
-from emnist_hpo.search.budget import CROWN_SHARE, Throughput, TimeBudget, costs_of
+from emnist_hpo.search.budget import CROWN_SHARE, Throughput, TimeBudget, costs_of, standard_error
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.plan import Plan, leader_rung, plan, sampler_startup, search_eta
@@ -54,7 +54,7 @@ from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import DEFAULT_STARTUP, finished_count, make_sampler, make_storage
 from emnist_hpo.search.optuna.workers import run_workers
-from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate, standard_error
+from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.summary import format_summary, next_commands
 from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, crown_time, directions, interrupt_reason
@@ -155,7 +155,9 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
     # Concurrent workers must not draw the same parameters, nor a resumed run replay the first run's draws:
     # the first process to open a study uses --seed itself, the n-th seed + 1000 * n.
     ctx = StudyContext(opts, space, seeds, base, data, storage_url, storage, tracker, study, lock, ladder,
-                       _budget(opts, len(data.y_val)), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
+                       _budget(opts), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
+    # the final fit kept time for is the champion's: with the one-standard-error rule, maybe not the best score's
+    ctx.budget.scored = 0 if ctx.multi else _scored(ctx)
     set_sampler(ctx, opts.startup_trials or DEFAULT_STARTUP)
     return ctx
 
@@ -292,11 +294,9 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     return {"prepare": prepare, "finish": finish}
 
 
-def _budget(opts: StudyOptions, val_images: int) -> TimeBudget:
+def _budget(opts: StudyOptions) -> TimeBudget:
     budget = TimeBudget.start(opts.timeout, finalists=opts.finalists, folds=opts.folds, final_fit=opts.final_fit,
                               val_fraction=opts.val_fraction)
-    # the final fit kept time for is the champion's: with the one-standard-error rule, maybe not the best score's
-    budget.scored = val_images if opts.prefer_smaller and len(opts.objectives) == 1 else 0
     if opts.deadline is not None:
         budget.deadline = opts.deadline
     return budget
@@ -434,7 +434,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         "warm_start_from": ",".join(opts.warm_start_from), "ladder": json.dumps(ctx.ladder.to_dict()),
     })
     status = "FAILED"
-    limits = Limits(opts.max_params, opts.max_flops)
+    limits = study_limits(ctx)
     result: StudyResult | None = None
     try:
         _recover(study, tracker, log)
