@@ -347,7 +347,7 @@ def test_the_final_fit_kept_time_for_is_the_one_the_champion_needs_not_the_best_
     """A byclass study kept ~369 s for its best score's final fit (compact) and stopped its search with 424 s
     left; the one-standard-error rule then crowned a smaller trial whose final fit needed ~451 s, so the
     champion's own model (trained on 80% of the data) was tested. The reserve now prices every trial that may
-    be crowned: those within one standard error of the best, and the finalists."""
+    be crowned: the finalists when they are re-evaluated, else those within one standard error of the best."""
     best, smaller, far = TrialCost(0.8403, 210.0, True), TrialCost(0.8335, 360.0, True), TrialCost(0.70, 900.0, True)
     b = budget(timeout=10_000.0, finalists=0, folds=1)
     assert b.final_fit_cost([best, smaller, far]) == pytest.approx(1.25 * 210)  # the best score is crowned
@@ -356,3 +356,10 @@ def test_the_final_fit_kept_time_for_is_the_one_the_champion_needs_not_the_best_
     assert b.reserve([best, smaller, far]) == pytest.approx(1.25 * 360)
     finalists = budget(timeout=10_000.0, finalists=3, folds=1)  # a finalist far below may win on re-evaluation
     assert finalists.final_fit_cost([best, smaller, far]) == pytest.approx(1.25 * 900)
+    # with a re-evaluation only its finalists can be crowned: a trial within one standard error but outside the
+    # planned finalists is not priced (a balanced study kept ~495 s where its champion's fit took ~210)
+    two = budget(timeout=10_000.0, finalists=2, folds=1)
+    two.scored = 2637
+    third = TrialCost(0.8334, 2000.0, True)  # within one standard error of the best (0.8332), not a finalist
+    assert two.plan([best, smaller, third, far]) == (2, 1)
+    assert two.final_fit_cost([best, smaller, third, far]) == pytest.approx(1.25 * 360)

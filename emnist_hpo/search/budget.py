@@ -147,15 +147,19 @@ class TimeBudget:
         return champion.run_seconds * champion.full * self.final_fit_scale
 
     def final_fit_cost(self, costs: Sequence[TrialCost]) -> float:
-        """Seconds the champion's final fit may take: the longest of those that may be crowned, the trials within
-        one standard error of the best (the smallest of them is crowned, not the best) and the finalists."""
+        """Seconds the champion's final fit may take: the longest of those that may be crowned. With a
+        re-evaluation (:meth:`plan`), the finalists, any of which its means may crown; without one, the trials
+        within one standard error of the best (the smallest of them is crowned, not the best)."""
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
         if not top:
             return 0.0
-        margin = standard_error(top[0].value, self.scored)
-        finalists = top[:max(self.plan(costs)[0], 1)]
-        within = [c for c in top if c.value >= top[0].value - margin]
-        return max(self.fit_cost(c) for c in finalists + within)
+        finalists, _ = self.plan(costs)
+        if finalists:
+            may_win = top[:finalists]
+        else:
+            margin = standard_error(top[0].value, self.scored)
+            may_win = [c for c in top if c.value >= top[0].value - margin]
+        return max(self.fit_cost(c) for c in may_win)
 
     def reserve(self, costs: Sequence[TrialCost]) -> float:
         """Seconds the re-evaluation (as :meth:`plan` would run it) and the final fit are expected to take."""
