@@ -256,4 +256,4 @@ def test_augmented_models_compile_on_jax_and_keep_keras_choice_elsewhere(monkeyp
 
     monkeypatch.setattr(keras.backend, "backend", lambda: "jax")
     on_jax = build_model(cfg, 10)
-    assert all(layer.supports_jit for layer in on_jax._flatten_layers())
+    assert all(layer.supports_jit for layer in on_jax.layers)
