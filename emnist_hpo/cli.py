@@ -186,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
     s.add_argument("--no-prefer-smaller", action="store_true",
                    help="crown the best validation score; by default the trial with the fewest parameters among "
-                        "those within one standard error of the best is crowned (scores closer than their noise "
-                        "do not rank models)")
+                        "those within one standard error of the best, and no larger than it in parameters or FLOPs, is "
+                        "crowned (scores closer than their noise do not rank models)")
     s.add_argument("--finalists", type=_positive_int, default=3,
                    help="top-k trials re-trained on other folds before crowning the best mean, 0 = off")
     s.add_argument("--folds", type=_positive_int, default=1,

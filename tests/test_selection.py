@@ -12,7 +12,9 @@ import pytest
 from emnist_hpo.cli import _study_options, build_parser
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.study import pick_champion
-from emnist_hpo.search.selection import Finalist, choose, standard_error
+from emnist_hpo.config import ConvBlock, ExperimentConfig, ModelConfig, TrainConfig
+from emnist_hpo.model.cost import model_cost
+from emnist_hpo.search.selection import Candidate, Finalist, choose, reevaluate, standard_error
 
 
 def _study(trials: list[tuple[float, int, dict]]) -> optuna.Study:
@@ -53,6 +55,39 @@ def test_finalists_are_chosen_by_the_same_rule_on_their_re_evaluated_means():
     assert choose([big, small], False, 0.005, images=2 * 3600).trial == 1  # 0.3 pt < one SE of a 7,200-image mean
     assert choose([big, small], False, 0.005, images=0).trial == 0  # no margin: the best mean
     assert choose([big, small], True, 0.001).trial == 0  # two objectives: their tolerance, as before
+
+
+def test_fewer_parameters_bought_with_more_flops_do_not_displace_the_best():
+    # letters seed 1: compact re-evaluated 0.39 pt above a sampled trial with 5% fewer parameters but 68% more
+    # FLOPs, inside one standard error; the rule crowned the sampled trial, 1.4 pt under compact on test
+    compact = Finalist(0, 0.9430, 186_938, [0.9424], flops=34.9e6)
+    costlier = Finalist(1, 0.9400, 177_914, [0.9390], flops=58.8e6)
+    smaller = Finalist(2, 0.9390, 120_022, [0.9390], flops=31.1e6)
+    assert choose([compact, costlier], False, 0.005, images=3609).trial == 0
+    assert choose([compact, costlier, smaller], False, 0.005, images=3609).trial == 2  # smaller on both: crowned
+    assert choose([compact, costlier], True, 0.005).trial == 1  # two objectives: their own size measure decides
+    study = _study([(0.9424, 186_938, {"flops": 34_900_000}), (0.9390, 177_914, {"flops": 58_800_000})])
+    assert pick_champion(study, 0.005, images=3609)[0].number == 0  # the trials' own scores: the same rule
+    study = _study([(0.9424, 186_938, {"flops": 34_900_000}), (0.9390, 177_914, {"flops": 30_000_000})])
+    assert pick_champion(study, 0.005, images=3609)[0].number == 1
+
+
+def test_re_evaluated_finalists_carry_their_flops_so_the_rule_can_compare_them(prepared_sample):
+    """Real training on a fold of the digits sample: each finalist's FLOPs are its model's, and a narrower model
+    within one standard error and smaller on both measures is the one crowned."""
+    data = prepared_sample("digits", 600)
+
+    def cfg(filters: int) -> ExperimentConfig:
+        model = ModelConfig(conv_blocks=[ConvBlock(filters, 3)], dense=[16])
+        return ExperimentConfig(model=model, train=TrainConfig(epochs=1, batch_size=64)).validate()
+
+    wide, narrow = cfg(16), cfg(4)
+    out = reevaluate([Candidate(0, 0.9, 0, wide), Candidate(1, 0.9, 0, narrow)], data, 1, seed=0, log=lambda m: None)
+    assert [f.flops for f in out] == [model_cost(c.model, 10).flops for c in (wide, narrow)]
+    assert [f.params for f in out] == [model_cost(c.model, 10).params for c in (wide, narrow)]
+    assert out[0].flops > out[1].flops and all(len(f.scores) == 1 for f in out)
+    assert choose(out, False, 0.005, images=10**9).trial == max(out, key=lambda f: (f.mean, -f.params)).trial
+    assert choose(out, False, 0.005, images=1).trial == 1  # a margin of 50 pt: the smaller on both measures
 
 
 def test_the_cli_prefers_the_smaller_model_unless_told_not_to(tmp_path):

@@ -54,7 +54,7 @@ from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import DEFAULT_STARTUP, finished_count, make_sampler, make_storage
 from emnist_hpo.search.optuna.workers import run_workers
-from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate
+from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, no_larger, reevaluate
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.summary import format_summary, next_commands
 from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, crown_time, directions, interrupt_reason
@@ -230,7 +230,8 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None
 
 def pick_champion(study: optuna.Study, tolerance: float, images: int = 0) -> tuple[optuna.trial.FrozenTrial | None, list]:
     """Single objective: the fewest parameters among the trials whose validation accuracy is within one standard
-    error (on ``images`` validation images; 0: none) of the best. Two: the smallest Pareto model within
+    error (on ``images`` validation images; 0: none) of the best and that are no larger than the best in
+    parameters or FLOPs (:func:`~emnist_hpo.search.selection.no_larger`). Two: the smallest Pareto model within
     ``tolerance`` of the best accuracy. Equals go to the fewer FLOPs, then the earlier trial.
 
     Repeats (trials that took an earlier twin's outcome) are skipped: the twin trained the model.
@@ -242,7 +243,8 @@ def pick_champion(study: optuna.Study, tolerance: float, images: int = 0) -> tup
         sign = 1 if study.direction == optuna.study.StudyDirection.MAXIMIZE else -1
         best = max(complete, key=lambda t: sign * t.values[0])
         margin = standard_error(best.values[0], images) if sign > 0 else 0.0
-        ok = [t for t in complete if sign * t.values[0] >= sign * best.values[0] - margin]
+        ok = [t for t in complete if sign * t.values[0] >= sign * best.values[0] - margin
+              and no_larger(_size(t), _size(best))]
         return min(ok, key=lambda t: (_size(t), -sign * t.values[0], t.number)), []
     front = sorted((t for t in study.best_trials if not is_repeat(t)), key=lambda t: (-t.values[0], t.values[1]))
     top = front[0].values[0]
