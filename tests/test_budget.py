@@ -60,6 +60,24 @@ def test_search_stops_while_the_next_trial_and_the_reserve_still_fit():
     assert b.stop_search([], now=1000.0) == "the time budget is spent"
 
 
+def test_a_re_evaluation_that_no_longer_fits_does_not_stop_the_search_while_the_final_fit_fits():
+    """A long trial joined the top late: the planned re-evaluation (300 + 100 s, within its 400 s share) and the
+    final fit (1.25 x 300 s) no longer fit in what is left, so the study would re-evaluate nothing after the
+    search. The search goes on while a trial and the final fit fit (letters: it stopped with 550 s left,
+    kept for ~618, then re-evaluated nothing and ended 12.7% under budget)."""
+    costs = [TrialCost(0.9, 300, True), TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
+    b = budget(timeout=2000.0)
+    assert b.plan(costs) == (2, 1) and b.final_fit_cost(costs) == pytest.approx(375)
+    assert b.reserve(costs) == pytest.approx(400 + 375)  # no time given: the planned re-evaluation
+    assert b.reserve(costs, left=1000.0) == pytest.approx(400 + 375)  # it fits: kept
+    assert b.reserve(costs, left=500.0) == pytest.approx(375)  # it does not: only the final fit is kept
+    assert b.stop_search(costs, now=1000.0) is None  # 1000 s left >= 100 + 775
+    assert b.stop_search(costs, now=1130.0)  # 870 s left < 875: the re-evaluation still fits; the search stops
+    assert b.stop_search(costs, now=1500.0) is None  # 500 s left: no re-evaluation fits; 100 + 375 still does
+    reason = b.stop_search(costs, now=1530.0)  # 470 s left < 475
+    assert reason and "470 s left" in reason and "~375 s" in reason
+
+
 def test_costs_of_reads_trial_durations():
     study = optuna.create_study(direction="maximize")
     t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
@@ -341,6 +359,66 @@ def test_a_model_that_would_take_more_than_half_the_budget_to_be_crowned_is_refu
                for ln in said)
     assert not any("refused before training" in ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0,
                                                                    speed, 13.5e6).lines())
+
+
+def test_a_model_slower_than_the_study_average_is_judged_again_at_its_own_speed():
+    """The check before training has the study's average speed only; rates of one letters study's rungs spread
+    18-100 GFLOP/s at equal FLOPs (augmentation, batch size). After a rung, the model's own speed, if slower,
+    prices its climb and final fit; a faster one does not lift the study's guess."""
+    from emnist_hpo.model.cost import ModelCost
+    from emnist_hpo.search.budget import CROWN_SHARE, RungRecord, Throughput
+    from emnist_hpo.search.trial import Limits, crown_time
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 13_385, 47)
+    speed = Throughput(overhead=5.0, rate=120e9, measured=3)
+    seconds = crown_time(lambda: speed, ladder, 13_385, 3_346, final_fit_scale=1.25)
+    model = ModelCost(103_647, 40_000_000)
+    work = 2e12
+    slow, fast = [RungRecord(work, 5.0 + work / 40e9)], [RungRecord(work, 5.0 + work / 300e9)]
+    assert seconds(model, fast) == pytest.approx(seconds(model))  # no faster than the study measured
+    assert seconds(model, slow) == pytest.approx(5.0 * len(ladder.rungs) * 2.25 + (seconds(model) - 5.0 * len(
+        ladder.rungs) * 2.25) * 3)  # every rung's work at a third of the rate (40 of 120 GFLOP/s)
+    limits = Limits(max_seconds=CROWN_SHARE * 1800, seconds=seconds)
+    assert seconds(model) < 900 < seconds(model, slow)
+    assert limits.refuse(model) is None and limits.too_slow(model, fast) is None and limits.too_slow(model, []) is None
+    why = limits.too_slow(model, slow)
+    assert why.startswith(f"too slow to be crowned: at the speed its own rungs ran, it would take ~{seconds(model, slow):,.0f} s")
+    assert "> 900 s" in why and "40M FLOPs" in why
+    # before the study has measured enough rungs, the model's own rungs alone price it
+    unmeasured = crown_time(lambda: Throughput(), ladder, 13_385, 3_346, final_fit_scale=1.25)
+    assert unmeasured(model) is None
+    assert unmeasured(model, slow) > 900 > unmeasured(model, fast)
+
+
+def test_a_trial_that_runs_too_slow_to_be_crowned_stops_before_its_next_rung(prepared_sample, tmp_path):
+    """Real training: a limit no model meets, the study's speed not yet measured (nothing is refused before
+    training); after its first rung the trial's own speed stops it, with the reason, before it spends more."""
+    from emnist_hpo.config import ExperimentConfig, TrainConfig
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.objective import Objective
+    from emnist_hpo.search.space import SearchSpace
+    from emnist_hpo.search.trial import Limits, crown_time
+    from emnist_hpo.train.fidelity import Ladder, Rung
+
+    data = prepared_sample("digits", 900)
+    space = SearchSpace.from_dict({"conv_blocks": 1, "filters": 8, "kernel": 3, "dense_layers": 0,
+                                   "dense_units": 32, "learning_rate": 3.0e-3, "batch_size": 64})
+    ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 1, 2, final=True)), 3, "data")
+
+    def study_with(max_seconds: float) -> optuna.Study:
+        seconds = crown_time(lambda: Throughput(), ladder, len(data.y_train), len(data.y_val), final_fit_scale=1.25)
+        objective = Objective(space, ExperimentConfig(train=TrainConfig(epochs=1)), data, ladder=ladder,
+                              limits=Limits(max_seconds=max_seconds, seconds=seconds), pruner="none")
+        study = optuna.create_study(direction="maximize")
+        study.optimize(objective, n_trials=1, catch=())
+        return study
+
+    stopped = study_with(0.01).trials[0]
+    assert stopped.state == optuna.trial.TrialState.PRUNED
+    assert stopped.user_attrs["fail_reason"].startswith("too slow to be crowned")
+    assert [r["rung"] for r in stopped.user_attrs["rungs"]] == [0]  # stopped before rung 1, after rung 0
+    assert study_with(1e6).trials[0].state == optuna.trial.TrialState.COMPLETE
 
 
 def test_the_final_fit_kept_time_for_is_the_one_the_champion_needs_not_the_best_scores():

@@ -26,7 +26,7 @@ from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.options import OBJECTIVES
 from emnist_hpo.reporting.evaluation import evaluate
-from emnist_hpo.search.budget import CROWN_MEASURED, Throughput, rung_work
+from emnist_hpo.search.budget import CROWN_MEASURED, RungRecord, Throughput, rung_work
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
 from emnist_hpo.train.trainer import RungControl, TrainResult, TrialCheckpoint, predict_proba, train
@@ -53,7 +53,7 @@ class Limits:
     max_params: int | None = None
     max_flops: int | None = None
     max_seconds: float | None = None  # the most its climb of every rung and its final fit may take (None: no limit)
-    seconds: Callable[[ModelCost], float | None] | None = None  # predicts that time (None: speed not yet measured)
+    seconds: Callable[..., float | None] | None = None  # (cost, measured rungs) -> that time (None: speed unknown)
 
     def refuse(self, cost: ModelCost) -> str | None:
         if self.max_params is not None and cost.params > self.max_params:
@@ -66,6 +66,20 @@ class Limits:
                 return (f"model would take ~{need:,.0f} s up every rung and through its final fit > {self.max_seconds:,.0f}"
                         f" s, the most one configuration may take of the time budget ({human(cost.flops)} FLOPs per "
                         "image at the speed this study measured)")
+        return None
+
+    def too_slow(self, cost: ModelCost, measured: Sequence[RungRecord]) -> str | None:
+        """Why a model that has run the rungs ``measured`` must stop: at the speed they ran, climbing every rung
+        and its final fit would take more than ``max_seconds``. The check before training (:meth:`refuse`) has
+        only the study's average speed, which misjudged an 80M-FLOP model by a third (refused at 1,183 s, it was
+        let through)."""
+        if self.max_seconds is None or self.seconds is None or not measured:
+            return None
+        need = self.seconds(cost, measured)
+        if need is not None and need > self.max_seconds:
+            return (f"too slow to be crowned: at the speed its own rungs ran, it would take ~{need:,.0f} s up every "
+                    f"rung and through its final fit > {self.max_seconds:,.0f} s, the most one configuration may "
+                    f"take of the time budget ({human(cost.flops)} FLOPs per image)")
         return None
 
 
@@ -178,12 +192,19 @@ def crown_time(throughput: Callable[[], Throughput], ladder: Ladder, n_train: in
                final_fit_scale: float, min_measured: int = CROWN_MEASURED) -> Callable[[ModelCost], float | None]:
     """Predicts what crowning a model of a given cost takes: every rung of ``ladder``, then the final fit
     (``final_fit_scale`` times that run; 0: none), at ``throughput()``'s speed; None until it is measured on
-    ``min_measured`` rungs."""
+    ``min_measured`` rungs. Given the rungs the model itself has run (``measured``), at the slower of that speed
+    and theirs (:meth:`~emnist_hpo.search.budget.Throughput.own`; theirs alone before the study has measured
+    enough)."""
 
-    def seconds(cost: ModelCost) -> float | None:
+    def seconds(cost: ModelCost, measured: Sequence[RungRecord] = ()) -> float | None:
         speed = throughput()
+        mine = speed.own(measured)
         if speed.measured < min_measured:
-            return None
+            if mine is None:
+                return None
+            speed = mine
+        elif mine is not None and mine.rate < speed.rate:
+            speed = mine
         whole = planned_cost(cost, ladder, n_train, n_val, speed, reach=[1.0] * len(ladder.rungs))
         return whole * (1.0 + final_fit_scale)
 

@@ -20,7 +20,7 @@ import optuna
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, model_cost
-from emnist_hpo.search.budget import rung_work
+from emnist_hpo.search.budget import RungRecord, rung_work
 from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, PROMOTE_ATTR, continues, records_of, rung_table, top
 from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR, config_key, earlier_twin
 from emnist_hpo.search.space import SearchSpace
@@ -53,8 +53,9 @@ class OptunaRungs(RungControl):
     def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
                  report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
                  | None = None, resumed: Sequence[Mapping[str, Any]] = (), can_pause: bool = False,
-                 promoted_through: int = -1, leader_rung: int | None = None):
+                 promoted_through: int = -1, leader_rung: int | None = None, limits: Limits | None = None):
         self.trial, self.ladder, self.cost = trial, ladder, cost
+        self.limits = limits  # the time to be crowned, judged again before every rung at the model's own speed
         self.pruner, self.no_skill, self.report = pruner, no_skill, report
         self.n_train, self.n_val = data_sizes
         self.time_left = time_left
@@ -68,6 +69,11 @@ class OptunaRungs(RungControl):
         return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
 
     def before(self, index: int, rung: Rung, images: int) -> str | None:
+        if self.limits is not None:
+            slow = self.limits.too_slow(self.cost, [RungRecord(float(r["work"]), float(r["seconds"]))
+                                                    for r in self.records if "work" in r and "seconds" in r])
+            if slow:
+                return slow
         if self.time_left is None:
             return None
         return self.time_left(self.ladder, index, self._work(index, images))
@@ -186,6 +192,7 @@ class Objective:
             no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
             time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
             promoted_through=self._promoted_through(trial, previous), leader_rung=self.leader_rung,
+            limits=self.limits,
         )
         # a continuation's configuration was let through when it began: its time is not judged again
         limits = self.limits if previous is None else dataclasses.replace(self.limits, max_seconds=None)

@@ -216,7 +216,8 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None
     def check(ladder: Ladder, index: int, work: float) -> str | None:
         throughput = Throughput.of_study(ctx.study)
         need = throughput.seconds(work)
-        room = ctx.budget.left() - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder))
+        left = ctx.budget.left()
+        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
         if need > room:
             return (f"time budget: rung {index} would take ~{need:.0f} s and {max(room, 0):.0f} s are left for the "
                     f"search (the rest is kept for the finalists and the final fit)")
