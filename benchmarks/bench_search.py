@@ -133,6 +133,8 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "pruned_before_training": sum(1 for t in trials if t.user_attrs.get("refused")),  # search.trial.REFUSED_ATTR
         "refused_for_time": sum(1 for t in trials if t.user_attrs.get("refused")  # of those, too slow for the budget
                                 and str(t.user_attrs.get("fail_reason", "")).startswith("model would take")),
+        "stopped_too_slow": sum(1 for t in trials  # stopped after a rung: its own speed too slow to be crowned
+                                if str(t.user_attrs.get("fail_reason", "")).startswith("too slow to be crowned")),
         "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
         "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),
         "screened_per_hour": round(len(trained) / wall * 3600, 1), "plan": plan, "work": str(work),
