@@ -402,7 +402,7 @@ def test_a_trial_that_runs_too_slow_to_be_crowned_stops_before_its_next_rung(pre
     from emnist_hpo.train.fidelity import Ladder, Rung
 
     data = prepared_sample("digits", 900)
-    space = SearchSpace.from_dict({"conv_blocks": 1, "filters": 8, "kernel": 3, "dense_layers": 0,
+    space = SearchSpace.from_dict({"conv_blocks": 1, "filters": 8, "kernel": 3, "dense_layers": 0, "batch_norm": True,
                                    "dense_units": 32, "learning_rate": 3.0e-3, "batch_size": 64})
     ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 1, 2, final=True)), 3, "data")
 
@@ -418,6 +418,8 @@ def test_a_trial_that_runs_too_slow_to_be_crowned_stops_before_its_next_rung(pre
     assert stopped.state == optuna.trial.TrialState.PRUNED
     assert stopped.user_attrs["fail_reason"].startswith("too slow to be crowned")
     assert [r["rung"] for r in stopped.user_attrs["rungs"]] == [0]  # stopped before rung 1, after rung 0
+    rung = stopped.user_attrs["rungs"][0]  # its batch-norm work is recorded for the speed fit: 28 x 28 x 8 per image
+    assert rung["norm"] == rung["images"] * 28 * 28 * 8 > 0
     assert study_with(1e6).trials[0].state == optuna.trial.TrialState.COMPLETE
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import optuna
 import pytest
@@ -40,6 +41,28 @@ def test_flops_of_the_research_recipe_by_hand():
     assert cost.flops == 2 * macs
     assert cost.params == build_model(m, 47).count_params()  # ~929k, as the brief says
     assert cost.train_flops == 3 * cost.flops
+
+
+def test_batch_norm_work_is_the_elements_keras_normalizes():
+    """``normalized`` (time that FLOPs do not count) is what the built model's batch-norm layers output per image;
+    0 without batch-norm, whatever the FLOPs."""
+    import keras
+
+    space = SearchSpace.load(find_search_space("default"))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=5))
+    models = [space.sample(study.ask(), ExperimentConfig()).model for _ in range(12)]
+    models.append(load_experiment(find_experiment("compact")).model)
+    assert any(m.batch_norm for m in models) and not all(m.batch_norm for m in models)
+    for m in models:
+        built = build_model(m, 26)
+        elements = sum(math.prod(layer.output.shape[1:]) for layer in built.layers
+                       if isinstance(layer, keras.layers.BatchNormalization))
+        assert model_cost(m, 26).normalized == elements, m
+    compact = load_experiment(find_experiment("compact")).model
+    assert model_cost(compact, 26).normalized == 2 * (28 * 28 * 32 + 14 * 14 * 48 + 7 * 7 * 64)  # 2 convs a block
+    plain = copy.deepcopy(compact)
+    plain.batch_norm = False
+    assert model_cost(plain, 26).normalized == 0 and model_cost(plain, 26).flops == model_cost(compact, 26).flops
 
 
 def test_cost_grows_with_width_and_global_pooling_shrinks_the_head():

@@ -90,6 +90,27 @@ def test_throughput_is_fitted_from_measured_rungs_and_predicts_bigger_work():
     assert one.rate == pytest.approx(1e12 / 25.0)
 
 
+def test_throughput_counts_batch_norm_work_when_every_rung_recorded_it():
+    """At equal FLOPs batch-norm doubled compact's training time: with rungs with and without it, the fit
+    learns its cost per element and predicts both kinds; without that information, FLOPs alone as before."""
+    def secs(work, norm):
+        return 2.0 + work / 40e9 + norm * 1e-8
+
+    plain = [RungRecord(w, secs(w, 0.0), 0.0) for w in (1e11, 9e11, 2e12)]
+    bn = [RungRecord(w, secs(w, n), n) for w, n in ((4e11, 3e8), (1e12, 9e8), (3e12, 1.5e9))]
+    fitted = Throughput.fit(plain + bn)
+    assert fitted.measured == 6 and fitted.norm_cost == pytest.approx(1e-8, rel=1e-6)
+    assert fitted.rate == pytest.approx(40e9, rel=1e-6) and fitted.overhead == pytest.approx(2.0, abs=1e-6)
+    assert fitted.seconds(2e12, 1e9) == pytest.approx(secs(2e12, 1e9))
+    assert fitted.seconds(2e12, 1e9) > fitted.seconds(2e12) + 9
+    # a study recorded before batch-norm work was (no norm), or only batch-norm rungs: FLOPs alone
+    old = Throughput.fit(plain + [RungRecord(r.work, r.seconds) for r in bn])
+    assert old.norm_cost == 0.0 and old.seconds(2e12, 1e9) == old.seconds(2e12)
+    assert Throughput.fit(bn).norm_cost == 0.0
+    # a model's own speed is net of its batch-norm time: a BN rung at the study's speed is not "slower"
+    assert fitted.own([bn[1]]).rate == pytest.approx(40e9, rel=1e-6)
+
+
 def test_the_search_stops_while_the_finalists_and_the_final_fit_still_fit():
     budget = TimeBudget.start(1000, finalists=2, folds=1, final_fit=True, val_fraction=0.2, now=0.0)
     costs = [TrialCost(0.8, 100.0, True), TrialCost(0.7, 100.0, True), TrialCost(0.3, 20.0, False)]

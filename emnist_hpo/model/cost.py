@@ -14,6 +14,9 @@ Conventions:
   layers, a multiply-add counted as 2. Batch-norm, activations, pooling, dropout and
   augmentation are left out (each is under ~2% of a conv layer's cost here).
   Training costs about 3x the forward pass (forward, and two matrix products back).
+- ``normalized``: elements per image that pass through batch-norm (0 without it). Few
+  FLOPs, but not little time: memory-bound on a CPU, batch-norm doubled compact's
+  training time at equal FLOPs, so time predictions count it beside the FLOPs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ TRAIN_FLOPS_FACTOR = 3
 class ModelCost:
     params: int  # stored numbers (as keras.Model.count_params())
     flops: int  # forward FLOPs per image (multiply-add = 2) of conv, dense and LSTM layers
+    normalized: int = 0  # elements per image through batch-norm layers (time that FLOPs do not count)
 
     @property
     def train_flops(self) -> int:
@@ -64,7 +68,7 @@ def _head(width: int, dense: list[int], num_classes: int) -> tuple[int, int]:
 
 def _cnn(cfg: "ModelConfig", num_classes: int) -> ModelCost:
     side, channels = IMAGE_SIDE, 1
-    params = flops = 0
+    params = flops = normalized = 0
     for block in cfg.conv_blocks:
         for _ in range(block.convs):
             if cfg.padding == "valid":
@@ -72,11 +76,13 @@ def _cnn(cfg: "ModelConfig", num_classes: int) -> ModelCost:
             weights = block.kernel * block.kernel * channels * block.filters
             params += weights + (4 * block.filters if cfg.batch_norm else block.filters)
             flops += 2 * weights * max(side, 0) ** 2
+            if cfg.batch_norm:
+                normalized += max(side, 0) ** 2 * block.filters
             channels = block.filters
         side //= 2
     width = channels if cfg.global_pool else max(side, 0) ** 2 * channels
     p, f = _head(width, list(cfg.dense), num_classes)
-    return ModelCost(params + p, flops + f)
+    return ModelCost(params + p, flops + f, normalized)
 
 
 def _lstm(cfg: "ModelConfig", num_classes: int) -> ModelCost:

@@ -26,7 +26,7 @@ from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.options import OBJECTIVES
 from emnist_hpo.reporting.evaluation import evaluate
-from emnist_hpo.search.budget import CROWN_MEASURED, RungRecord, Throughput, rung_work
+from emnist_hpo.search.budget import CROWN_MEASURED, RungRecord, Throughput, rung_norm, rung_work
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
 from emnist_hpo.train.trainer import RungControl, TrainResult, TrialCheckpoint, predict_proba, train
@@ -217,5 +217,5 @@ def planned_cost(cost: ModelCost, ladder: Ladder, n_train: int, n_val: int, thro
     reach = ladder.reach() if reach is None else reach
     total = 0.0
     for i, (images, vs) in enumerate(zip(ladder.images(n_train), ladder.val_sizes(n_val))):
-        total += reach[i] * throughput.seconds(rung_work(images, cost.flops, vs))
+        total += reach[i] * throughput.seconds(rung_work(images, cost.flops, vs), rung_norm(images, cost.normalized))
     return total

@@ -50,7 +50,7 @@ runtime.configure()  # before Keras loads: its backend, TensorFlow's kernels and
 import keras
 import keras_tuner as kt
 
-from emnist_hpo.search.budget import RungRecord, Throughput, rung_work
+from emnist_hpo.search.budget import RungRecord, Throughput, rung_norm, rung_work
 from emnist_hpo.config import ExperimentConfig, load_experiment
 from emnist_hpo.model.cost import model_cost
 from emnist_hpo.data.prepared import PreparedData, prepare
@@ -210,13 +210,15 @@ class _Continue(TrialHooks):
 class _Deadline(RungControl):
     """``--timeout``: a trial whose training would end past the deadline is not started (predicted from FLOPs)."""
 
-    def __init__(self, deadline: float | None, flops: int, n_val: int, throughput: Throughput):
+    def __init__(self, deadline: float | None, flops: int, n_val: int, throughput: Throughput, normalized: int = 0):
         self.deadline, self.flops, self.n_val, self.throughput = deadline, flops, n_val, throughput
+        self.normalized = normalized  # elements per image through batch-norm
 
     def before(self, index, rung, images):
         if self.deadline is None:
             return None
-        need = self.throughput.seconds(rung_work(images, self.flops, self.n_val * rung.epochs))
+        need = self.throughput.seconds(rung_work(images, self.flops, self.n_val * rung.epochs),
+                                       rung_norm(images, self.normalized))
         left = self.deadline - time.monotonic()
         if need > left:
             return f"time budget: the trial would take ~{need:.0f} s and {max(left, 0):.0f} s are left"
@@ -268,7 +270,7 @@ class SpaceTuner(kt.Tuner):
         if initial:
             tags.update({"keras_tuner.continues_trial": past, "keras_tuner.initial_epoch": initial})
         cost = model_cost(cfg.model, self.data.num_classes)
-        control = _Deadline(self.deadline, cost.flops, len(self.data.y_val), self.throughput)
+        control = _Deadline(self.deadline, cost.flops, len(self.data.y_val), self.throughput, cost.normalized)
 
         def keep(result) -> None:
             Path(self._get_checkpoint_fname(trial.trial_id)).parent.mkdir(parents=True, exist_ok=True)
@@ -283,8 +285,8 @@ class SpaceTuner(kt.Tuner):
                 self.progress.update(1)
         result = outcome.result
         if result is not None and result.rungs:
-            self.records += [RungRecord(rung_work(r.images, cost.flops, len(self.data.y_val) * r.epochs), r.seconds)
-                             for r in result.rungs]
+            self.records += [RungRecord(rung_work(r.images, cost.flops, len(self.data.y_val) * r.epochs), r.seconds,
+                                        rung_norm(r.images, cost.normalized)) for r in result.rungs]
             self.throughput = Throughput.fit(self.records)
         if outcome.state != "COMPLETE":  # pruned or failed: Keras Tuner marks the trial FAILED
             raise kt.errors.FailedTrialError(outcome.reason or outcome.state) from outcome.error

@@ -20,7 +20,7 @@ import optuna
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, model_cost
-from emnist_hpo.search.budget import RungRecord, rung_work
+from emnist_hpo.search.budget import record_of, rung_norm, rung_work
 from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, PROMOTE_ATTR, continues, records_of, rung_table, top
 from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR, config_key, earlier_twin
 from emnist_hpo.search.space import SearchSpace
@@ -51,7 +51,7 @@ class OptunaRungs(RungControl):
     """
 
     def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
-                 report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float], str | None]
+                 report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float, float], str | None]
                  | None = None, resumed: Sequence[Mapping[str, Any]] = (), can_pause: bool = False,
                  promoted_through: int = -1, leader_rung: int | None = None, limits: Limits | None = None):
         self.trial, self.ladder, self.cost = trial, ladder, cost
@@ -70,13 +70,12 @@ class OptunaRungs(RungControl):
 
     def before(self, index: int, rung: Rung, images: int) -> str | None:
         if self.limits is not None:
-            slow = self.limits.too_slow(self.cost, [RungRecord(float(r["work"]), float(r["seconds"]))
-                                                    for r in self.records if "work" in r and "seconds" in r])
+            slow = self.limits.too_slow(self.cost, [record_of(r) for r in self.records if "work" in r and "seconds" in r])
             if slow:
                 return slow
         if self.time_left is None:
             return None
-        return self.time_left(self.ladder, index, self._work(index, images))
+        return self.time_left(self.ladder, index, self._work(index, images), rung_norm(images, self.cost.normalized))
 
     def after(self, result: RungResult, final: bool) -> str | None:
         step = self.ladder.rungs[result.index].step
@@ -85,6 +84,7 @@ class OptunaRungs(RungControl):
             self.records = [r for r in self.records if r.get("rung") != result.index]  # a resumed rung end: once
             self.records.append({"rung": result.index, "score": result.score, "images": result.images,
                                  "seconds": round(result.seconds, 3), "work": self._work(result.index, result.images),
+                                 "norm": rung_norm(result.images, self.cost.normalized),
                                  "step": step, "trial": self.trial.number})
         self.trial.set_user_attr("rungs", self.records)  # peers in every process judge against it
         if self.report and math.isfinite(result.score) and not decided:  # a decided rung was reported on take-over
@@ -137,7 +137,7 @@ class Objective:
         limits: Limits | None = None,
         pruner: str = "successive-halving",
         no_skill: float = 0.0,
-        budget_check: Callable[[Ladder, int, float], str | None] | None = None,
+        budget_check: Callable[[Ladder, int, float, float], str | None] | None = None,
         leader_rung: int | None = None,
     ):
         self.space, self.base, self.data, self.ladder = space, base, data, ladder

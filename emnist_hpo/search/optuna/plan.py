@@ -56,11 +56,12 @@ class Plan:
     by_budget: bool = False  # the configuration count is what --timeout affords
     leader: bool = False  # only the best of the rung below goes on to the last (a time budget, one objective)
     crown_limit: float | None = None  # seconds a configuration may take up every rung and through its final fit
+    median_normalized: float = 0.0  # elements per image through batch-norm of a typical sampled model
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the typical model."""
-        typical = ModelCost(0, int(self.median_flops) if math.isfinite(self.median_flops) else 0)
-        return planned_cost(typical, self.ladder, self.n_train, self.n_val, throughput)
+        return planned_cost(_typical(self.median_flops, self.median_normalized), self.ladder, self.n_train, self.n_val,
+                            throughput)
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
@@ -70,6 +71,8 @@ class Plan:
         what = "the time budget affords" if self.by_budget else "to screen"
         out.append(f"  configurations {what}: {self.configs} ({reach})")
         rate = f"{self.throughput.rate / 1e9:.0f} GFLOP/s training, {self.throughput.overhead:.1f} s per rung" + (
+            f", {self.throughput.norm_cost * 1e9:.0f} ns per image-element through batch-norm"
+            if self.throughput.norm_cost else "") + (
             f", measured on {self.throughput.measured} rungs" + (f" of {self.throughput.source}" if self.throughput.source
                                                                   else "")
             if self.throughput.measured else " (default guess)")
@@ -120,11 +123,16 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def typical_flops(space: SearchSpace, base: ExperimentConfig, num_classes: int, limits: Limits, n: int = 200,
-                  seed: int = 0) -> float:
-    """Median forward FLOPs of ``n`` random models of the space that ``limits`` let through (no training)."""
+def _typical(flops: float, normalized: float) -> ModelCost:
+    return ModelCost(0, int(flops) if math.isfinite(flops) else 0, int(normalized) if math.isfinite(normalized) else 0)
+
+
+def typical_cost(space: SearchSpace, base: ExperimentConfig, num_classes: int, limits: Limits, n: int = 200,
+                 seed: int = 0) -> tuple[float, float]:
+    """Median forward FLOPs, and median elements through batch-norm, of ``n`` random models of the space that
+    ``limits`` let through (no training)."""
     sampler = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
-    flops = []
+    flops, normalized = [], []
     for _ in range(n):
         try:
             cfg = space.sample(sampler.ask(), base)
@@ -133,7 +141,10 @@ def typical_flops(space: SearchSpace, base: ExperimentConfig, num_classes: int, 
         cost = model_cost(cfg.model, num_classes)
         if limits.refuse(cost) is None:
             flops.append(cost.flops)
-    return float(statistics.median(flops)) if flops else float("nan")
+            normalized.append(cost.normalized)
+    if not flops:
+        return float("nan"), float("nan")
+    return float(statistics.median(flops)), float(statistics.median(normalized))
 
 
 def plan(ctx: "StudyContext", limits: Limits) -> Plan:
@@ -144,8 +155,9 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     if not throughput.measured:  # a new study: the speed this storage's other studies measured, if any
         throughput = Throughput.of_storage(ctx.storage, skip=ctx.study.study_name)
     # without the time limit: it would read the study's rungs once per priced model (200 of them)
-    flops = typical_flops(ctx.space, ctx.base, data.num_classes, replace(limits, max_seconds=None), seed=opts.seed)
-    typical = ModelCost(0, int(flops) if math.isfinite(flops) else 0)
+    flops, normalized = typical_cost(ctx.space, ctx.base, data.num_classes, replace(limits, max_seconds=None),
+                                     seed=opts.seed)
+    typical = _typical(flops, normalized)
     leader = leader_rung(ctx) is not None
     reach, last_i = ladder.reach(), len(ladder.rungs) - 1
     below = planned_cost(typical, ladder, n, nv, throughput, reach=[*reach[:-1], 0.0])  # the rungs below the last
@@ -171,7 +183,7 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
             configs, by_budget = affordable, True
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
-                leader, limits.max_seconds)
+                leader, limits.max_seconds, normalized)
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:

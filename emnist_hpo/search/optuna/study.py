@@ -208,14 +208,14 @@ def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna
 # --------------------------------------------------------------------------- planning
 
 
-def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float], str | None] | None:
+def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str | None] | None:
     """The check before every rung: would it end past the time the search may use?"""
     if ctx.budget.deadline is None:
         return None
 
-    def check(ladder: Ladder, index: int, work: float) -> str | None:
+    def check(ladder: Ladder, index: int, work: float, norm: float = 0.0) -> str | None:
         throughput = Throughput.of_study(ctx.study)
-        need = throughput.seconds(work)
+        need = throughput.seconds(work, norm)
         left = ctx.budget.left()
         room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
         if need > room:
