@@ -71,8 +71,8 @@ class Limits:
     def too_slow(self, cost: ModelCost, measured: Sequence[RungRecord]) -> str | None:
         """Why a model that has run the rungs ``measured`` must stop: at the speed they ran, climbing every rung
         and its final fit would take more than ``max_seconds``. The check before training (:meth:`refuse`) has
-        only the study's average speed, which misjudged an 80M-FLOP model by a third (refused at 1,183 s, it was
-        let through)."""
+        only the study's average speed: under a 900 s limit it let through an 80M-FLOP model that took 1,183 s,
+        and compact, whose batch-norm made it twice as slow as its FLOPs said, took 1,334 s."""
         if self.max_seconds is None or self.seconds is None or not measured:
             return None
         need = self.seconds(cost, measured)
@@ -189,7 +189,7 @@ def directions(objectives: Sequence[str]) -> list[str]:
 
 
 def crown_time(throughput: Callable[[], Throughput], ladder: Ladder, n_train: int, n_val: int,
-               final_fit_scale: float, min_measured: int = CROWN_MEASURED) -> Callable[[ModelCost], float | None]:
+               final_fit_scale: float, min_measured: int = CROWN_MEASURED) -> Callable[..., float | None]:
     """Predicts what crowning a model of a given cost takes: every rung of ``ladder``, then the final fit
     (``final_fit_scale`` times that run; 0: none), at ``throughput()``'s speed; None until it is measured on
     ``min_measured`` rungs. Given the rungs the model itself has run (``measured``), at the slower of that speed
