@@ -64,7 +64,7 @@ def test_a_re_evaluation_that_no_longer_fits_does_not_stop_the_search_while_the_
     """A long trial joined the top late: the planned re-evaluation (300 + 100 s, within its 400 s share) and the
     final fit (1.25 x 300 s) no longer fit in what is left, so the study would re-evaluate nothing after the
     search. The search goes on while a trial and the final fit fit (letters: it stopped with 550 s left,
-    kept for ~618, then re-evaluated nothing and ended 12.7% under budget)."""
+    kept for ~618, then re-evaluated nothing and ended 12.8% under budget)."""
     costs = [TrialCost(0.9, 300, True), TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
     b = budget(timeout=2000.0)
     assert b.plan(costs) == (2, 1) and b.final_fit_cost(costs) == pytest.approx(375)

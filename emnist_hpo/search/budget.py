@@ -166,7 +166,7 @@ class TimeBudget:
         ``left`` (seconds left), the re-evaluation that still fits in them after the final fit, as the study will
         run it. A finalist that joins the top late can make the planned re-evaluation too long for what is
         left; the search then goes on while the final fit fits, rather than stopping for a re-evaluation that
-        will not run (letters: stopped with 550 s left for ~618, re-evaluated nothing, 12.7% under budget)."""
+        will not run (letters: stopped with 550 s left for ~618, re-evaluated nothing, 12.8% under budget)."""
         fit = self.final_fit_cost(costs)
         n, folds = self.plan(costs, room=None if left is None else left - fit)
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
@@ -247,9 +247,9 @@ class Throughput:
     def own(self, records: Sequence[RungRecord]) -> "Throughput | None":
         """The speed one model's own ``records`` ran at (this overhead, their rate); None without records.
 
-        The fit averages over every model a study trained, and models of equal FLOPs run at very different
-        rates (augmentation and batch size cost time that FLOPs do not count: one letters study's rungs ran at
-        18-100 GFLOP/s), so once a model has run a rung its own speed is the better guess of its next ones.
+        The fit averages over every model a study trained, and models of equal cost run at different rates
+        (one letters study's rungs ran at 18-100 GFLOP/s), so once a model has run a rung its own speed is the
+        better guess of its next ones.
         """
         pts = [r for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
         if not pts:
