@@ -212,6 +212,11 @@ class RungRecord:
     norm: float | None = None  # training images x elements through batch-norm (None: not recorded)
 
 
+def usable(records: Sequence[RungRecord]) -> list[RungRecord]:
+    """The records a speed can be fitted to: some work, a finite positive time."""
+    return [r for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
+
+
 def rung_work(images: int, flops: int, val_images: int = 0) -> float:
     """FLOPs a rung spends: training (forward and backward) and its validation passes."""
     return float(images) * 3.0 * flops + float(val_images) * flops
@@ -251,7 +256,7 @@ class Throughput:
         (one letters study's rungs ran at 18-100 GFLOP/s), so once a model has run a rung its own speed is the
         better guess of its next ones.
         """
-        pts = [r for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
+        pts = usable(records)
         if not pts:
             return None
         busy = sum(max(r.seconds - self.overhead - (r.norm or 0.0) * self.norm_cost, 0.25 * r.seconds) for r in pts)
@@ -262,7 +267,7 @@ class Throughput:
         """Least squares over ``records`` (intercept >= 0); the defaults where there are too few or too alike.
         With the batch-norm work of every record known, and rungs with and without it, that term too
         (:meth:`_fit_norm`); else FLOPs alone."""
-        good = [r for r in records if r.work > 0 and r.seconds > 0 and math.isfinite(r.seconds)]
+        good = usable(records)
         with_norm = cls._fit_norm(good)
         if with_norm is not None:
             return with_norm
