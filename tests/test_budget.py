@@ -8,7 +8,7 @@ import math
 import optuna
 import pytest
 
-from emnist_hpo.search.budget import TimeBudget, TrialCost, cost_of, costs_of
+from emnist_hpo.search.budget import FinalistPacer, TimeBudget, TrialCost, cost_of, costs_of
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.errors import ConfigError
 
@@ -175,6 +175,33 @@ def test_the_final_fit_is_priced_for_every_epoch_of_the_ladder_not_the_early_sto
     assert [c.full for c in costs] == [2.0, 1.0]  # unknown epochs: priced as the trial itself
     assert budget().final_fit_cost(costs) == pytest.approx(100 * 2.0 * 1.25)
     assert costs_of(study)[0].full == 1.0
+
+
+def test_a_finalist_is_priced_for_every_epoch_of_the_ladder_not_the_early_stopped_trial():
+    """An early-stopped finalist (5 of 10 epochs in 100 s) is re-trained up the whole ladder: its re-evaluation
+    is priced at 200 s per fold, not 100 (letters: finalists priced at their trials' times ran longer)."""
+    stopped, other = TrialCost(0.9, 100, True, full=2.0), TrialCost(0.8, 100, True)
+    assert stopped.full_seconds == 200 and other.full_seconds == 100
+    b = budget(timeout=1e5, finalists=2, folds=1)
+    assert b.plan([stopped, other], room=299) == (0, 0)  # 200 + 100 do not fit
+    assert b.plan([stopped, other], room=300) == (2, 1)
+    assert b.reserve([stopped, other]) == pytest.approx(300 + 1.25 * 200)
+
+
+def test_a_re_evaluation_running_longer_than_priced_stops_before_it_crowds_out_the_final_fit():
+    """Three finalists priced at 100 s each, the final fit at 250 s, 700 s left. The first takes 200 s (twice its
+    price), so the second is priced at 200 s and the final fit at 500 s: 500 s left cannot hold both, and the
+    re-evaluation stops there rather than leave the champion unfitted."""
+    b = budget(timeout=1000.0)  # deadline at t=1000
+    pacer = FinalistPacer(b, {1: 100.0, 2: 100.0, 3: 100.0}, keep=250.0)
+    assert pacer(1, now=300.0) is None  # 700 s left >= 100 + 250
+    reason = pacer(2, now=500.0)  # trial 1 took 200 s
+    assert pacer.slower == pytest.approx(2.0)
+    assert reason and "500 s left" in reason and "trial 2" in reason and "~200 s" in reason and "~500 s" in reason
+    on_time = FinalistPacer(b, {1: 100.0, 2: 100.0}, keep=250.0)
+    assert on_time(1, now=300.0) is None and on_time(2, now=390.0) is None  # faster than priced: never below 1
+    assert on_time.slower == 1.0
+    assert on_time(3, now=1000.0 - 250.0 + 1.0)  # an unpriced finalist still needs the final fit's time
 
 
 def _finished(study, seconds: float, **attrs) -> None:

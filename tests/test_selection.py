@@ -90,6 +90,24 @@ def test_re_evaluated_finalists_carry_their_flops_so_the_rule_can_compare_them(p
     assert choose(out, False, 0.005, images=1).trial == 1  # a margin of 50 pt: the smaller on both measures
 
 
+def test_a_re_evaluation_told_to_stop_returns_the_finalists_done_and_says_why(prepared_sample):
+    """The time budget's check before each finalist ends the re-evaluation there (real training on digits)."""
+    data = prepared_sample("digits", 600)
+    cfg = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(4, 3)], dense=[16]),
+                           train=TrainConfig(epochs=1, batch_size=64)).validate()
+    asked, said = [], []
+
+    def check(trial: int) -> str | None:
+        asked.append(trial)
+        return "time budget: 10 s left" if trial == 1 else None
+
+    out = reevaluate([Candidate(0, 0.9, 0, cfg), Candidate(1, 0.9, 0, cfg), Candidate(2, 0.9, 0, cfg)], data, 1,
+                     seed=0, log=said.append, check=check)
+    assert [f.trial for f in out] == [0] and len(out[0].scores) == 1
+    assert asked == [0, 1]  # not asked again once stopped
+    assert any("time budget: 10 s left: the re-evaluation stops after 1 of 3" in m for m in said)
+
+
 def test_the_cli_prefers_the_smaller_model_unless_told_not_to(tmp_path):
     stores = ["--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]
 

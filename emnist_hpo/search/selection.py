@@ -106,12 +106,21 @@ def reevaluate(
     seed: int,
     ladder: Ladder | None = None,
     log: Callable[[str], None] = print,
+    check: Callable[[int], str | None] | None = None,
 ) -> list[Finalist]:
-    """Re-train every candidate up the whole ``ladder`` on each fold with a fresh seed; return them with their scores."""
+    """Re-train every candidate up the whole ``ladder`` on each fold with a fresh seed; return them with their scores.
+
+    ``check(trial)``, when given, is asked before each candidate: a reason ends the re-evaluation there (the
+    time budget's :class:`~emnist_hpo.search.budget.FinalistPacer`), and the candidates done so far are returned.
+    """
     x_pool, y_pool = data.train_and_val()
     fold_idx = folds(data, n_folds, seed + 7919)
     out = []
     for rank, c in enumerate(candidates):
+        reason = check(c.number) if check is not None else None
+        if reason:
+            log(f"{reason}: the re-evaluation stops after {rank} of {len(candidates)} finalist(s)")
+            break
         f = Finalist(c.number, c.original, c.params, flops=model_cost(c.config.model, data.num_classes).flops)
         for i, (tr, va) in enumerate(fold_idx):
             cfg = copy.deepcopy(c.config)

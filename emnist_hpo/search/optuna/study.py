@@ -36,7 +36,8 @@ from emnist_hpo.errors import ConfigError, EmnistHpoError
 from emnist_hpo.model.cost import human
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.paths import find_experiment, find_search_space
-from emnist_hpo.search.budget import CROWN_SHARE, Throughput, TimeBudget, costs_of, standard_error
+from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, TimeBudget, cost_of, costs_of,
+                                      standard_error)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.plan import Plan, leader_rung, plan, sampler_startup, search_eta
@@ -314,18 +315,24 @@ def _reevaluate(ctx: StudyContext, objective: Objective, picked: optuna.trial.Fr
     opts, study, budget = ctx.opts, ctx.study, ctx.budget
     candidates = finalists_of(study, opts.finalists)
     folds = opts.folds
+    pacer = None
     if budget.deadline is not None and candidates:
         costs = costs_of(study, ctx.ladder)
-        n, folds = budget.plan(costs, room=budget.left() - budget.final_fit_cost(costs))
+        keep = budget.final_fit_cost(costs)
+        n, folds = budget.plan(costs, room=budget.left() - keep)
         if (n, folds) != (len(candidates), opts.folds):
             log(f"time budget: {budget.left():.0f} s left, enough to re-evaluate {n} finalist(s) on {folds} fold(s) "
                 "and fit the champion")
         candidates = candidates[:n]
         if not candidates:
             return picked, []
+        priced = {t.number: cost_of(t, ctx.ladder) for t in candidates}
+        pacer = FinalistPacer(budget, {k: c.full_seconds * folds for k, c in priced.items() if c is not None}, keep)
     log(f"re-evaluating {len(candidates)} finalist(s) on {folds} fold(s) each...")
     finalists = reevaluate(candidates_of(candidates, lambda t: config_of(objective, t)), ctx.data, folds, opts.seed,
-                           ctx.ladder, log)
+                           ctx.ladder, log, check=pacer)
+    if pacer is not None and len(finalists) < 2:  # stopped for time: one finalist is compared with nothing, and
+        return picked, []  # the single scores' pick stands
     if not finalists:
         return candidates[0], []
     chosen = choose(finalists, len(study.directions) > 1, opts.tolerance, _scored(ctx) * folds)
