@@ -15,8 +15,14 @@ import keras
 from keras import layers
 
 from emnist_hpo.model.architecture import IMAGE_SIDE, check_fits
+from emnist_hpo.model.batch_norm import FastBatchNormalization
 from emnist_hpo.config import ModelConfig
 from emnist_hpo.errors import ConfigError
+
+
+#: The batch-norm layer models are built with: Keras' own, trained through TensorFlow's fused kernel
+#: (:mod:`emnist_hpo.model.batch_norm`; benchmarks/bench_batch_norm.py swaps in Keras' layer to compare).
+BATCH_NORM: type[layers.BatchNormalization] = FastBatchNormalization
 
 
 def build_model(cfg: ModelConfig, num_classes: int, name: str = "emnist_cnn") -> keras.Model:
@@ -82,7 +88,7 @@ def _cnn(cfg: ModelConfig, num_classes: int, name: str) -> keras.Model:
                 name=f"conv_{b}_{c}",
             )(h)
             if cfg.batch_norm:
-                h = layers.BatchNormalization(momentum=cfg.bn_momentum, name=f"bn_{b}_{c}")(h)
+                h = BATCH_NORM(momentum=cfg.bn_momentum, name=f"bn_{b}_{c}")(h)
             h = layers.Activation("relu", name=f"relu_{b}_{c}")(h)
         h = pool(2, name=f"pool_{b}")(h)
         if cfg.conv_dropout > 0:

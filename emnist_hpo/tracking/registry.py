@@ -136,9 +136,11 @@ def mlflow_uris(uri: str):
 def _log_and_register(tracker, run_id, model, classes, *, split, test_accuracy, tags, register):
     from mlflow.models import infer_signature
 
+    from emnist_hpo.model.batch_norm import plain
+
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
-        model.save(keras_path)
+        plain(model).save(keras_path)  # Keras' own layers only: it loads where this package is not installed
         classes_path = Path(tmp) / "classes.json"
         classes_path.write_text(json.dumps(list(classes)), encoding="utf-8")
         example = np.zeros((2, 28, 28), dtype=np.uint8)
