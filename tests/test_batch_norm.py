@@ -9,9 +9,10 @@ import keras
 import numpy as np
 import pytest
 
-from emnist_hpo.config import AugmentConfig, ConvBlock, ModelConfig
+from emnist_hpo.config import AugmentConfig, ConvBlock, ExperimentConfig, ModelConfig, TrainConfig
 from emnist_hpo.model.batch_norm import FastBatchNormalization, plain
 from emnist_hpo.model.build import build_model
+from emnist_hpo.train.trainer import train
 
 
 def _pair(momentum: float = 0.9):
@@ -70,18 +71,20 @@ def test_under_bf16_the_fused_layer_takes_the_activations_as_they_are_and_matche
 
 
 def test_models_are_built_with_the_fused_layer_and_saved_with_keras_own(tmp_path):
-    """The registry's model must load where this package is not installed: plain() swaps the layer, weights kept."""
-    cfg = ModelConfig(conv_blocks=[ConvBlock(4, 3, convs=2)], batch_norm=True, dense=[8],
-                      augment=AugmentConfig(rotation=9, shift=0.09, zoom=0.09))
-    model = build_model(cfg, 10)
-    assert sum(isinstance(layer, FastBatchNormalization) for layer in model.layers) == 2
-    x = np.random.default_rng(0).integers(0, 256, (16, 28, 28)).astype("uint8")
-    model(x, training=True)  # moves the statistics away from their initial values
+    """The registry's model must load where this package is not installed: plain() swaps the layer, weights kept.
+    The model is what a study registers: trained, so compiled, with this package's label-smoothing loss."""
+    model_cfg = ModelConfig(conv_blocks=[ConvBlock(4, 3, convs=2)], batch_norm=True, dense=[8],
+                            augment=AugmentConfig(rotation=9, shift=0.09, zoom=0.09))
+    cfg = ExperimentConfig(model=model_cfg, train=TrainConfig(epochs=1, batch_size=16, label_smoothing=0.1)).validate()
+    x = np.random.default_rng(0).integers(0, 256, (64, 28, 28)).astype("uint8")
+    model = train(cfg, x, np.arange(64) % 10, None, None, 10).model  # moves the statistics off their start
+    assert sum(isinstance(layer, FastBatchNormalization) for layer in model.layers) == 2 and model.compiled
     out = plain(model)
     assert not any(isinstance(layer, FastBatchNormalization) for layer in out.layers)
     assert sum(type(layer) is keras.layers.BatchNormalization for layer in out.layers) == 2
     np.testing.assert_allclose(keras.ops.convert_to_numpy(out.predict(x, verbose=0)),
                                keras.ops.convert_to_numpy(model.predict(x, verbose=0)), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(out.get_layer("bn_0_0").get_weights()[2], 0.0)
     no_bn = build_model(ModelConfig(conv_blocks=[ConvBlock(4, 3)], dense=[8]), 10)
     assert plain(no_bn) is no_bn
 

@@ -56,15 +56,17 @@ class FastBatchNormalization(keras.layers.BatchNormalization):
 
 def plain(model: keras.Model) -> keras.Model:
     """``model`` with Keras' own :class:`~keras.layers.BatchNormalization` in place of every
-    :class:`FastBatchNormalization`, the same weights (``model`` itself when it has none)."""
+    :class:`FastBatchNormalization`, the same weights, uncompiled (``model`` itself when it has none).
+
+    Rebuilt from the model's config, not :func:`keras.models.clone_model`: that compiles the copy again from
+    the original's compile config, and a study's loss is this package's class (a registry save then failed)."""
     if not any(isinstance(layer, FastBatchNormalization) for layer in model.layers):
         return model
-
-    def clone(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if isinstance(layer, FastBatchNormalization):
-            return keras.layers.BatchNormalization.from_config(layer.get_config())
-        return layer.__class__.from_config(layer.get_config())
-
-    out = keras.models.clone_model(model, clone_function=clone)
+    config = model.get_config()
+    fast = keras.saving.get_registered_name(FastBatchNormalization)
+    for entry in config["layers"]:
+        if entry.get("registered_name") == fast:
+            entry.update(module="keras.layers", class_name="BatchNormalization", registered_name=None)
+    out = model.__class__.from_config(config)
     out.set_weights(model.get_weights())
     return out

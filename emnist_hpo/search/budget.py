@@ -5,12 +5,14 @@ and the champion is fitted again on train+validation. A budget that only stops
 *starting* trials lets those steps run past it (a 20-minute study that takes
 35). :class:`TimeBudget` instead stops the search while there is still time for
 them, estimated from the trials themselves: each finalist costs ``folds`` runs of
-its own run's duration (a paused trial's continuation: with the rungs it trained
-before), the final fit one more on a pool 1/(1 - val_fraction) times the training
-set, for every epoch of the ladder (an early-stopped champion's
-final fit runs longer than its trial did). The re-evaluation gets at most ``REEVAL_SHARE`` of the
-budget (fewer folds, then fewer finalists, when that is not enough): a search
-cut short to re-train finalists of a poor search gains nothing.
+every epoch of the ladder at its own run's pace (a paused trial's continuation: with
+the rungs it trained before; an early-stopped trial's re-run may not stop early), the
+final fit one more on a pool 1/(1 - val_fraction) times the training set. The
+re-evaluation gets at most ``REEVAL_SHARE`` of the budget (fewer folds, then fewer
+finalists, when that is not enough): a search cut short to re-train finalists of a
+poor search gains nothing. While it runs, :class:`FinalistPacer` re-prices what is
+left at the pace the finalists actually ran, and stops it before it would crowd out
+the final fit.
 """
 
 from __future__ import annotations
