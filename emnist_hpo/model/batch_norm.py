@@ -4,7 +4,7 @@ Keras 3's :class:`keras.layers.BatchNormalization` is written in backend ops: un
 step runs ``tf.nn.moments`` and ``tf.nn.batch_normalization`` as a dozen separate element-wise kernels, each
 a pass over the activations, forward and backward. TensorFlow's ``FusedBatchNormV3`` does the same in one
 pass, and takes bf16 activations as they are where Keras casts them to float32 and back. On this project's
-2-core CPUs batch-norm made the compact seed's epochs 2-3x as long as without it at equal FLOPs, which kept
+2-core CPUs batch-norm made the compact seed's epochs 2-5x as long as without it at equal FLOPs, which kept
 batch-norm models (the accurate ones) out of reach of a 30-minute search (benchmarks/bench_batch_norm.py).
 
 :class:`FastBatchNormalization` computes what Keras' layer computes (the same normalisation, the same
