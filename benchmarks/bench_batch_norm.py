@@ -57,18 +57,20 @@ def main(argv: list[str] | None = None) -> int:
                 "no batch-norm": (no_bn, FastBatchNormalization)}
     times: dict[str, list[float]] = {k: [] for k in variants}
     accs: dict[str, list[float]] = {k: [] for k in variants}
-    for r in range(args.rounds):
-        for name, (c, layer) in variants.items():
-            build.BATCH_NORM = layer
-            t0 = time.perf_counter()
-            res = train(c, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes)
-            wall = time.perf_counter() - t0
-            per_epoch = statistics.median(res.epoch_times[1:] or res.epoch_times)
-            times[name].append(per_epoch)
-            accs[name].append(res.best_val_accuracy)
-            log(f"round {r + 1}: {name}: {per_epoch:.2f} s/epoch ({wall:.1f} s in all), "
-                f"val {res.best_val_accuracy:.4f}")
-    build.BATCH_NORM = FastBatchNormalization
+    try:
+        for r in range(args.rounds):
+            for name, (c, layer) in variants.items():
+                build.BATCH_NORM = layer
+                t0 = time.perf_counter()
+                res = train(c, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes)
+                wall = time.perf_counter() - t0
+                per_epoch = statistics.median(res.epoch_times[1:] or res.epoch_times)
+                times[name].append(per_epoch)
+                accs[name].append(res.best_val_accuracy)
+                log(f"round {r + 1}: {name}: {per_epoch:.2f} s/epoch ({wall:.1f} s in all), "
+                    f"val {res.best_val_accuracy:.4f}")
+    finally:
+        build.BATCH_NORM = FastBatchNormalization
     ref = statistics.median(times["keras BatchNormalization"])
     rows = [[k, f"{statistics.median(v):.2f}", f"{len(data.y_train) / statistics.median(v):.0f}",
              f"{statistics.median(v) / ref:.2f}", " ".join(f"{a:.4f}" for a in accs[k])] for k, v in times.items()]

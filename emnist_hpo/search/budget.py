@@ -217,25 +217,21 @@ class FinalistPacer:
     budget: TimeBudget
     prices: dict[int, float]  # trial number -> seconds priced for its re-evaluation (every fold)
     keep: float  # seconds priced for the final fit
-    spent: float = 0.0  # seconds the finalists re-evaluated so far took
-    priced: float = 0.0  # seconds they were priced at
-    _began: float | None = None  # when the running finalist began
-
-    @property
-    def slower(self) -> float:
-        """How much longer than priced the finalists so far ran (never below 1)."""
-        return max(1.0, self.spent / self.priced) if self.priced > 0 else 1.0
+    began: float | None = None  # when the first finalist began (they run back to back)
+    priced: float = 0.0  # seconds the finalists begun so far were priced at
+    slower: float = 1.0  # how much longer than priced they ran, as of the last check (never below 1)
 
     def __call__(self, trial: int, now: float | None = None) -> str | None:
         """Why finalist ``trial`` must not be re-evaluated, or None (its re-evaluation starts now)."""
         now = time.time() if now is None else now
-        if self._began is not None:  # the one before it has ended
-            self.spent, self._began = self.spent + now - self._began, None
+        if self.began is not None and self.priced > 0:
+            self.slower = max(1.0, (now - self.began) / self.priced)
         price, keep, left = self.prices.get(trial, 0.0) * self.slower, self.keep * self.slower, self.budget.left(now)
         if left - price < keep:
             return (f"time budget: {left:.0f} s left; re-evaluating trial {trial} takes ~{price:.0f} s and the "
                     f"final fit ~{keep:.0f} s")
-        self._began, self.priced = now, self.priced + self.prices.get(trial, 0.0)
+        self.began = now if self.began is None else self.began
+        self.priced += self.prices.get(trial, 0.0)
         return None
 
 

@@ -326,8 +326,8 @@ def _reevaluate(ctx: StudyContext, objective: Objective, picked: optuna.trial.Fr
         candidates = candidates[:n]
         if not candidates:
             return picked, []
-        priced = {t.number: cost_of(t, ctx.ladder) for t in candidates}
-        pacer = FinalistPacer(budget, {k: c.full_seconds * folds for k, c in priced.items() if c is not None}, keep)
+        prices = {t.number: c.full_seconds * folds for t in candidates if (c := cost_of(t, ctx.ladder)) is not None}
+        pacer = FinalistPacer(budget, prices, keep)
     log(f"re-evaluating {len(candidates)} finalist(s) on {folds} fold(s) each...")
     finalists = reevaluate(candidates_of(candidates, lambda t: config_of(objective, t)), ctx.data, folds, opts.seed,
                            ctx.ladder, log, check=pacer)
