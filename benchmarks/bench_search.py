@@ -33,15 +33,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import DEFAULT_DATA, PYTHON, ROOT, log, machine, table, write_results  # noqa: E402
 
 
-def compact_alone(split: str, seed: int, epochs: int, data_dir: str) -> dict:
-    """The compact seed trained exactly as a champion is finally fitted, then tested once (in a child process)."""
+def compact_alone(split: str, seed: int, epochs: int, data_dir: str, predictions: Path) -> dict:
+    """The compact seed trained exactly as a champion is finally fitted, then tested once (in a child process);
+    its predicted test labels are saved to ``predictions`` (.npy) for :func:`paired`."""
     code = f"""
 import json, time
+import numpy as np
 from emnist_hpo.cli import import_keras_quietly; import_keras_quietly()
 from emnist_hpo.config import DataConfig, load_experiment
 from emnist_hpo.data.prepared import prepare
@@ -59,7 +63,9 @@ ladder = make_ladder("data", {epochs}, len(data.y_train), data.num_classes)
 t0 = time.perf_counter()
 model, _, fit = final_model(Champion(0, cfg, float("nan"), "none"), data, ladder, True)
 seconds = time.perf_counter() - t0
-ev = evaluate(data.y_test, predict_proba(model, data.x_test), data.classes)
+proba = predict_proba(model, data.x_test)
+np.save({str(predictions)!r}, proba.argmax(axis=1))
+ev = evaluate(data.y_test, proba, data.classes)
 cost = model_cost(cfg.model, data.num_classes)
 print("RESULT " + json.dumps({{"test_accuracy": ev.accuracy, "params": cost.params, "flops": cost.flops,
                               "seconds": seconds}}))
@@ -69,6 +75,44 @@ print("RESULT " + json.dumps({{"test_accuracy": ev.accuracy, "params": cost.para
     if line is None:
         raise RuntimeError(f"compact alone failed:\n{res.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
+
+
+def champion_predictions(split: str, seed: int, data_dir: str, tracking_uri: str, out: Path) -> None:
+    """The registered champion's predicted test labels (``models:/emnist-<split>@champion``) and the true ones,
+    saved to ``out`` (.npz: ``pred``, ``y``)."""
+    code = f"""
+import numpy as np
+from emnist_hpo.cli import import_keras_quietly; import_keras_quietly()
+from emnist_hpo.config import DataConfig
+from emnist_hpo.data.prepared import prepare
+from emnist_hpo.tracking.registry import load_champion
+data = prepare({split!r}, {data_dir!r}, DataConfig(seed={seed}), progress=False)
+pred = load_champion({tracking_uri!r}, {split!r}).predict(data.x_test).to_numpy().argmax(axis=1)
+np.savez({str(out)!r}, pred=pred, y=data.y_test)
+"""
+    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if res.returncode != 0:
+        raise RuntimeError(f"predicting with the champion failed:\n{res.stderr[-3000:]}")
+
+
+def paired(y: np.ndarray, a: np.ndarray, b: np.ndarray) -> dict:
+    """Model ``a`` against model ``b`` on the same test images: the accuracy difference, its standard error
+    from the images they disagree on (paired: the images both get right or both wrong add no noise to the
+    difference), and McNemar's exact two-sided p-value. One test set's standard error of a single accuracy
+    (~0.5 pt on these samples) overstates the noise of a difference between two models evaluated on it."""
+    from scipy.stats import binomtest
+
+    y, a, b = (np.asarray(v).ravel() for v in (y, a, b))
+    if not (len(y) == len(a) == len(b)) or not len(y):
+        raise ValueError(f"paired predictions must be non-empty and of one length (labels {len(y)}, "
+                         f"a {len(a)}, b {len(b)})")
+    only_a = int(np.sum((a == y) & (b != y)))  # images a gets right and b wrong
+    only_b = int(np.sum((a != y) & (b == y)))
+    n = len(y)
+    diff = (only_a - only_b) / n
+    se = float(np.sqrt(max(only_a + only_b - (only_a - only_b) ** 2 / n, 0.0)) / n)
+    p = float(binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    return {"difference": diff, "se": se, "only_a": only_a, "only_b": only_b, "images": n, "p_mcnemar": p}
 
 
 def compact_params(split: str) -> int:
@@ -138,6 +182,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "wall_s": round(wall, 1), "budget_s": args.budget_minutes * 60,
         "overrun": round(wall / (args.budget_minutes * 60) - 1, 3),
         "screened_per_hour": round(len(trained) / wall * 3600, 1), "plan": plan, "work": str(work),
+        "tracking_uri": f"sqlite:///{work}/mlflow.db",
     }
 
 
@@ -197,13 +242,19 @@ def main(argv=None) -> int:
     for split in args.splits.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             entry: dict = {"split": split, "seed": seed}
-            if "compact" in runs and (seed == int(args.seeds.split(",")[0])):
+            compact_pred = Path(tempfile.mkdtemp(prefix=f"compact-{split}-{seed}-")) / "predictions.npy"
+            if "compact" in runs:
                 log(f"{split} seed {seed}: compact alone")
-                entry["compact"] = compact_alone(split, seed, args.epochs, args.data_dir)
+                entry["compact"] = compact_alone(split, seed, args.epochs, args.data_dir, compact_pred)
             for key, warm in (("search", False), ("seeds", True)):
                 if key in runs:
                     log(f"{split} seed {seed}: {key} ({args.budget_minutes:g} min)")
-                    entry[key] = run_study(split, seed, args, warm)
+                    entry[key] = r = run_study(split, seed, args, warm)
+                    if compact_pred.is_file() and r.get("test_accuracy") is not None:
+                        champ = Path(r["work"]) / "champion-predictions.npz"
+                        champion_predictions(split, seed, args.data_dir, r["tracking_uri"], champ)
+                        with np.load(champ) as z:
+                            r["vs_compact"] = paired(z["y"], z["pred"], np.load(compact_pred))
             if "hand" in runs:
                 log(f"{split} seed {seed}: Optuna wired by hand ({args.budget_minutes:g} min)")
                 entry["hand"] = by_hand(split, seed, args)
@@ -222,11 +273,13 @@ def main(argv=None) -> int:
                              r.get("screened", "-"), r.get("repeats", "-"), r.get("screened_per_hour", "-"),
                              " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
                              if key != "compact" else "-",
-                             r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-"])
+                             r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-",
+                             (f"{100 * r['vs_compact']['difference']:+.2f} +/- {100 * r['vs_compact']['se']:.2f} "
+                              f"(p={r['vs_compact']['p_mcnemar']:.2f})") if r.get("vs_compact") else "-"])
     md = [f"# The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
           f"--max-params {'compact' if args.max_params is None else args.max_params or '-'})", "",
           table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
-                 "trials per rung", "wall s", "overrun"], rows), ""]
+                 "trials per rung", "wall s", "overrun", "vs compact, paired (pt)"], rows), ""]
     json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},
                                        "\n".join(md))
     print("\n".join(md))
