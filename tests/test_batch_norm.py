@@ -15,13 +15,14 @@ from emnist_hpo.model.build import build_model
 from emnist_hpo.train.trainer import train
 
 
-def _pair(momentum: float = 0.9):
+def _pair(momentum: float = 0.9, channels: int = 5):
     """Keras' layer and the fused one, built alike with the same (non-trivial) weights."""
     rng = np.random.default_rng(0)
     a, b = keras.layers.BatchNormalization(momentum=momentum), FastBatchNormalization(momentum=momentum)
     for layer in (a, b):
-        layer.build((None, 6, 6, 5))
-    weights = [rng.normal(1.0, 0.3, 5), rng.normal(0.0, 0.3, 5), rng.normal(0.0, 1.0, 5), rng.uniform(0.5, 2.0, 5)]
+        layer.build((None, 6, 6, channels))
+    c = channels
+    weights = [rng.normal(1.0, 0.3, c), rng.normal(0.0, 0.3, c), rng.normal(0.0, 1.0, c), rng.uniform(0.5, 2.0, c)]
     for layer in (a, b):
         layer.set_weights([w.astype("float32") for w in weights])
     return a, b
@@ -54,13 +55,14 @@ def test_the_fused_layer_trains_as_keras_layer_does_outputs_moving_statistics_an
                                keras.ops.convert_to_numpy(b(x, training=False)), rtol=1e-5, atol=1e-5)
 
 
-def test_under_bf16_the_fused_layer_takes_the_activations_as_they_are_and_matches_keras_layer():
+@pytest.mark.parametrize("channels", [16, 24])  # the fused kernel; Keras' path (24 is no multiple of 16)
+def test_under_bf16_the_fused_layer_takes_the_activations_as_they_are_and_matches_keras_layer(channels):
     """Mixed bf16 (what ``precision: auto`` picks on a CPU with bf16 units): bf16 in, bf16 out, float32 statistics."""
     from emnist_hpo.train.trainer import dtype_policy
 
     with dtype_policy("mixed_bfloat16"):
-        a, b = _pair()
-    x = keras.ops.cast(np.random.default_rng(3).normal(2.0, 3.0, (8, 6, 6, 5)), "bfloat16")
+        a, b = _pair(channels=channels)
+    x = keras.ops.cast(np.random.default_rng(3).normal(2.0, 3.0, (8, 6, 6, channels)), "bfloat16")
     ya, yb = a(x, training=True), b(x, training=True)
     assert keras.backend.standardize_dtype(yb.dtype) == "bfloat16"
     np.testing.assert_allclose(keras.ops.convert_to_numpy(keras.ops.cast(ya, "float32")),

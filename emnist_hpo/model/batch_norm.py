@@ -10,7 +10,7 @@ batch-norm models (the accurate ones) out of reach of a 30-minute search (benchm
 :class:`FastBatchNormalization` computes what Keras' layer computes (the same normalisation, the same
 moving statistics, its biased batch variance; tests/test_batch_norm.py compares outputs, statistics and
 gradients) through the fused kernel where it applies: TensorFlow, training, channels-last 4-D input, no
-mask, renorm or synchronisation. Elsewhere (JAX, torch, inference) it *is* Keras' layer. Its weights are
+mask, renorm or synchronisation, and under bf16 a multiple of 16 channels (:data:`HALF_CHANNELS`). Elsewhere (JAX, torch, inference) it *is* Keras' layer. Its weights are
 Keras' (gamma, beta, moving mean and variance), so :func:`plain` turns a model into the same model with
 Keras' own layers, for artefacts loaded where this package is not installed (the registry's model).
 """
@@ -21,6 +21,13 @@ import keras
 
 #: Registered so that a checkpoint saved mid-study loads wherever this module is imported.
 PACKAGE = "emnist_hpo"
+
+#: Half-precision activations take the fused kernel only with a multiple of this many channels. With others
+#: (8, 24, 40: the search space's 24 among them) its bf16 kernel is 10-40x slower per element (72 ns for 8
+#: channels, 32 for 24, 22 for 40, against 1.2-1.7 for 16-64, a training step's forward and backward on this
+#: project's Intel CPU), slower than Keras' layer (4.5-6 ns), which those layers use instead. Padding the
+#: channels up to 16 cost 4-13 ns: the copies eat the gain. Float32 has no such cliff (4.1-4.4 ns for 24 and 40).
+HALF_CHANNELS = 16
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -51,7 +58,9 @@ class FastBatchNormalization(keras.layers.BatchNormalization):
 
     def _fusable(self, inputs, mask) -> bool:
         return (keras.backend.backend() == "tensorflow" and mask is None and len(inputs.shape) == 4
-                and self.axis in (-1, 3) and not self.renorm and not self.synchronized)
+                and self.axis in (-1, 3) and not self.renorm and not self.synchronized
+                and not (keras.backend.standardize_dtype(inputs.dtype) in ("bfloat16", "float16")
+                         and inputs.shape[-1] % HALF_CHANNELS))
 
 
 def plain(model: keras.Model) -> keras.Model:
