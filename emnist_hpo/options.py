@@ -70,7 +70,7 @@ class StudyOptions:
     warm_start_top: int = 5  # how many of each such study's best trials
     trial_plots: bool = True  # PNG confusion matrix and curves for every finished trial (False: the champion's only)
     progress: bool = True  # progress bar over trials
-    checkpoint_dir: str = "mlruns/checkpoints"  # best-so-far trial models (for --no-final-fit)
+    checkpoint_dir: str = "mlruns/checkpoints"  # running trials' checkpoints, best-so-far trial models: <study>-<id>/ in it
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
     workers: int = 1  # trials run at once on this machine, each in its own worker subprocess when > 1
 

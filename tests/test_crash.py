@@ -190,7 +190,27 @@ def test_an_interrupted_seed_trial_continues_from_its_last_epoch(workdir):
     assert "0 finished trials saved; trial 0 stopped mid-training and continues from its last finished epoch" in err
     study, _, _ = _stores(cwd)
     assert [(t.state.name, t.user_attrs.get("seed_experiment")) for t in study.trials] == [("FAIL", "tiny")]
-    assert (cwd / "mlruns" / "checkpoints" / "emnist-digits" / "running_0.npz").is_file()
+    kept = list((cwd / "mlruns" / "checkpoints").glob("emnist-digits-*/running_0.npz"))
+    assert len(kept) == 1, kept
+
+    # a study of the same name in another storage, same folder: its trial 0 is its own, trained from scratch, even
+    # with the interrupted trial 0's checkpoint in its own checkpoint folder (a deleted study's, whose id it got)
+    from emnist_hpo.search.optuna.storage import checkpoint_folder
+
+    url = f"sqlite:///{cwd}/other.db"
+    mine = checkpoint_folder(cwd / "mlruns" / "checkpoints", optuna.create_study(
+        study_name="emnist-digits", storage=url, direction="maximize"), url)
+    assert mine != kept[0].parent
+    mine.mkdir(parents=True)
+    for f in kept[0].parent.glob("running_0.*"):
+        (mine / f.name).write_bytes(f.read_bytes())
+    other = _run(cwd, env, args=[*args, "--storage", url, "--tracking-uri", f"sqlite:///{cwd}/other-mlflow.db"])
+    first = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{cwd}/other.db").trials[0]
+    assert first.state.name == "COMPLETE" and "resume_of" not in first.user_attrs, other.stderr[-2000:]
+    assert first.user_attrs["epochs_run"] == 3 and first.user_attrs["train_seconds"] > 0
+    assert [m.step for m in MlflowClient(f"sqlite:///{cwd}/other-mlflow.db").get_metric_history(
+        first.user_attrs["mlflow_run_id"], "loss")] == [1, 2, 3]  # all three epochs trained here
+    assert kept[0].is_file()  # the interrupted study's checkpoint is untouched
 
     res = _run(cwd, env, args=args)
     assert "trial(s) 0 were interrupted: queued to continue from their last epoch" in res.stderr
@@ -202,4 +222,4 @@ def test_an_interrupted_seed_trial_continues_from_its_last_epoch(workdir):
     assert resumed.user_attrs["epochs_run"] == 3  # two epochs from the checkpoint, the third trained here
     steps = [m.step for m in client.get_metric_history(_trial_run(runs, 1).info.run_id, "loss")]
     assert steps == [3]  # its run logged only the epoch it trained
-    assert not (cwd / "mlruns" / "checkpoints" / "emnist-digits" / "running_1.npz").exists()  # done: removed
+    assert not list((cwd / "mlruns" / "checkpoints").glob("emnist-digits-*/running_1.npz"))  # done: removed

@@ -186,6 +186,8 @@ class Objective:
                 return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
         previous = _trial(trial.study, continues(trial.user_attrs))  # the interrupted or paused trial it continues
+        if continues(trial.user_attrs) is None:
+            self._clear(trial.number)
         resumed = self._take_over(trial, checkpoint, previous)
         control = OptunaRungs(
             trial, self.ladder, model_cost(cfg.model, self.data.num_classes), pruner=self._rule(trial),
@@ -250,6 +252,14 @@ class Objective:
         if done:
             trial.set_user_attr("rungs", done)
         return done
+
+    def _clear(self, number: int) -> None:
+        """A trial that continues no other starts from nothing: a checkpoint or model file under its number is
+        another study's (one deleted and made again, whose id the storage gave this one), never its own."""
+        checkpoint = self.checkpoint_of(number)
+        if checkpoint is not None:
+            checkpoint.remove()
+            (self.checkpoint_dir / f"trial_{number}.keras").unlink(missing_ok=True)
 
     @staticmethod
     def _value(objective: str, result: TrainResult, trial) -> float:

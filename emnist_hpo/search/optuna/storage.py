@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -53,6 +55,21 @@ def make_storage(url: str) -> optuna.storages.BaseStorage:
             "URL such as postgresql://USER@HOST/DB)"
         ) from None
     return storage
+
+
+def checkpoint_folder(root: str | Path, study: optuna.Study, storage_url: str) -> Path:
+    """Where this study keeps its running trials' checkpoints and its best trials' models:
+    ``<root>/<study name>-<8 hex digits>``, the digits a hash of the storage and the study's id in it.
+
+    Trial numbers restart in every study, so a folder named after the study alone was shared by every study of
+    that name: one in another ``--storage``, a benchmark's earlier run, a study deleted and made again. Its
+    trial 1 then continued the other study's trial 1 from its checkpoint (a balanced study's first rung took
+    1 s instead of 38), and a champion's own model could be another study's ``trial_<n>.keras``.
+    """
+    db = sqlite_file(storage_url)
+    where = f"sqlite:{db.resolve()}" if db is not None else redact(storage_url)
+    digest = hashlib.sha256(f"{where}\n{study._study_id}".encode()).hexdigest()[:8]
+    return Path(root) / f"{study.study_name}-{digest}"
 
 
 def make_sampler(name: str, seed: int, multi: bool, startup: int = DEFAULT_STARTUP) -> optuna.samplers.BaseSampler:

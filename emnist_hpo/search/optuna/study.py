@@ -16,6 +16,7 @@ is re-evaluated (:mod:`emnist_hpo.search.selection`) and finalized once
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -53,7 +54,8 @@ from emnist_hpo.search.optuna.queue import (
 from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
-from emnist_hpo.search.optuna.storage import DEFAULT_STARTUP, finished_count, make_sampler, make_storage
+from emnist_hpo.search.optuna.storage import (DEFAULT_STARTUP, checkpoint_folder, finished_count, make_sampler,
+                                              make_storage)
 from emnist_hpo.search.optuna.workers import run_workers
 from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, no_larger, reevaluate
 from emnist_hpo.search.space import SearchSpace
@@ -124,9 +126,9 @@ class StudyContext:
     no_skill: float  # accuracy of always answering the most frequent validation class
     sampler_seed: int = 0  # this process's sampler seed (--seed, offset per worker and per session)
 
-    @property
+    @functools.cached_property
     def checkpoint_dir(self) -> Path:
-        return Path(self.opts.checkpoint_dir) / self.opts.name
+        return checkpoint_folder(self.opts.checkpoint_dir, self.study, self.storage_url)
 
     @property
     def multi(self) -> bool:
