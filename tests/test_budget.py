@@ -470,3 +470,16 @@ def test_the_final_fit_kept_time_for_is_the_one_the_champion_needs_not_the_best_
     third = TrialCost(0.8334, 2000.0, True)  # within one standard error of the best (0.8332), not a finalist
     assert two.plan([best, smaller, third, far]) == (2, 1)
     assert two.final_fit_cost([best, smaller, third, far]) == pytest.approx(1.25 * 360)
+
+
+def test_a_final_fit_may_overrun_the_budget_by_its_grace_and_no_more():
+    """A letters study had 215 s left for a 221 s final fit, skipped it, tested the champion trial's own model
+    (80% of the data, 0.8 pt under compact alone) and ended 10.5% under budget. The budget's promise is 10%:
+    the final fit may overrun it by 5% of it (90 s of 1,800)."""
+    b = budget(timeout=1800.0)
+    assert b.final_fit_fits(221.0, now=b.deadline - 215.0)  # 6 s over
+    assert b.final_fit_fits(305.0, now=b.deadline - 215.0)  # 90 s over: the grace
+    assert not b.final_fit_fits(306.0, now=b.deadline - 215.0)
+    assert not b.final_fit_fits(100.0, now=b.deadline + 1.0)  # the budget spent: 101 s over
+    assert b.final_fit_fits(80.0, now=b.deadline + 1.0)  # 81 s over
+    assert TimeBudget(None).final_fit_fits(1e9)  # no budget: always

@@ -56,12 +56,13 @@ def finalize_once(ctx: StudyContext, objective: Objective, parent: str, champion
 
 
 def _final_fit_fits(ctx: StudyContext, champion: optuna.trial.FrozenTrial, log) -> bool:
-    """Within a time budget, a final fit that would overrun it is skipped: the trial's own model is registered."""
+    """Within a time budget, a final fit that would overrun it by more than its grace is skipped: the trial's own
+    model is registered."""
     if ctx.budget.deadline is None:
         return True
     own = cost_of(champion, ctx.ladder)
     need = ctx.budget.fit_cost(own) if own else ctx.budget.final_fit_cost(costs_of(ctx.study, ctx.ladder))
-    if need <= ctx.budget.left():
+    if ctx.budget.final_fit_fits(need):
         return True
     log(f"time budget: {max(ctx.budget.left(), 0):.0f} s left, a final fit takes ~{need:.0f} s: the champion trial's "
         "own model is registered instead")
