@@ -243,15 +243,16 @@ def main(argv=None) -> int:
     for split in args.splits.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             entry: dict = {"split": split, "seed": seed}
-            compact_pred = Path(tempfile.mkdtemp(prefix=f"compact-{split}-{seed}-")) / "predictions.npy"
+            compact_pred = None
             if "compact" in runs:
+                compact_pred = Path(tempfile.mkdtemp(prefix=f"compact-{split}-{seed}-")) / "predictions.npy"
                 log(f"{split} seed {seed}: compact alone")
                 entry["compact"] = compact_alone(split, seed, args.epochs, args.data_dir, compact_pred)
             for key, warm in (("search", False), ("seeds", True)):
                 if key in runs:
                     log(f"{split} seed {seed}: {key} ({args.budget_minutes:g} min)")
                     entry[key] = r = run_study(split, seed, args, warm)
-                    if compact_pred.is_file() and r.get("test_accuracy") is not None:
+                    if compact_pred is not None and r.get("test_accuracy") is not None:
                         champ = Path(r["work"]) / "champion-predictions.npz"
                         champion_predictions(split, seed, args.data_dir, r["tracking_uri"], champ)
                         with np.load(champ) as z:

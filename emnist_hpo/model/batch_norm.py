@@ -10,9 +10,10 @@ batch-norm models (the accurate ones) out of reach of a 30-minute search (benchm
 :class:`FastBatchNormalization` computes what Keras' layer computes (the same normalisation, the same
 moving statistics, its biased batch variance; tests/test_batch_norm.py compares outputs, statistics and
 gradients) through the fused kernel where it applies: TensorFlow, training, channels-last 4-D input, no
-mask, renorm or synchronisation, and under bf16 a multiple of 16 channels (:data:`HALF_CHANNELS`). Elsewhere (JAX, torch, inference) it *is* Keras' layer. Its weights are
-Keras' (gamma, beta, moving mean and variance), so :func:`plain` turns a model into the same model with
-Keras' own layers, for artefacts loaded where this package is not installed (the registry's model).
+mask, renorm or synchronisation, and under bf16 a multiple of 16 channels (:data:`HALF_CHANNELS`).
+Elsewhere (JAX, torch, inference) it *is* Keras' layer. Its weights are Keras' (gamma, beta, moving mean and
+variance), so :func:`plain` turns a model into the same model with Keras' own layers, for artefacts loaded
+where this package is not installed (the registry's model).
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ class Objective:
             if twin is not None:
                 return self._repeat(trial, cfg, twin)
         checkpoint = self.checkpoint_of(trial.number)
-        previous = _trial(trial.study, continues(trial.user_attrs))  # the interrupted or paused trial it continues
-        if continues(trial.user_attrs) is None:
+        of = continues(trial.user_attrs)
+        previous = _trial(trial.study, of)  # the interrupted or paused trial it continues
+        if of is None:
             self._clear(trial.number)
         resumed = self._take_over(trial, checkpoint, previous)
         control = OptunaRungs(
