@@ -204,7 +204,8 @@ def test_an_interrupted_seed_trial_continues_from_its_last_epoch(workdir):
     mine.mkdir(parents=True)
     for f in kept[0].parent.glob("running_0.*"):
         (mine / f.name).write_bytes(f.read_bytes())
-    other = _run(cwd, env, args=[*args, "--storage", url, "--tracking-uri", f"sqlite:///{cwd}/other-mlflow.db"])
+    other = _run(cwd, env, args=[*args, "--trials", "1", "--no-final-fit", "--no-register", "--storage", url,
+                                 "--tracking-uri", f"sqlite:///{cwd}/other-mlflow.db"])
     first = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{cwd}/other.db").trials[0]
     assert first.state.name == "COMPLETE" and "resume_of" not in first.user_attrs, other.stderr[-2000:]
     assert first.user_attrs["epochs_run"] == 3 and first.user_attrs["train_seconds"] > 0
