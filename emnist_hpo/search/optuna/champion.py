@@ -16,7 +16,7 @@ import keras  # noqa: E402
 
 from emnist_hpo.search.budget import cost_of, costs_of  # noqa: E402
 from emnist_hpo.search.finalize import Champion, finalize_champion  # noqa: E402
-from emnist_hpo.search.optuna.objective import Objective, config_of  # noqa: E402
+from emnist_hpo.search.optuna.objective import Objective, config_of, kept_model  # noqa: E402
 from emnist_hpo.search.optuna.slots import claim_finalize, claim_lease, drop_claim, finish_claim  # noqa: E402
 from emnist_hpo.search.optuna.storage import finished_count  # noqa: E402
 from emnist_hpo.search.selection import Finalist  # noqa: E402
@@ -91,7 +91,7 @@ def _finalize(ctx: StudyContext, objective: Objective, parent: str, champion, fr
     chosen = Champion(
         champion.number, config_of(objective, champion), val, "optuna",
         trial_run_id=champion.user_attrs.get("mlflow_run_id"),
-        own_model=_own_model(ctx.checkpoint_dir / f"trial_{champion.number}.keras", champion.number, log),
+        own_model=_own_model(kept_model(ctx.checkpoint_dir, champion.number), champion.number, log),
     )
     final = finalize_champion(chosen, ctx.data, ctx.ladder, tracker=tracker, parent=parent, split=opts.split,
                               study_name=opts.name, final_fit=final_fit, register=opts.register,

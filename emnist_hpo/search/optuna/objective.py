@@ -260,7 +260,7 @@ class Objective:
         checkpoint = self.checkpoint_of(number)
         if checkpoint is not None:
             checkpoint.remove()
-            (self.checkpoint_dir / f"trial_{number}.keras").unlink(missing_ok=True)
+            kept_model(self.checkpoint_dir, number).unlink(missing_ok=True)
 
     @staticmethod
     def _value(objective: str, result: TrainResult, trial) -> float:
@@ -282,7 +282,12 @@ class Objective:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.checkpoint_dir / f".trial_{trial.number}.keras"
             result.model.save(tmp)
-            tmp.replace(self.checkpoint_dir / f"trial_{trial.number}.keras")
+            tmp.replace(kept_model(self.checkpoint_dir, trial.number))
+
+
+def kept_model(checkpoint_dir: Path, number: int) -> Path:
+    """The model file trial ``number`` keeps when it beats every finished trial (its own model, should it win)."""
+    return checkpoint_dir / f"trial_{number}.keras"
 
 
 def config_of(objective: Objective, trial: optuna.trial.FrozenTrial) -> ExperimentConfig:
