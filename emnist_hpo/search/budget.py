@@ -223,9 +223,10 @@ class TimeBudget:
 class FinalistPacer:
     """Before each finalist's re-evaluation: does it still fit before the final fit? Both are priced as
     :meth:`TimeBudget.plan` and :meth:`TimeBudget.final_fit_cost` price them, times how much slower than priced the
-    finalists before it ran, so that a re-evaluation running long stops itself rather than leave the champion
-    unfitted (letters: the finalists ran longer than priced and the 265 s final fit no longer fitted in the 198 s
-    left; the trial's own model tested 0.6 pt lower than the fitted one)."""
+    finalists before it ran, and a finalist starts only where the final fit after it may still start
+    (:meth:`TimeBudget.final_fit_fits`, its grace included). So a re-evaluation running long stops itself rather
+    than leave the champion unfitted (letters: the finalists ran longer than priced and the 265 s final fit no
+    longer fitted in the 198 s left; the trial's own model tested 0.6 pt lower than the fitted one)."""
 
     budget: TimeBudget
     prices: dict[int, float]  # trial number -> seconds priced for its re-evaluation (every fold)
@@ -240,7 +241,7 @@ class FinalistPacer:
         if self.began is not None and self.priced > 0:
             self.slower = max(1.0, (now - self.began) / self.priced)
         price, keep, left = self.prices.get(trial, 0.0) * self.slower, self.keep * self.slower, self.budget.left(now)
-        if left - price < keep:
+        if not self.budget.final_fit_fits(keep, now + price):  # the final fit after it, by the final fit's own rule
             return (f"time budget: {left:.0f} s left; re-evaluating trial {trial} takes ~{price:.0f} s and the "
                     f"final fit ~{keep:.0f} s")
         self.began = now if self.began is None else self.began
