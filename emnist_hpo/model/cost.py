@@ -14,9 +14,11 @@ Conventions:
   layers, a multiply-add counted as 2. Batch-norm, activations, pooling, dropout and
   augmentation are left out (each is under ~2% of a conv layer's cost here).
   Training costs about 3x the forward pass (forward, and two matrix products back).
-- ``normalized``: elements per image that pass through batch-norm (0 without it). Few
-  FLOPs, but not little time: memory-bound on a CPU, batch-norm doubled compact's
-  training time at equal FLOPs, so time predictions count it beside the FLOPs.
+- ``normalized``: elements per image that pass through batch-norm (0 without it), those of a
+  layer whose channels are not a multiple of :data:`NORM_FAST_CHANNELS` counted
+  :data:`NORM_SLOW_WEIGHT` times. Few FLOPs, but not little time: memory-bound on a CPU,
+  batch-norm doubled compact's training time at equal FLOPs, so time predictions count it
+  beside the FLOPs.
 """
 
 from __future__ import annotations
@@ -31,13 +33,21 @@ if TYPE_CHECKING:
 
 #: Training FLOPs per image as a multiple of the forward FLOPs (forward + input and weight gradients).
 TRAIN_FLOPS_FACTOR = 3
+#: Batch-norm's time per element, TensorFlow on a CPU: with a multiple of this many channels the fused kernel runs
+#: (1.2-1.7 ns per element, a training step's forward and backward); with others (the space's 24) it takes
+#: :data:`NORM_SLOW_WEIGHT` times as long: the fused kernel's float32 path 4.1-4.4 ns, Keras' layer under bf16
+#: 4.5-7 ns (emnist_hpo/model/batch_norm.py). Refitting a letters study's 49 rungs with those elements counted
+#: 3 times cut the error of its 12 such rungs' predicted times from 11.4% to 9.0% (mean |log|; bias -8.5% to
+#: -5.5%), and of the others' a little (AMD, bf16; 2x and 4x did about as well).
+NORM_FAST_CHANNELS = 16
+NORM_SLOW_WEIGHT = 3
 
 
 @dataclass(frozen=True)
 class ModelCost:
     params: int  # stored numbers (as keras.Model.count_params())
     flops: int  # forward FLOPs per image (multiply-add = 2) of conv, dense and LSTM layers
-    normalized: int = 0  # elements per image through batch-norm layers (time that FLOPs do not count)
+    normalized: int = 0  # elements per image through batch-norm layers, weighted by their speed (time FLOPs don't count)
 
     @property
     def train_flops(self) -> int:
@@ -77,7 +87,8 @@ def _cnn(cfg: "ModelConfig", num_classes: int) -> ModelCost:
             params += weights + (4 * block.filters if cfg.batch_norm else block.filters)
             flops += 2 * weights * max(side, 0) ** 2
             if cfg.batch_norm:
-                normalized += max(side, 0) ** 2 * block.filters
+                weight = 1 if block.filters % NORM_FAST_CHANNELS == 0 else NORM_SLOW_WEIGHT
+                normalized += weight * max(side, 0) ** 2 * block.filters
             channels = block.filters
         side //= 2
     width = channels if cfg.global_pool else max(side, 0) ** 2 * channels
