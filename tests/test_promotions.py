@@ -182,6 +182,9 @@ def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_whe
         search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0,
     ), log=lines.append)
     assert any("to the last rung only the best" in ln for ln in lines)
+    # a new storage under a budget: the plan's speed is this machine's, measured by a probe, not a guess
+    assert any("this machine" in ln and "probe before the first rung" in ln for ln in lines), lines
+    assert res.study.user_attrs["speed_probe"]["rate"] > 0
     trials = res.study.trials
     table_before = lambda n: rung_table([t for t in trials if t.number < n])  # noqa: E731
     entrants = [(t.number, r) for t in trials for r in t.user_attrs.get("rungs", []) if r["rung"] == 1

@@ -256,6 +256,9 @@ class FinalistPacer:
 #: and training FLOP/s, as measured on the 2-core AVX2 CI machine (benchmarks/bench_fidelity.py).
 DEFAULT_OVERHEAD_S = 3.0
 DEFAULT_RATE = 30e9
+#: Study user attribute: the speed :func:`~emnist_hpo.train.probe.probe_speed` measured before the study's first
+#: rung (``rate``, ``overhead``, ``seconds``), its speed until its rungs say otherwise.
+PROBE_ATTR = "speed_probe"
 
 
 @dataclass(frozen=True)
@@ -363,8 +366,19 @@ class Throughput:
 
     @classmethod
     def of_study(cls, study: optuna.Study) -> "Throughput":
-        """Fitted to every rung the study's trials recorded (user attribute ``rungs``)."""
-        return cls.fit(rung_records(study))
+        """Fitted to every rung the study's trials recorded (user attribute ``rungs``); before it has any, its
+        speed probe's (:data:`PROBE_ATTR`), if it ran one."""
+        fitted = cls.fit(rung_records(study))
+        probe = study.user_attrs.get(PROBE_ATTR)
+        if fitted.measured or not isinstance(probe, dict):
+            return fitted
+        return cls.of_probe(probe)
+
+    @classmethod
+    def of_probe(cls, probe: dict) -> "Throughput":
+        """The speed a probe measured (:meth:`emnist_hpo.train.probe.Probe.to_dict`)."""
+        return cls(float(probe["overhead"]), float(probe["rate"]), 0,
+                   source=f"a {float(probe['seconds']):.0f} s probe before the first rung")
 
     @classmethod
     def of_storage(cls, storage: str | optuna.storages.BaseStorage, skip: str | None = None) -> "Throughput":

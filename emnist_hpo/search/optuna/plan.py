@@ -17,13 +17,14 @@ import optuna
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
-from emnist_hpo.search.budget import CROWN_MEASURED, CROWN_SHARE, REEVAL_SHARE, Throughput
+from emnist_hpo.search.budget import CROWN_MEASURED, CROWN_SHARE, PROBE_ATTR, REEVAL_SHARE, Throughput
 from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.storage import FINISHED, finished_count
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.trial import SEED_ATTR, Limits, planned_cost
 from emnist_hpo.train.fidelity import Ladder
+from emnist_hpo.train.probe import probe_speed
 
 if TYPE_CHECKING:
     from emnist_hpo.search.optuna.study import StudyContext
@@ -75,7 +76,8 @@ class Plan:
             if self.throughput.norm_cost else "") + (
             f", measured on {self.throughput.measured} rungs" + (f" of {self.throughput.source}" if self.throughput.source
                                                                   else "")
-            if self.throughput.measured else " (default guess)")
+            if self.throughput.measured else f", measured by {self.throughput.source}" if self.throughput.source
+            else " (default guess)")
         out.append(f"  a typical sampled model: {human(self.median_flops)} FLOPs per image; this machine: {rate}")
         out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
                    f"~{duration(self.finish_seconds)}")
@@ -154,6 +156,8 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     throughput = Throughput.of_study(ctx.study)
     if not throughput.measured:  # a new study: the speed this storage's other studies measured, if any
         throughput = Throughput.of_storage(ctx.storage, skip=ctx.study.study_name)
+    if not throughput.measured and not throughput.source and ctx.budget.deadline is not None:
+        throughput = speed_probe(ctx)
     # without the time limit: it would read the study's rungs once per priced model (200 of them)
     flops, normalized = typical_cost(ctx.space, ctx.base, data.num_classes, replace(limits, max_seconds=None),
                                      seed=opts.seed)
@@ -184,6 +188,17 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
                 leader, limits.max_seconds, normalized)
+
+
+def speed_probe(ctx: "StudyContext") -> Throughput:
+    """This machine's speed, measured by a few seconds' training (:func:`~emnist_hpo.train.probe.probe_speed`) and
+    kept on the study, for a study under a time budget that nothing in its storage has measured: the budget's
+    count of configurations (and TPE's random start) and its first checks before a rung rest on it.
+    Without a budget the ETA soon comes from the trials themselves, and the default guess is left."""
+    data = ctx.data
+    probe = probe_speed(ctx.base, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes).to_dict()
+    ctx.study.set_user_attr(PROBE_ATTR, probe)
+    return Throughput.of_probe(probe)
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:
