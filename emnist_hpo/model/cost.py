@@ -58,6 +58,12 @@ class ModelCost:
         return {"params": self.params, "flops": self.flops}
 
 
+def run_flops(images: float, flops: float, val_images: float = 0) -> float:
+    """FLOPs a training run spends: ``images`` trained on (forward and backward) and ``val_images`` scored, of a
+    model of ``flops`` forward FLOPs per image."""
+    return float(images) * TRAIN_FLOPS_FACTOR * flops + float(val_images) * flops
+
+
 def model_cost(cfg: "ModelConfig", num_classes: int) -> ModelCost:
     """Parameters and forward FLOPs of the Keras model :func:`~emnist_hpo.model.build.build_model` would build."""
     if cfg.kind == "cnn":

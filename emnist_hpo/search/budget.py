@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Sequence
 import optuna
 from optuna.trial import TrialState
 
+from emnist_hpo.model.cost import run_flops
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 
 if TYPE_CHECKING:
@@ -275,7 +276,7 @@ def usable(records: Sequence[RungRecord]) -> list[RungRecord]:
 
 def rung_work(images: int, flops: int, val_images: int = 0) -> float:
     """FLOPs a rung spends: training (forward and backward) and its validation passes."""
-    return float(images) * 3.0 * flops + float(val_images) * flops
+    return run_flops(images, flops, val_images)
 
 
 def rung_norm(images: int, normalized: int) -> float:

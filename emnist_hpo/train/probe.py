@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from emnist_hpo.config import ConvBlock, ExperimentConfig, ModelConfig
-from emnist_hpo.model.cost import TRAIN_FLOPS_FACTOR, model_cost
+from emnist_hpo.model.cost import model_cost, run_flops
 from emnist_hpo.train.fidelity import single
 from emnist_hpo.train.trainer import release_memory, train
 
@@ -47,7 +47,7 @@ def probe_speed(base: ExperimentConfig, x_train, y_train, x_val, y_val, num_clas
     cfg = replace(base, model=PROBE_MODEL,
                   train=replace(base.train, epochs=PROBE_EPOCHS, early_stopping_patience=0, schedule="constant"))
     flops = model_cost(PROBE_MODEL, num_classes).flops
-    epoch_work = float(n) * TRAIN_FLOPS_FACTOR * flops + float(nv) * flops
+    epoch_work = run_flops(n, flops, nv)  # what a rung of one epoch is priced at
     result = train(cfg, np.asarray(x_train[:n]), np.asarray(y_train[:n]), np.asarray(x_val[:nv]),
                    np.asarray(y_val[:nv]), num_classes, ladder=single(PROBE_EPOCHS))
     release_memory()
