@@ -512,6 +512,40 @@ def test_before_its_first_rung_a_study_runs_at_the_speed_its_probe_measured_then
     assert own.measured == 4 and own.rate == pytest.approx(120e9, rel=1e-6)  # its rungs win over the probe
 
 
+def test_a_batch_norm_fit_faster_than_the_probe_allows_gives_way_to_flops_alone(tmp_path):
+    """Over a study's first rungs FLOPs and batch-norm work grow together, and the three-term fit can give the
+    time of the FLOPs to batch-norm: a letters study fitted 1,300-3,800 GFLOP/s where its probe measured 186,
+    priced an 8.5M-FLOP batch-norm model at ~420 s and refused everything its 120 s budget drew. A fit whose
+    rate is over PROBE_CEILING times the probe's is dropped for FLOPs alone; a plausible one is kept."""
+    from emnist_hpo.search.budget import PROBE_ATTR, PROBE_CEILING, RungRecord, Throughput
+
+    # the rungs of a letters study on the AVX2 machine (probe: 91 GFLOP/s): two models without batch-norm
+    # (one run twice), a 35M-FLOP and a 340k-FLOP one with it; work, seconds, batch-norm elements
+    measured = [(5.94e11, 9.0, 0.0), (3.14e11, 6.0, 0.0), (1.81e12, 21.8, 1.21e9), (5.94e11, 9.0, 0.0),
+                (1.76e10, 5.1, 9.05e8)]
+    # the same, but the big batch-norm model ran 15 s and the tiny one 10 s: the fit puts ~all time on batch-norm
+    skewed = [*measured[:2], (1.81e12, 15.0, 1.21e9), measured[3], (1.76e10, 10.0, 9.05e8)]
+    probe = {"rate": 91e9, "overhead": 2.5, "seconds": 7.5}
+    bn_model = (204_000 * 3 * 8.5e6, 204_000 * 168_000)  # 8.5M FLOPs, 24-channel batch-norm, up every rung
+
+    def study_of(name, rungs, probed):
+        study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+        if probed:
+            study.set_user_attr(PROBE_ATTR, probe)
+        _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": s, "norm": n, "trial": 0}
+                                      for w, s, n in rungs])
+        return Throughput.of_study(study)
+
+    wild = study_of("unprobed", skewed, probed=False)  # no probe: no bound, the fit as it comes
+    assert wild.norm_cost > 0 and wild.rate > PROBE_CEILING * probe["rate"]
+    bounded = study_of("skewed", skewed, probed=True)
+    plain = Throughput.fit([RungRecord(w, s) for w, s, _ in skewed])
+    assert bounded.norm_cost == 0.0 and bounded.rate == pytest.approx(plain.rate) and bounded.measured == 5
+    assert bounded.seconds(*bn_model) < wild.seconds(*bn_model) / 3  # 28 s against 130 s
+    kept = study_of("measured", measured, probed=True)  # 110 GFLOP/s and 1.6 ns per element: within the bound
+    assert kept.norm_cost > 0 and kept.rate <= PROBE_CEILING * probe["rate"]
+
+
 def test_the_probe_predicts_what_a_run_of_another_model_takes(prepared_sample):
     """The probe's speed prices another model's run from its FLOPs (what a study's plan and budget do with it)
     within a factor of 2 of the time it took; the default guess was 2-8x off on machines with AVX-512."""

@@ -257,6 +257,11 @@ class FinalistPacer:
 #: and training FLOP/s, as measured on the 2-core AVX2 CI machine (benchmarks/bench_fidelity.py).
 DEFAULT_OVERHEAD_S = 3.0
 DEFAULT_RATE = 30e9
+#: The most a fit of a study's rungs with the batch-norm term may put the training rate above its speed probe's
+#: before FLOPs alone is fitted instead (:meth:`Throughput.fit`): the probe's model has no batch-norm, so its rate
+#: is the machine's for plain FLOPs, and models' own rates spread around it by less than 2x (the AVX2 machine's
+#: letters rungs: 110 GFLOP/s fitted with 1.6 ns per element, its probe 91).
+PROBE_CEILING = 3.0
 #: Study user attribute: the speed :func:`~emnist_hpo.train.probe.probe_speed` measured before the study's first
 #: rung (``rate``, ``overhead``, ``seconds``), its speed until its rungs say otherwise.
 PROBE_ATTR = "speed_probe"
@@ -320,13 +325,17 @@ class Throughput:
         return replace(self, rate=sum(r.work for r in pts) / busy, measured=len(pts), source="its own rungs")
 
     @classmethod
-    def fit(cls, records: Sequence[RungRecord]) -> "Throughput":
+    def fit(cls, records: Sequence[RungRecord], ceiling: float | None = None) -> "Throughput":
         """Least squares over ``records`` (intercept >= 0); the defaults where there are too few or too alike.
         With the batch-norm work of every record known, and rungs with and without it, that term too
-        (:meth:`_fit_norm`); else FLOPs alone."""
+        (:meth:`_fit_norm`); else FLOPs alone. So too where that term's fit puts the rate above ``ceiling``
+        (FLOP/s; :meth:`of_study` passes :data:`PROBE_CEILING` times its speed probe's): it has given the time of
+        the FLOPs to batch-norm, which grows with them over a study's first rungs. A letters study's first 6-12
+        rungs fitted 1,300-3,800 GFLOP/s and 8-9 ns per element where its probe measured 186; it priced an
+        8.5M-FLOP batch-norm model at ~420 s, and its 120 s budget trained nothing."""
         good = usable(records)
         with_norm = cls._fit_norm(good)
-        if with_norm is not None:
+        if with_norm is not None and (ceiling is None or with_norm.rate <= ceiling):
             return with_norm
         pts = [(r.work, r.seconds) for r in good]
         if not pts:
@@ -368,12 +377,11 @@ class Throughput:
     @classmethod
     def of_study(cls, study: optuna.Study) -> "Throughput":
         """Fitted to every rung the study's trials recorded (user attribute ``rungs``); before it has any, its
-        speed probe's (:data:`PROBE_ATTR`), if it ran one."""
-        fitted = cls.fit(rung_records(study))
+        speed probe's (:data:`PROBE_ATTR`), if it ran one, which also bounds the fit's rate (:meth:`fit`)."""
         probe = study.user_attrs.get(PROBE_ATTR)
-        if fitted.measured or not isinstance(probe, dict):
-            return fitted
-        return cls.of_probe(probe)
+        probed = cls.of_probe(probe) if isinstance(probe, dict) else None
+        fitted = cls.fit(rung_records(study), ceiling=None if probed is None else PROBE_CEILING * probed.rate)
+        return fitted if fitted.measured or probed is None else probed
 
     @classmethod
     def of_probe(cls, probe: dict) -> "Throughput":
