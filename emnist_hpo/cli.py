@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
                 "Run or resume an Optuna study on one split: every trial an MLflow run, the champion re-evaluated, "
                 "tested once and registered as model emnist-<split>. Running the same command again resumes it.")
     _common_data(s)
-    s.add_argument("--trials", type=_positive_int, default=20, help="finished trials the study ends with")
+    s.add_argument("--trials", type=_positive_int, default=None,
+                   help="finished trials the study ends with (default: 20; with --timeout, as many as the budget "
+                        "affords)")
     s.add_argument("--storage", default=None, help=_STORAGE_HELP)
     s.add_argument("--study-name", default=None,
                    help="the study to run or resume (default: emnist-<split>; emnist-<split>-pareto for two objectives; "
@@ -259,13 +261,13 @@ def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool
 def _study_options(args: argparse.Namespace):
     """The study's options, validated with its search space, seed experiments and stores, before Keras loads."""
     from emnist_hpo.config import load_experiment
-    from emnist_hpo.options import StudyOptions
+    from emnist_hpo.options import MAX_TRIALS, StudyOptions
     from emnist_hpo.paths import find_experiment, find_search_space
     from emnist_hpo.search.space import SearchSpace
 
     opts = StudyOptions(
         split=args.split,
-        trials=args.trials,
+        trials=args.trials if args.trials is not None else (MAX_TRIALS if args.timeout is not None else 20),
         epochs=args.epochs if args.epochs is not None else 10,
         max_train_samples=args.max_train_samples,
         val_fraction=args.val_fraction,

@@ -26,7 +26,8 @@ OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "flops": "minimize"}
 #: ``--workers``: worker processes on one machine. Each holds its own copy of the data and of TensorFlow
 #: (~1 GB on full bymerge): more than this is a typo, not a machine. Scale out with more machines instead.
 MAX_WORKERS = 64
-#: ``--trials``: the study's target of finished trials.
+#: ``--trials``: the study's target of finished trials; also the target under ``--timeout`` without ``--trials``
+#: (the budget ends the search: refusals and rung-0 prunes count as finished, and a 30-minute study screens 30-60).
 MAX_TRIALS = 100_000
 #: ``--folds``: re-evaluation folds per finalist (each a fold of train+validation of the validation's size).
 MAX_FOLDS = 20
@@ -73,6 +74,18 @@ class StudyOptions:
     checkpoint_dir: str = "mlruns/checkpoints"  # running trials' checkpoints, best-so-far trial models: <study>-<id>/ in it
     worker: int = 0  # worker index among processes sharing the study (offsets the sampler seed)
     workers: int = 1  # trials run at once on this machine, each in its own worker subprocess when > 1
+
+    @property
+    def by_budget(self) -> bool:
+        """Whether the time budget alone ends the search (``--timeout`` without ``--trials``)."""
+        return self.timeout is not None and self.trials >= MAX_TRIALS
+
+    def finished(self, done: int) -> str:
+        """``5 of 20 trials finished``, or under a budget alone ``5 trials finished; the time budget decides how
+        many more``."""
+        if self.by_budget:
+            return f"{done} trials finished; the time budget decides how many more"
+        return f"{done} of {self.trials} trials finished"
 
     def validate(self) -> "StudyOptions":
         check_split(self.split)

@@ -566,3 +566,96 @@ def test_the_probe_predicts_what_a_run_of_another_model_takes(prepared_sample):
     work = rung_work(2 * len(data.y_train), flops, 2 * len(data.y_val))
     predicted = Throughput.of_probe(probe.to_dict()).seconds(work)
     assert 0.5 < predicted / run.train_seconds < 2.0, (predicted, run.train_seconds, probe)
+
+
+def test_under_a_timeout_without_trials_the_budget_alone_ends_the_search(tmp_path):
+    """`--timeout 1800` alone stopped at the default 20 finished trials, refusals and rung-0 prunes counted
+    (a 120 s letters study ended at 77 s; the 30-minute proof runs screen 30-60 configurations). With a budget
+    and no --trials the budget decides; --trials, given, still ends it; without a budget the default is 20."""
+    from emnist_hpo.cli import _study_options, build_parser
+    from emnist_hpo.options import MAX_TRIALS
+
+    def opts(*extra):
+        args = build_parser().parse_args(["study", "--split", "letters", "--storage",
+                                          f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri",
+                                          f"sqlite:///{tmp_path}/mlflow.db", *extra])
+        return _study_options(args).options
+
+    budgeted = opts("--timeout", "1800")
+    assert budgeted.trials == MAX_TRIALS and budgeted.by_budget
+    assert budgeted.finished(7) == "7 trials finished; the time budget decides how many more"
+    both = opts("--timeout", "1800", "--trials", "30")
+    assert both.trials == 30 and not both.by_budget and both.finished(7) == "7 of 30 trials finished"
+    assert opts().trials == 20 and not opts().by_budget
+
+
+def test_a_search_whose_draws_are_all_too_slow_to_be_crowned_stops_instead_of_drawing_more():
+    """A 120 s letters study refused 15 draws in a row for time, ~0.5 s and an MLflow run apiece: under a budget
+    alone it would draw until the budget ended. After REFUSED_RUN refusals for time in a row the search stops and
+    says why; a trained draw or a refusal for size among them resets the count."""
+    from emnist_hpo.search.budget import REFUSED_RUN, TIME_REFUSAL
+
+    def refusal(ended, reason=f"{TIME_REFUSAL} ~280 s up every rung and through its final fit > 60 s"):
+        t0 = dt.datetime(2026, 1, 1, 12, 0, 0) + dt.timedelta(seconds=ended)
+        return cost_of(optuna.trial.FrozenTrial(
+            number=int(ended), state=optuna.trial.TrialState.PRUNED, value=None, values=None, datetime_start=t0,
+            datetime_complete=t0, params={}, distributions={}, user_attrs={"refused": True, "fail_reason": reason},
+            system_attrs={}, intermediate_values={}, trial_id=int(ended)))
+
+    start = dt.datetime(2026, 1, 1, 12, 0, 0).timestamp()
+    b = TimeBudget.start(10_000.0, finalists=0, folds=1, final_fit=False, val_fraction=0.2, now=start)
+    trained = TrialCost(0.8, 20.0, False, ended=start + 1)
+    refused = [refusal(10 + i) for i in range(REFUSED_RUN)]
+    assert all(c.too_long and not c.trained for c in refused)
+    why = b.stop_search([trained, *refused], now=start + 100)
+    assert why is not None and f"the last {REFUSED_RUN} configurations drawn" in why and "--timeout" in why
+    assert b.stop_search([trained, *refused[1:]], now=start + 100) is None  # one short of the run
+    sized = refusal(10 + REFUSED_RUN, reason="model has 300,000 parameters > --max-params 200,000")
+    assert not sized.too_long
+    assert b.stop_search([trained, *refused[1:], sized], now=start + 100) is None  # the latest is a size refusal
+
+
+def test_a_plan_whose_budget_is_too_small_for_a_typical_model_says_what_budget_would_do():
+    """A 120 s letters study planned "configurations the time budget affords: 0" and ended with nothing
+    trained to the end; the plan now names the budget in which a typical model is not refused for time (up
+    every rung and through its final fit within CROWN_SHARE of it). Measured end to end on the AVX2 machine:
+    "a --timeout of ~14 min would let one train and be crowned"."""
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.plan import Plan
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 10, 14_435, 26)
+    lines = Plan(ladder, 14_435, 3_609, 0, [0.0] * 3, 0.0, 240.0, Throughput(), 14.9e6, by_budget=True,
+                 enough=500.0).lines()
+    assert "  too small a budget for a typical sampled model: a --timeout of ~8 min would let one train and be " \
+           "crowned; only smaller models will" in lines
+    assert not any("too small" in ln for ln in Plan(ladder, 14_435, 3_609, 12, [12.0] * 3, 600.0, 240.0,
+                                                   Throughput(), 14.9e6, by_budget=True).lines())
+    # a letters study's plan at 100 GFLOP/s: 120 s affords nothing and names a budget that does; that budget does
+    from types import SimpleNamespace
+
+    from emnist_hpo.config import ExperimentConfig
+    from emnist_hpo.paths import find_search_space
+    from emnist_hpo.search.budget import CROWN_SHARE
+    from emnist_hpo.search.optuna.plan import plan
+    from emnist_hpo.search.space import SearchSpace
+    from emnist_hpo.search.trial import Limits
+    from emnist_hpo.options import StudyOptions
+
+    study = optuna.create_study(direction="maximize")
+    _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": 3.0 + w / 100e9, "trial": 0}
+                                  for w in (3e11, 6e11, 1.8e12)])
+
+    def planned(timeout):
+        ctx = SimpleNamespace(
+            opts=StudyOptions(split="letters", trials=100_000, timeout=timeout), study=study, storage=None,
+            ladder=ladder, multi=False, space=SearchSpace.load(find_search_space("default")), base=ExperimentConfig(),
+            data=SimpleNamespace(y_train=range(14_435), y_val=range(3_609), num_classes=26),
+            budget=TimeBudget.start(timeout, finalists=3, folds=1, final_fit=True, val_fraction=0.2))
+        return plan(ctx, Limits(max_seconds=CROWN_SHARE * timeout, seconds=lambda *a: None))
+
+    small = planned(120.0)
+    assert small.configs == 0 and small.enough is not None and small.enough > 240
+    assert any(ln.startswith("  too small a budget") for ln in small.lines())
+    enough = planned(small.enough * 1.01)
+    assert enough.enough is None and enough.configs >= 1

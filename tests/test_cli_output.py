@@ -74,11 +74,11 @@ def test_every_option_shows_its_default(capsys):
 
 def test_defaults_shown_are_the_parsers_own(capsys):
     entries = _entries(_help(["study"], capsys))
-    assert "(default: 20)" in entries["--trials"] and "(default: successive-halving)" in entries["--pruner"]
+    assert "(default: 20; with --timeout, as many as the budget affords)" in entries["--trials"] and "(default: successive-halving)" in entries["--pruner"]
     assert "(default: 0)" in entries["--seed"]  # a zero default is still shown
     assert "(default: 10)" in entries["--epochs"]  # what the study uses when --epochs is not given
     args = build_parser().parse_args(["study", "--split", "digits"])
-    assert (args.trials, args.pruner, args.seed, args.finalists, args.folds) == (20, "successive-halving", 0, 3, 1)
+    assert (args.trials, args.pruner, args.seed, args.finalists, args.folds) == (None, "successive-halving", 0, 3, 1)
     run = _entries(_help(["run"], capsys))
     assert "(default: the experiment's own)" in run["--epochs"] and "(default: the experiment's own)" in run["--seed"]
     assert build_parser().parse_args(["run", "lenet", "--split", "digits"]).seed is None

@@ -43,6 +43,12 @@ CROWN_SHARE = 0.5
 #: Rungs the study must have measured before it refuses a configuration for time: the default speed guess was
 #: 2-4x off on the AVX-512 machine, and would refuse what fits.
 CROWN_MEASURED = 3
+#: How a refusal for time begins (``fail_reason`` of a configuration over :data:`CROWN_SHARE` of the budget).
+TIME_REFUSAL = "model would take"
+#: Draws in a row refused for time after which the search stops: the budget is too small for what the sampler
+#: draws from this space. A 120 s letters study on the AVX2 machine drew 15 in a row (each ~0.5 s, an MLflow run
+#: apiece); the 30-minute studies' refusals came singly or in short runs among trained draws.
+REFUSED_RUN = 25
 
 
 def standard_error(accuracy: float, n: int) -> float:
@@ -63,6 +69,7 @@ class TrialCost:
     out_of_time: bool = False  # stopped because its next rung would not fit in the time budget
     ended: float = 0.0  # when it finished (seconds since the epoch)
     before: float = 0.0  # seconds its rungs took in the paused trials it continues (0 unless a continuation)
+    too_long: bool = False  # refused before training: crowning it would take more than CROWN_SHARE of the budget
 
     @property
     def run_seconds(self) -> float:
@@ -98,7 +105,8 @@ def cost_of(trial: optuna.trial.FrozenTrial, ladder: Ladder | None = None) -> Tr
     return TrialCost(value, seconds, trial.state == TrialState.COMPLETE, full_share(trial, ladder),
                      trained=bool(rungs) or trial.state == TrialState.COMPLETE,
                      out_of_time=isinstance(reason, str) and reason.startswith("time budget"),
-                     ended=trial.datetime_complete.timestamp(), before=before)
+                     ended=trial.datetime_complete.timestamp(), before=before,
+                     too_long=isinstance(reason, str) and reason.startswith(TIME_REFUSAL))
 
 
 def costs_of(study: optuna.Study, ladder: Ladder | None = None) -> list[TrialCost]:
@@ -209,6 +217,11 @@ class TimeBudget:
         if any(c.out_of_time and not c.trained and c.ended >= began for c in costs):
             return (f"time budget: {left:.0f} s left, and a configuration's first rung no longer fits before the "
                     f"time kept for re-evaluating the finalists and the final fit")
+        latest = sorted(costs, key=lambda c: c.ended)[-REFUSED_RUN:]
+        if len(latest) == REFUSED_RUN and all(c.too_long for c in latest):
+            return (f"time budget: the last {REFUSED_RUN} configurations drawn would each take more than "
+                    f"{CROWN_SHARE:.0%} of it to be crowned, too small a budget for what this space holds (a larger "
+                    "--timeout, fewer --epochs, --max-train-samples or a space of smaller models)")
         # what the next configuration typically costs: most stop at a low rung, and the check before every rung
         # stops one whose next rung would not fit, so a full-length trial is not the guess (it left ~10% unused)
         trained = [c.seconds for c in costs if c.trained]

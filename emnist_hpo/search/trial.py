@@ -26,7 +26,7 @@ from emnist_hpo.data.prepared import PreparedData
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.options import OBJECTIVES
 from emnist_hpo.reporting.evaluation import evaluate
-from emnist_hpo.search.budget import CROWN_MEASURED, RungRecord, Throughput, rung_norm, rung_work
+from emnist_hpo.search.budget import CROWN_MEASURED, TIME_REFUSAL, RungRecord, Throughput, rung_norm, rung_work
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.hooks import TrialHooks, TrialOutcome
 from emnist_hpo.train.trainer import RungControl, TrainResult, TrialCheckpoint, predict_proba, train
@@ -63,7 +63,7 @@ class Limits:
         if self.max_seconds is not None and self.seconds is not None:
             need = self.seconds(cost)
             if need is not None and need > self.max_seconds:
-                return (f"model would take ~{need:,.0f} s up every rung and through its final fit > {self.max_seconds:,.0f}"
+                return (f"{TIME_REFUSAL} ~{need:,.0f} s up every rung and through its final fit > {self.max_seconds:,.0f}"
                         f" s, the most one configuration may take of the time budget ({human(cost.flops)} FLOPs per "
                         "image at the speed this study measured)")
         return None

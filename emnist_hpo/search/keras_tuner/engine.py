@@ -420,11 +420,12 @@ def run_kt_study(opts: StudyOptions, tuner: str = "hyperband", log: Callable[[st
         if done >= opts.trials:
             log(f"Keras Tuner study {name!r} already has {done} finished trials (>= {opts.trials}); nothing to run")
         elif done:
-            log(f"resuming Keras Tuner study {name!r}: {done} of {opts.trials} trials finished")
+            log(f"resuming Keras Tuner study {name!r}: {opts.finished(done)}")
         if opts.progress:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=opts.trials, initial=min(done, opts.trials), desc=f"trials ({tuner})",
+            progress = tqdm(total=None if opts.by_budget else opts.trials, initial=min(done, opts.trials),
+                            desc=f"trials ({tuner})",
                             unit="trial", file=sys.stderr)
             search.progress = progress
         try:

@@ -58,6 +58,8 @@ class Plan:
     leader: bool = False  # only the best of the rung below goes on to the last (a time budget, one objective)
     crown_limit: float | None = None  # seconds a configuration may take up every rung and through its final fit
     median_normalized: float = 0.0  # elements per image through batch-norm of a typical sampled model
+    enough: float | None = None  # a budget (s) that affords a typical configuration and lets it be crowned, where
+    # this one does not
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the typical model."""
@@ -81,6 +83,9 @@ class Plan:
         out.append(f"  a typical sampled model: {human(self.median_flops)} FLOPs per image; this machine: {rate}")
         out.append(f"  ETA: search ~{duration(self.seconds)}, then finalists and final fit "
                    f"~{duration(self.finish_seconds)}")
+        if self.enough is not None:
+            out.append(f"  too small a budget for a typical sampled model: a --timeout of ~{duration(self.enough)} "
+                       "would let one train and be crowned; only smaller models will")
         if self.crown_limit is not None:
             out.append(f"  refused before training: a configuration that would take over {duration(self.crown_limit)} "
                        f"up every rung and through its final fit ({CROWN_SHARE:.0%} of the budget, once {CROWN_MEASURED} rungs "
@@ -173,6 +178,7 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
     whole = planned_cost(typical, ladder, n, nv, throughput, reach=[1.0] * len(ladder.rungs))  # up the whole ladder
     reeval = whole * opts.finalists * opts.folds
     final = whole / (1 - opts.val_fraction) if opts.final_fit else 0.0
+    enough = None
     left = max(0, opts.trials - finished_count(ctx.study))
     configs, by_budget = left, False
     if ctx.budget.deadline is not None:
@@ -185,9 +191,13 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
             affordable -= 1
         if affordable < left:
             configs, by_budget = affordable, True
+        if left > 0 and (affordable == 0 or (limits.max_seconds is not None and whole + final > limits.max_seconds)):
+            # the budget in which it is not refused for time (it is then also screened with time to spare for
+            # the capped re-evaluation and the final fit: a screen costs at most the whole climb)
+            enough = (whole + final) / CROWN_SHARE
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
-                leader, limits.max_seconds, normalized)
+                leader, limits.max_seconds, normalized, enough)
 
 
 def speed_probe(ctx: "StudyContext") -> Throughput:

@@ -458,7 +458,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         if done >= opts.trials:
             log(f"study {opts.name!r} already has {done} finished trials (>= {opts.trials}); nothing to run")
         elif done:
-            log(f"resuming study {opts.name!r}: {done} of {opts.trials} trials finished")
+            log(f"resuming study {opts.name!r}: {opts.finished(done)}")
         at_start = done
 
         def eta() -> float:
