@@ -130,6 +130,8 @@ def _common_data(p: argparse.ArgumentParser, *, experiment: bool = False) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from emnist_hpo.options import DEFAULT_TRIALS
+
     parser = _Parser(
         prog="emnist-hpo", formatter_class=_HelpFormatter,
         description="Hyperparameter search and experiment tracking for the best and smallest CNN on every EMNIST "
@@ -147,8 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                 "tested once and registered as model emnist-<split>. Running the same command again resumes it.")
     _common_data(s)
     s.add_argument("--trials", type=_positive_int, default=None,
-                   help="finished trials the study ends with (default: 20; with --timeout, as many as the budget "
-                        "affords)")
+                   help=f"finished trials the study ends with (default: {DEFAULT_TRIALS}; with --timeout, as many "
+                        "as the budget affords)")
     s.add_argument("--storage", default=None, help=_STORAGE_HELP)
     s.add_argument("--study-name", default=None,
                    help="the study to run or resume (default: emnist-<split>; emnist-<split>-pareto for two objectives; "
@@ -261,13 +263,13 @@ def _check_stores(storage: str | None, tracking_uri: str | None, *, optuna: bool
 def _study_options(args: argparse.Namespace):
     """The study's options, validated with its search space, seed experiments and stores, before Keras loads."""
     from emnist_hpo.config import load_experiment
-    from emnist_hpo.options import MAX_TRIALS, StudyOptions
+    from emnist_hpo.options import DEFAULT_TRIALS, MAX_TRIALS, StudyOptions
     from emnist_hpo.paths import find_experiment, find_search_space
     from emnist_hpo.search.space import SearchSpace
 
     opts = StudyOptions(
         split=args.split,
-        trials=args.trials if args.trials is not None else (MAX_TRIALS if args.timeout is not None else 20),
+        trials=args.trials if args.trials is not None else MAX_TRIALS if args.timeout is not None else DEFAULT_TRIALS,
         epochs=args.epochs if args.epochs is not None else 10,
         max_train_samples=args.max_train_samples,
         val_fraction=args.val_fraction,

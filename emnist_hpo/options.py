@@ -29,6 +29,8 @@ MAX_WORKERS = 64
 #: ``--trials``: the study's target of finished trials; also the target under ``--timeout`` without ``--trials``
 #: (the budget ends the search: refusals and rung-0 prunes count as finished, and a 30-minute study screens 30-60).
 MAX_TRIALS = 100_000
+#: ``--trials`` when it is not given and there is no ``--timeout``.
+DEFAULT_TRIALS = 20
 #: ``--folds``: re-evaluation folds per finalist (each a fold of train+validation of the validation's size).
 MAX_FOLDS = 20
 #: ``--finalists``: trials re-trained on every fold.
@@ -38,7 +40,7 @@ MAX_FINALISTS = 100
 @dataclass
 class StudyOptions:
     split: str  # EMNIST split
-    trials: int = 20  # configurations (trials complete or pruned) the study should end with; promotions come on top
+    trials: int = DEFAULT_TRIALS  # configurations (trials complete or pruned) the study should end with; promotions come on top
     epochs: int = 10  # max epochs per trial
     max_train_samples: int | None = None  # stratified training subset for quick runs
     val_fraction: float = 0.2  # validation share carved from train
