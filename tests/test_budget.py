@@ -238,6 +238,81 @@ def test_the_eta_is_not_extrapolated_from_the_big_seeds_trained_first():
     assert search_eta(study, the_plan, 10, workers=2) == pytest.approx(5 * mean)
 
 
+def test_the_progress_bar_of_a_budgeted_study_ends_where_its_measured_pace_says():
+    """A 30-minute byclass study (AMX machine) planned 225 configurations and screened 50: its bar read 50/225
+    at the end. Once sampled trials have finished, the bar's end is what is finished plus what the search's
+    time left affords at their pace; before that, the plan's."""
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.plan import ETA_SAMPLED, Plan, affordable
+    from emnist_hpo.search.optuna.progress import Progress
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 10_545, 62)
+    the_plan = Plan(ladder, 10_545, 2_637, 225, [], 0.0, 0.0, Throughput(), 13.5e6, by_budget=True)
+    study = optuna.create_study(direction="maximize")
+    early = affordable(study, the_plan, 1000.0)
+    assert early == int(1000.0 / the_plan.per_config(Throughput()))  # nothing finished: the plan's pace
+    for _ in range(ETA_SAMPLED):
+        _finished(study, 25.0)
+    _finished(study, 50.0, seed_experiment="compact")  # seeds are not the sampled pace
+    assert affordable(study, the_plan, 1000.0) == 40  # 1000 s at 25 s a configuration
+    assert affordable(study, the_plan, 1000.0, workers=2) == 80
+    assert affordable(study, the_plan, -5.0) == 0  # no time left: nothing more
+
+    shown = Progress(225, 0, True, ladder, None, total_now=lambda: len(study.trials) + affordable(study, the_plan, 1000.0))
+    try:
+        shown(study, study.trials[-1])
+        assert shown.bar.total == len(study.trials) + 40 and shown.bar.n == 1
+        shown.total_now = lambda: 0  # never below what is done
+        shown(study, study.trials[-1])
+        assert shown.bar.total == shown.bar.n == 2
+    finally:
+        shown.close()
+
+
+def test_the_plan_prices_a_configuration_at_the_space_s_mean_cost_not_its_median():
+    """A rung's time is linear in FLOPs, so what k configurations cost is k times the mean model's; the default
+    space's FLOPs are skewed (median 13M, mean 26M under compact's size), and a plan priced at the median
+    promised about twice the configurations a budget affords."""
+    import statistics
+    from types import SimpleNamespace
+
+    from emnist_hpo.config import ExperimentConfig
+    from emnist_hpo.errors import ConfigError
+    from emnist_hpo.model.cost import model_cost
+    from emnist_hpo.paths import find_search_space
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.plan import plan
+    from emnist_hpo.search.space import SearchSpace
+    from emnist_hpo.search.trial import Limits, planned_cost
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 10_545, 62)
+    space, base = SearchSpace.load(find_search_space("default")), ExperimentConfig()
+    limits = Limits(max_params=191_582)
+    ctx = SimpleNamespace(
+        opts=StudyOptions(split="byclass", trials=100_000, timeout=1800.0), study=optuna.create_study(), storage=None,
+        ladder=ladder, multi=False, space=space, base=base, data=SimpleNamespace(y_train=range(10_545),
+                                                                                   y_val=range(2_637), num_classes=62),
+        budget=TimeBudget.start(1800.0, finalists=3, folds=1, final_fit=True, val_fraction=0.2))
+    _finished(ctx.study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": 1.0 + w / 100e9, "trial": 0}
+                                      for w in (3e11, 6e11, 1.8e12)])  # this machine: 100 GFLOP/s
+    the_plan = plan(ctx, limits)
+    speed = the_plan.throughput
+    # other draws of the space than the plan's: what a configuration really costs on average
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=12345))
+    costs = []
+    while len(costs) < 400:
+        try:
+            cost = model_cost(space.sample(draws.ask(), base).model, 62)
+        except ConfigError:
+            continue
+        if limits.refuse(cost) is None:
+            costs.append(planned_cost(cost, ladder, 10_545, 2_637, speed))
+    assert the_plan.per_config(speed) == pytest.approx(statistics.fmean(costs), rel=0.2)
+    assert statistics.median(costs) < 0.8 * statistics.fmean(costs)  # the median would have priced it too low
+
+
 @pytest.mark.parametrize("configs, startup", [(1, 4), (12, 4), (13, 4), (17, 5), (24, 6), (50, 8), (10_000, 8)])
 def test_tpe_draws_a_quarter_of_the_planned_configurations_at_random_within_4_to_8(configs, startup):
     """A 30-minute study on 2 cores screens ~12 configurations: with Optuna's fixed start (8 then) TPE would
@@ -615,9 +690,9 @@ def test_a_search_whose_draws_are_all_too_slow_to_be_crowned_stops_instead_of_dr
     assert b.stop_search([trained, *refused[1:], sized], now=start + 100) is None  # the latest is a size refusal
 
 
-def test_a_plan_whose_budget_is_too_small_for_a_typical_model_says_what_budget_would_do():
+def test_a_plan_whose_budget_is_too_small_for_an_average_model_says_what_budget_would_do():
     """A 120 s letters study planned "configurations the time budget affords: 0" and ended with nothing
-    trained to the end; the plan now names the budget in which a typical model is not refused for time (up
+    trained to the end; the plan now names the budget in which an average model is not refused for time (up
     every rung and through its final fit within CROWN_SHARE of it). Measured end to end on the AVX2 machine:
     "a --timeout of ~14 min would let one train and be crowned"."""
     from emnist_hpo.search.budget import Throughput
@@ -627,7 +702,7 @@ def test_a_plan_whose_budget_is_too_small_for_a_typical_model_says_what_budget_w
     ladder = make_ladder("data", 10, 14_435, 26)
     lines = Plan(ladder, 14_435, 3_609, 0, [0.0] * 3, 0.0, 240.0, Throughput(), 14.9e6, by_budget=True,
                  enough=500.0).lines()
-    assert "  too small a budget for a typical sampled model: a --timeout of ~8 min would let one train and be " \
+    assert "  too small a budget for an average sampled model: a --timeout of ~8 min would let one train and be " \
            "crowned; only smaller models will" in lines
     assert not any("too small" in ln for ln in Plan(ladder, 14_435, 3_609, 12, [12.0] * 3, 600.0, 240.0,
                                                    Throughput(), 14.9e6, by_budget=True).lines())

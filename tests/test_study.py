@@ -258,6 +258,9 @@ def test_cli_default_stores_and_resume(tmp_path, sample_dir, env):
     second = _cli([*args[:4], "2", *args[5:]], tmp_path, {"EMNIST_DATA_DIR": str(sample_dir)})
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming study 'emnist-digits': 1 of 2" in second.stderr
+    # what the search did, this session's and the study's: one configuration, then a second
+    assert "configurations       1 finished this session; trained at each rung: 1\n" in first.stdout
+    assert "configurations       1 finished this session; trained at each rung: 2\n" in second.stdout
     study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{tmp_path}/mlruns/optuna.db")
     assert len(study.trials) == 2
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")

@@ -22,7 +22,8 @@ from emnist_hpo.model.cost import model_cost, run_flops
 from emnist_hpo.train.fidelity import single
 from emnist_hpo.train.trainer import release_memory, train
 
-#: The probe's network: two conv blocks and a dense layer, ~8.5M FLOPs per image (a typical sampled model has 10-15M).
+#: The probe's network: two conv blocks and a dense layer, ~8.5M FLOPs per image (the default space's models: median
+#: 10-15M, mean ~26M).
 PROBE_MODEL = ModelConfig(conv_blocks=[ConvBlock(32, 3), ConvBlock(64, 3)], dense=[128])
 #: Training and validation images it trains and scores each epoch (fewer where the study has fewer).
 PROBE_IMAGES, PROBE_VAL_IMAGES = 4096, 1024

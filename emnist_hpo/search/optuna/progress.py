@@ -30,9 +30,11 @@ class Progress(TrialHooks):
     updates it every epoch); a small thread refreshes it every second so the elapsed time ticks.
     """
 
-    def __init__(self, total: int, initial: int, enabled: bool, ladder: Ladder, eta: Callable[[], float] | None = None):
+    def __init__(self, total: int, initial: int, enabled: bool, ladder: Ladder, eta: Callable[[], float] | None = None,
+                 total_now: Callable[[], int | None] | None = None):
         self.bar = None
         self.ladder, self.eta = ladder, eta
+        self.total_now = total_now  # the bar's end as trials finish (a time budget: what its time left affords)
         self.best: float | None = None
         self._stop = threading.Event()
         if enabled:
@@ -77,6 +79,7 @@ class Progress(TrialHooks):
             return
         if PROMOTE_ATTR not in trial.user_attrs:  # the bar counts configurations, as --trials does
             self.bar.update(1)
+        self._retotal()
         try:
             if len(study.directions) == 1:
                 self.best = study.best_value
@@ -87,8 +90,15 @@ class Progress(TrialHooks):
     def set(self, finished: int) -> None:
         """Show ``finished`` trials (the count other processes reached)."""
         if self.bar is not None and finished != self.bar.n:
+            self._retotal()
             self.bar.n = min(finished, self.bar.total)
             self.bar.refresh()
+
+    def _retotal(self) -> None:
+        """Move the bar's end to ``total_now()`` (never below what is done)."""
+        total = self.total_now() if self.total_now is not None and self.bar is not None else None
+        if total is not None:
+            self.bar.total = max(total, self.bar.n)
 
     def close(self) -> None:
         self._stop.set()

@@ -41,7 +41,7 @@ from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, Ti
                                       standard_error)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import Plan, leader_rung, plan, sampler_startup, search_eta
+from emnist_hpo.search.optuna.plan import Plan, affordable, leader_rung, plan, sampler_startup, search_eta
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -51,7 +51,7 @@ from emnist_hpo.search.optuna.queue import (
     enqueue_warm_start,
     warm_start_sources,
 )
-from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions
+from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions, rung_table
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import (DEFAULT_STARTUP, checkpoint_folder, finished_count, make_sampler,
@@ -98,6 +98,7 @@ class StudyResult:
     plan: Plan | None = None  # what the study expected to do when it started
     final_fit: bool | None = None  # whether the champion was retrained on train+validation
     tracking_uri: str | None = None  # where its runs are
+    finished_before: int = 0  # configurations the study had finished before this session
 
     @property
     def chosen(self) -> Finalist | None:
@@ -472,11 +473,19 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             return search + the_plan.finish_seconds
 
         total = min(opts.trials, done + the_plan.configs) if the_plan.by_budget else opts.trials  # what the bar can fill
+
+        def total_now() -> int | None:
+            """Under a time budget, the bar's end: what is finished and what the search's time left affords."""
+            if not the_plan.by_budget:
+                return None
+            room = ctx.budget.left() - the_plan.finish_seconds
+            return min(opts.trials, finished_count(study) + affordable(study, the_plan, room, opts.workers))
+
         startup = sampler_startup(total)
         if sampler_name(opts) == "tpe":
             set_sampler(ctx, startup)
             log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided")
-        progress = Progress(total, done, opts.progress, ctx.ladder, eta)
+        progress = Progress(total, done, opts.progress, ctx.ladder, eta, total_now)
         objective = make_objective(ctx, parent, [progress])
         try:
             if opts.workers > 1 and done < opts.trials:
@@ -495,7 +504,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         if champion is not None and opts.finalists > 0:
             champion, finalists = _reevaluate(ctx, objective, champion, log)
         result = StudyResult(study, champion, None, None, None, None, parent, 0.0, front, finalists, the_plan,
-                             tracking_uri=tracker.tracking_uri)
+                             tracking_uri=tracker.tracking_uri, finished_before=at_start)
         if champion is not None:
             finalize_once(ctx, objective, parent, champion, front, result, log)
         status = "FINISHED"
@@ -553,6 +562,16 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
 # --------------------------------------------------------------------------- the summary
 
 
+def screened_row(res: StudyResult) -> str:
+    """``50 finished this session (the plan: ~58); trained at each rung: 50 / 28 / 5``: what the search did
+    against what its plan said, so that a plan far off shows at the end of the study that made it."""
+    table = rung_table(res.study.get_trials(deepcopy=False))
+    session = finished_count(res.study) - res.finished_before
+    planned = f" (the plan: ~{res.plan.configs})" if res.plan is not None and res.plan.by_budget else ""
+    rungs = " / ".join(str(len(table.get(i, {}))) for i in range(max(table, default=-1) + 1))
+    return f"{session} finished this session{planned}" + (f"; trained at each rung: {rungs}" if rungs else "")
+
+
 def summary_table(res: StudyResult) -> str:
     """The end-of-study summary: best params, validation and test accuracy, parameters, time, the next commands."""
     states: dict[str, int] = {}
@@ -580,6 +599,7 @@ def summary_table(res: StudyResult) -> str:
         ("trial train time", f"{t.user_attrs.get('train_seconds', float('nan')):.1f} s"),
         ("study wall time", f"{res.seconds:.1f} s"),
     ]
+    rows.append(("configurations", screened_row(res)))
     if res.final_fit is False:
         rows.append(("final fit", "skipped: the trial's own model (time budget or --no-final-fit)"))
     if res.registered:
