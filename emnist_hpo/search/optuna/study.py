@@ -563,11 +563,12 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
 
 
 def screened_row(res: StudyResult) -> str:
-    """``50 finished this session (the plan: ~58); trained at each rung: 50 / 28 / 5``: what the search did
-    against what its plan said, so that a plan far off shows at the end of the study that made it."""
+    """``51 finished this session (the plan: ~99 trained); trained at each rung: 34 / 19 / 4``: what the
+    search did against what its plan said (it counts trained configurations; refusals finish untrained), so
+    that a plan far off shows at the end of the study that made it. The rungs count the whole study's."""
     table = rung_table(res.study.get_trials(deepcopy=False))
     session = finished_count(res.study) - res.finished_before
-    planned = f" (the plan: ~{res.plan.configs})" if res.plan is not None and res.plan.by_budget else ""
+    planned = f" (the plan: ~{res.plan.configs} trained)" if res.plan is not None and res.plan.by_budget else ""
     rungs = " / ".join(str(len(table.get(i, {}))) for i in range(max(table, default=-1) + 1))
     return f"{session} finished this session{planned}" + (f"; trained at each rung: {rungs}" if rungs else "")
 
