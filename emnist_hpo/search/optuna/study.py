@@ -462,6 +462,10 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             log(f"resuming study {opts.name!r}: {opts.finished(done)}")
         at_start = done
 
+        def search_left() -> float:
+            """Seconds of the time budget left to the search (the finalists and the final fit come after it)."""
+            return max(0.0, ctx.budget.left() - the_plan.finish_seconds)
+
         def eta() -> float:
             n = finished_count(study) - at_start
             left = opts.trials - at_start - n
@@ -469,7 +473,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
                 return the_plan.seconds + the_plan.finish_seconds
             search = search_eta(study, the_plan, left, opts.workers)
             if ctx.budget.deadline is not None:
-                search = min(search, max(0.0, ctx.budget.left() - the_plan.finish_seconds))
+                search = min(search, search_left())
             return search + the_plan.finish_seconds
 
         total = min(opts.trials, done + the_plan.configs) if the_plan.by_budget else opts.trials  # what the bar can fill
@@ -478,8 +482,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             """Under a time budget, the bar's end: what is finished and what the search's time left affords."""
             if not the_plan.by_budget:
                 return None
-            room = ctx.budget.left() - the_plan.finish_seconds
-            return min(opts.trials, finished_count(study) + affordable(study, the_plan, room, opts.workers))
+            return min(opts.trials, finished_count(study) + affordable(study, the_plan, search_left(), opts.workers))
 
         startup = sampler_startup(total)
         if sampler_name(opts) == "tpe":
