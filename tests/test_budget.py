@@ -734,3 +734,109 @@ def test_a_plan_whose_budget_is_too_small_for_an_average_model_says_what_budget_
     assert any(ln.startswith("  too small a budget") for ln in small.lines())
     enough = planned(small.enough * 1.01)
     assert enough.enough is None and enough.configs >= 1
+
+
+def _plan_context(tmp_path, *, trials: int, epochs: int, n_train: int, n_val: int, timeout: float | None = None,
+                  name: str = "emnist-bymerge"):
+    """What :func:`~emnist_hpo.search.optuna.plan.plan` reads of a study, without data or training."""
+    import types
+
+    import numpy as np
+
+    from emnist_hpo.config import ExperimentConfig
+    from emnist_hpo.paths import find_search_space
+    from emnist_hpo.search.space import SearchSpace
+    from emnist_hpo.train.fidelity import make_ladder
+
+    opts = StudyOptions(split="bymerge", trials=trials, epochs=epochs, timeout=timeout)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.create_study(study_name=name, storage=storage, direction="maximize")
+    data = types.SimpleNamespace(y_train=np.zeros(n_train), y_val=np.zeros(n_val), num_classes=47)
+    budget = TimeBudget.start(timeout, finalists=opts.finalists, folds=opts.folds, final_fit=opts.final_fit,
+                              val_fraction=opts.val_fraction)
+    return types.SimpleNamespace(opts=opts, space=SearchSpace.load(find_search_space("default")),
+                                 base=ExperimentConfig(), data=data, storage=storage, study=study, budget=budget,
+                                 ladder=make_ladder("data", epochs, n_train, 47), multi=False)
+
+
+def test_a_study_without_a_budget_probes_this_machine_where_the_default_guess_prices_it_long(tmp_path, monkeypatch):
+    """The README's main command (50 bymerge configurations) planned 7.6 h at the default guess (30 GFLOP/s) on
+    a machine that trains at ~300: its first ETA was off tenfold until trials finished. A study that nothing in
+    its storage has measured now probes this machine when the guess prices it over PROBE_WORTH, budget or not;
+    a study the guess prices shorter starts at the guess, and one whose storage has measured speed uses that."""
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna import plan as planning
+    from emnist_hpo.search.trial import Limits
+
+    probed: list[str] = []
+
+    def probe(ctx):
+        probed.append(ctx.study.study_name)
+        return Throughput.of_probe({"rate": 300e9, "overhead": 1.4, "seconds": 3.2})
+
+    monkeypatch.setattr(planning, "speed_probe", probe)
+    main = _plan_context(tmp_path, trials=50, epochs=15, n_train=74_446, n_val=18_612)
+    guessed = planning._priced(main, Limits(), *planning.typical_cost(main.space, main.base, 47, Limits()),
+                               Throughput())
+    assert guessed.seconds + guessed.finish_seconds > planning.PROBE_WORTH  # hours at the guess
+    the_plan = planning.plan(main, Limits())
+    assert probed == ["emnist-bymerge"]
+    assert the_plan.throughput.rate == 300e9
+    assert (the_plan.seconds + the_plan.finish_seconds) == pytest.approx(
+        (guessed.seconds + guessed.finish_seconds) * 0.1, rel=0.25)  # ten times the speed: about a tenth
+    assert "measured by a 3 s probe before the first rung" in "\n".join(the_plan.lines())
+
+    (tmp_path / "small").mkdir()
+    small = _plan_context(tmp_path / "small", trials=2, epochs=1, n_train=500, n_val=125)
+    quick = planning.plan(small, Limits())
+    assert probed == ["emnist-bymerge"]  # a study the guess prices under PROBE_WORTH: not worth a probe
+    assert quick.seconds + quick.finish_seconds < planning.PROBE_WORTH
+    assert "(default guess)" in "\n".join(quick.lines())
+
+    # another study in the main study's storage: its rungs measured this machine, and no probe runs
+    main.study.set_user_attr("speed_probe", {"rate": 300e9, "overhead": 1.4, "seconds": 3.2})
+    rungs = [{"rung": 0, "work": w, "seconds": 1.5 + w / 250e9, "trial": 0} for w in (5e11, 1e12, 3e12, 9e12)]
+    _finished(main.study, 100.0, rungs=rungs)
+    other = _plan_context(tmp_path, trials=50, epochs=15, n_train=74_446, n_val=18_612, name="emnist-balanced")
+    later = planning.plan(other, Limits())
+    assert probed == ["emnist-bymerge"] and later.throughput.measured == 4
+    assert later.throughput.rate == pytest.approx(250e9, rel=1e-6)
+
+
+def test_the_eta_prices_the_finalists_and_final_fit_at_the_speed_and_trials_the_study_measured():
+    """The ETA's finish (re-evaluating the finalists and the final fit) was the plan's figure to the end: at the
+    default guess, 5.0 h through a study whose rungs ran ten times faster. It is priced at the speed the study's
+    rungs measured, then, once the study has as many complete trials as it re-evaluates, at what they took."""
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna.plan import Plan, finish_eta
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 74_446, 47)
+    budget = TimeBudget.start(None, finalists=3, folds=1, final_fit=True, val_fraction=0.2)
+    the_plan = Plan(ladder, 74_446, 18_612, 50, [], 0.0, 0.0, Throughput(), 37.7e6, finalist_runs=3.0,
+                    final_scale=1.25)
+    the_plan.finish_seconds = the_plan.finish_at(Throughput())
+    study = optuna.create_study(direction="maximize")
+    assert finish_eta(study, the_plan, budget, ladder) == the_plan.finish_seconds  # nothing measured: the plan's
+    rungs = [{"rung": 0, "work": w, "seconds": 1.5 + w / 300e9, "trial": 0} for w in (5e11, 1e12, 3e12, 9e12)]
+    study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED, user_attrs={"rungs": rungs}))
+    measured = finish_eta(study, the_plan, budget, ladder)
+    assert measured == pytest.approx(the_plan.finish_at(Throughput.of_study(study)))
+    assert measured < the_plan.finish_seconds / 5  # ten times the guessed speed
+    full = sum(r.epochs for r in ladder.rungs)  # each trial ran every epoch of the ladder
+    for value, seconds in ((0.86, 300.0), (0.88, 500.0)):
+        _complete(study, value, seconds, epochs_run=full)
+    assert finish_eta(study, the_plan, budget, ladder) == pytest.approx(measured)  # two: fewer than the finalists
+    for value, seconds in ((0.87, 400.0), (0.80, 900.0)):
+        _complete(study, value, seconds, epochs_run=full)
+    # as many complete trials as finalists: the best three re-evaluated (300 + 500 + 400 s), and the final fit of
+    # the longest of them on train+validation (500 s x 1.25); the 900 s trial is not a finalist
+    assert finish_eta(study, the_plan, budget, ladder) == pytest.approx(1200.0 + 625.0)
+
+
+def _complete(study, value: float, seconds: float, **attrs) -> None:
+    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
+    study.add_trial(optuna.trial.FrozenTrial(
+        number=0, state=optuna.trial.TrialState.COMPLETE, value=value, values=None, datetime_start=t0,
+        datetime_complete=t0 + dt.timedelta(seconds=seconds), params={}, distributions={}, user_attrs=attrs,
+        system_attrs={}, intermediate_values={}, trial_id=0))

@@ -17,7 +17,8 @@ import optuna
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
-from emnist_hpo.search.budget import CROWN_MEASURED, CROWN_SHARE, PROBE_ATTR, REEVAL_SHARE, Throughput
+from emnist_hpo.search.budget import (CROWN_MEASURED, CROWN_SHARE, PROBE_ATTR, REEVAL_SHARE, Throughput, TimeBudget,
+                                     costs_of)
 from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.storage import FINISHED, finished_count
@@ -39,6 +40,11 @@ ETA_SAMPLED = 3
 #: random trials (this project's value before) TPE guided almost none of them: the search was random search,
 #: and the seeds it was handed (trials like any other, counted in the start) never steered it.
 STARTUP_SHARE, STARTUP_MIN, STARTUP_MAX = 0.25, 4, 8
+#: A study without a time budget that nothing in its storage has measured probes this machine's speed (a few
+#: seconds) when the default guess prices it over this many seconds: the guess is the slowest machine's (30
+#: GFLOP/s) and the README's main command planned 7.6 h at it on a machine that trains at 300 (a smaller study
+#: is not worth the probe's seconds; its ETA soon comes from its own trials).
+PROBE_WORTH = 600.0
 
 
 @dataclass
@@ -60,11 +66,20 @@ class Plan:
     mean_normalized: float = 0.0  # elements per image through batch-norm of an average sampled model
     enough: float | None = None  # a budget (s) that affords an average configuration and lets it be crowned, where
     # this one does not
+    finalist_runs: float = 0.0  # re-evaluation runs up the whole ladder after the search: --finalists x --folds
+    final_scale: float = 0.0  # the final fit in runs up the whole ladder (train+validation: 1 / (1 - val share)); 0: none
+    reeval_cap: float = math.inf  # the most seconds the re-evaluation may take (a time budget's share)
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the average model."""
         return planned_cost(_typical(self.mean_flops, self.mean_normalized), self.ladder, self.n_train, self.n_val,
                             throughput)
+
+    def finish_at(self, throughput: Throughput) -> float:
+        """Expected seconds of the re-evaluation and the final fit of the average model at ``throughput``."""
+        whole = planned_cost(_typical(self.mean_flops, self.mean_normalized), self.ladder, self.n_train, self.n_val,
+                             throughput, reach=[1.0] * len(self.ladder.rungs))
+        return min(whole * self.finalist_runs, self.reeval_cap) + whole * self.final_scale
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
@@ -160,17 +175,29 @@ def typical_cost(space: SearchSpace, base: ExperimentConfig, num_classes: int, l
 
 
 def plan(ctx: "StudyContext", limits: Limits) -> Plan:
-    """What the search will screen and how long it will take, from FLOPs and this machine's measured speed."""
-    opts, data, ladder = ctx.opts, ctx.data, ctx.ladder
-    n, nv = len(data.y_train), len(data.y_val)
+    """What the search will screen and how long it will take, from FLOPs and this machine's measured speed.
+
+    The speed is the study's own rungs', or its storage's other studies'; with neither, a few seconds' probe
+    (:func:`speed_probe`) under a time budget, or where the default guess prices the study over
+    :data:`PROBE_WORTH` seconds (a smaller study is not worth the probe's seconds)."""
+    opts, data = ctx.opts, ctx.data
     throughput = Throughput.of_study(ctx.study)
     if not throughput.measured:  # a new study: the speed this storage's other studies measured, if any
         throughput = Throughput.of_storage(ctx.storage, skip=ctx.study.study_name)
-    if not throughput.measured and not throughput.source and ctx.budget.deadline is not None:
-        throughput = speed_probe(ctx)
     # without the time limit: it would read the study's rungs once per priced model (200 of them)
     flops, normalized = typical_cost(ctx.space, ctx.base, data.num_classes, replace(limits, max_seconds=None),
                                      seed=opts.seed)
+    the_plan = _priced(ctx, limits, flops, normalized, throughput)
+    if not throughput.measured and not throughput.source and (
+            ctx.budget.deadline is not None or the_plan.seconds + the_plan.finish_seconds > PROBE_WORTH):
+        the_plan = _priced(ctx, limits, flops, normalized, speed_probe(ctx))
+    return the_plan
+
+
+def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float, throughput: Throughput) -> Plan:
+    """:func:`plan` at ``throughput``, an average sampled model costing ``flops`` and ``normalized`` per image."""
+    opts, data, ladder = ctx.opts, ctx.data, ctx.ladder
+    n, nv = len(data.y_train), len(data.y_val)
     typical = _typical(flops, normalized)
     leader = leader_rung(ctx) is not None
     reach, last_i = ladder.reach(), len(ladder.rungs) - 1
@@ -181,35 +208,39 @@ def plan(ctx: "StudyContext", limits: Limits) -> Plan:
         return c * below + last_rung_runs(c, ladder, leader) * last
 
     whole = planned_cost(typical, ladder, n, nv, throughput, reach=[1.0] * len(ladder.rungs))  # up the whole ladder
-    reeval = whole * opts.finalists * opts.folds
-    final = whole / (1 - opts.val_fraction) if opts.final_fit else 0.0
+    finalist_runs = float(opts.finalists * opts.folds)
+    final_scale = 1 / (1 - opts.val_fraction) if opts.final_fit else 0.0
+    reeval_cap = math.inf
     enough = None
     left = max(0, opts.trials - finished_count(ctx.study))
     configs, by_budget = left, False
     if ctx.budget.deadline is not None:
         time_left = ctx.budget.left()
-        reeval = min(reeval, REEVAL_SHARE * (opts.timeout or time_left))
-        room = max(0.0, time_left - reeval - final)
+        reeval_cap = REEVAL_SHARE * (opts.timeout or time_left)
+        room = max(0.0, time_left - min(whole * finalist_runs, reeval_cap) - whole * final_scale)
         unit = below if leader else below + reach[-1] * last  # per configuration (leader: a bound)
         affordable = min(left, int(room / unit)) if unit > 0 else left
         while affordable > 0 and search_cost(affordable) > room:
             affordable -= 1
         if affordable < left:
             configs, by_budget = affordable, True
-        if left > 0 and (affordable == 0 or (limits.max_seconds is not None and whole + final > limits.max_seconds)):
+        if left > 0 and (affordable == 0 or (limits.max_seconds is not None
+                                             and whole * (1 + final_scale) > limits.max_seconds)):
             # the budget in which it is not refused for time (it is then also screened with time to spare for
             # the capped re-evaluation and the final fit: a screen costs at most the whole climb)
-            enough = (whole + final) / CROWN_SHARE
+            enough = whole * (1 + final_scale) / CROWN_SHARE
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
-    return Plan(ladder, n, nv, configs, per_rung, search_cost(configs), reeval + final, throughput, flops, by_budget,
-                leader, limits.max_seconds, normalized, enough)
+    the_plan = Plan(ladder, n, nv, configs, per_rung, search_cost(configs), 0.0, throughput, flops, by_budget, leader,
+                    limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap)
+    the_plan.finish_seconds = the_plan.finish_at(throughput)
+    return the_plan
 
 
 def speed_probe(ctx: "StudyContext") -> Throughput:
     """This machine's speed, measured by a few seconds' training (:func:`~emnist_hpo.train.probe.probe_speed`) and
-    kept on the study, for a study under a time budget that nothing in its storage has measured: the budget's
-    count of configurations (and TPE's random start) and its first checks before a rung rest on it.
-    Without a budget the ETA soon comes from the trials themselves, and the default guess is left."""
+    kept on the study, for a study that nothing in its storage has measured: under a time budget the budget's
+    count of configurations (and TPE's random start) and its first checks before a rung rest on it; without one,
+    the plan's ETA (until the study's own trials replace it)."""
     data = ctx.data
     probe = probe_speed(ctx.base, data.x_train, data.y_train, data.x_val, data.y_val, data.num_classes).to_dict()
     ctx.study.set_user_attr(PROBE_ATTR, probe)
@@ -229,6 +260,19 @@ def pace(study: optuna.Study, the_plan: Plan) -> float:
         return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in sampled) / configs
     own = Throughput.of_study(study)
     return the_plan.per_config(own if own.measured else the_plan.throughput)
+
+
+def finish_eta(study: optuna.Study, the_plan: Plan, budget: TimeBudget, ladder: Ladder) -> float:
+    """Seconds the re-evaluation of the finalists and the final fit will take, as the study prices them now: once
+    it has as many complete trials as it will re-evaluate (two at least), at what its own top trials took
+    (:meth:`~emnist_hpo.search.budget.TimeBudget.reserve`, as the study will run them); before, the plan's average
+    model at the speed the study's rungs measured (the plan's own before any rung). The plan's figure alone
+    stayed at the default guess's 5.0 h through a study whose rungs ran ten times faster."""
+    costs = costs_of(study, ladder)
+    if sum(c.complete for c in costs) >= max(2, budget.finalists):
+        return budget.reserve(costs, None if budget.deadline is None else budget.left())
+    own = Throughput.of_study(study)
+    return the_plan.finish_at(own) if own.measured else the_plan.finish_seconds
 
 
 def search_eta(study: optuna.Study, the_plan: Plan, left: int, workers: int = 1) -> float:

@@ -41,7 +41,8 @@ from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, Ti
                                       standard_error)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import Plan, affordable, leader_rung, plan, sampler_startup, search_eta
+from emnist_hpo.search.optuna.plan import (Plan, affordable, finish_eta, leader_rung, plan, sampler_startup,
+                                          search_eta)
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -462,19 +463,21 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             log(f"resuming study {opts.name!r}: {opts.finished(done)}")
         at_start = done
 
-        def search_left() -> float:
-            """Seconds of the time budget left to the search (the finalists and the final fit come after it)."""
-            return max(0.0, ctx.budget.left() - the_plan.finish_seconds)
+        def search_left(finish: float) -> float:
+            """Seconds of the time budget left to the search: what is left but the ``finish`` (the finalists and the
+            final fit, which come after it)."""
+            return max(0.0, ctx.budget.left() - finish)
 
         def eta() -> float:
             n = finished_count(study) - at_start
             left = opts.trials - at_start - n
             if n <= 0:
                 return the_plan.seconds + the_plan.finish_seconds
+            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder)
             search = search_eta(study, the_plan, left, opts.workers)
             if ctx.budget.deadline is not None:
-                search = min(search, search_left())
-            return search + the_plan.finish_seconds
+                search = min(search, search_left(finish))
+            return search + finish
 
         total = min(opts.trials, done + the_plan.configs) if the_plan.by_budget else opts.trials  # what the bar can fill
 
@@ -482,7 +485,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             """Under a time budget, the bar's end: what is finished and what the search's time left affords."""
             if not the_plan.by_budget:
                 return None
-            return min(opts.trials, finished_count(study) + affordable(study, the_plan, search_left(), opts.workers))
+            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder)
+            return min(opts.trials, finished_count(study) + affordable(study, the_plan, search_left(finish), opts.workers))
 
         startup = sampler_startup(total)
         if sampler_name(opts) == "tpe":
