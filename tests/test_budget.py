@@ -206,10 +206,10 @@ def test_a_re_evaluation_running_longer_than_priced_stops_before_it_crowds_out_t
     assert FinalistPacer(b, {}, keep=250.0)(3, now=1000.0 + grace - 250.0 - 1.0) is None  # with its grace
 
 
-def _finished(study, seconds: float, **attrs) -> None:
+def _finished(study, seconds: float, value: float = 0.8, **attrs) -> None:
     t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
     study.add_trial(optuna.trial.FrozenTrial(
-        number=0, state=optuna.trial.TrialState.COMPLETE, value=0.8, values=None, datetime_start=t0,
+        number=0, state=optuna.trial.TrialState.COMPLETE, value=value, values=None, datetime_start=t0,
         datetime_complete=t0 + dt.timedelta(seconds=seconds), params={}, distributions={}, user_attrs=attrs,
         system_attrs={}, intermediate_values={}, trial_id=0))
 
@@ -825,18 +825,11 @@ def test_the_eta_prices_the_finalists_and_final_fit_at_the_speed_and_trials_the_
     assert measured < the_plan.finish_seconds / 5  # ten times the guessed speed
     full = sum(r.epochs for r in ladder.rungs)  # each trial ran every epoch of the ladder
     for value, seconds in ((0.86, 300.0), (0.88, 500.0)):
-        _complete(study, value, seconds, epochs_run=full)
+        _finished(study, seconds, value, epochs_run=full)
     assert finish_eta(study, the_plan, budget, ladder) == pytest.approx(measured)  # two: fewer than the finalists
     for value, seconds in ((0.87, 400.0), (0.80, 900.0)):
-        _complete(study, value, seconds, epochs_run=full)
+        _finished(study, seconds, value, epochs_run=full)
     # as many complete trials as finalists: the best three re-evaluated (300 + 500 + 400 s), and the final fit of
     # the longest of them on train+validation (500 s x 1.25); the 900 s trial is not a finalist
     assert finish_eta(study, the_plan, budget, ladder) == pytest.approx(1200.0 + 625.0)
 
-
-def _complete(study, value: float, seconds: float, **attrs) -> None:
-    t0 = dt.datetime(2026, 1, 1, 12, 0, 0)
-    study.add_trial(optuna.trial.FrozenTrial(
-        number=0, state=optuna.trial.TrialState.COMPLETE, value=value, values=None, datetime_start=t0,
-        datetime_complete=t0 + dt.timedelta(seconds=seconds), params={}, distributions={}, user_attrs=attrs,
-        system_attrs={}, intermediate_values={}, trial_id=0))
