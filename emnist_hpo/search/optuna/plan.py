@@ -79,7 +79,7 @@ class Plan:
         """Expected seconds of the re-evaluation and the final fit of the average model at ``throughput``."""
         whole = planned_cost(_typical(self.mean_flops, self.mean_normalized), self.ladder, self.n_train, self.n_val,
                              throughput, reach=[1.0] * len(self.ladder.rungs))
-        return min(whole * self.finalist_runs, self.reeval_cap) + whole * self.final_scale
+        return finish_cost(whole, self.finalist_runs, self.final_scale, self.reeval_cap)
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
@@ -217,7 +217,7 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
     if ctx.budget.deadline is not None:
         time_left = ctx.budget.left()
         reeval_cap = REEVAL_SHARE * (opts.timeout or time_left)
-        room = max(0.0, time_left - min(whole * finalist_runs, reeval_cap) - whole * final_scale)
+        room = max(0.0, time_left - finish_cost(whole, finalist_runs, final_scale, reeval_cap))
         unit = below if leader else below + reach[-1] * last  # per configuration (leader: a bound)
         affordable = min(left, int(room / unit)) if unit > 0 else left
         while affordable > 0 and search_cost(affordable) > room:
@@ -230,10 +230,15 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
             # the capped re-evaluation and the final fit: a screen costs at most the whole climb)
             enough = whole * (1 + final_scale) / CROWN_SHARE
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
-    the_plan = Plan(ladder, n, nv, configs, per_rung, search_cost(configs), 0.0, throughput, flops, by_budget, leader,
-                    limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap)
-    the_plan.finish_seconds = the_plan.finish_at(throughput)
-    return the_plan
+    return Plan(ladder, n, nv, configs, per_rung, search_cost(configs),
+                finish_cost(whole, finalist_runs, final_scale, reeval_cap), throughput, flops, by_budget, leader,
+                limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap)
+
+
+def finish_cost(whole: float, finalist_runs: float, final_scale: float, reeval_cap: float = math.inf) -> float:
+    """Seconds of the re-evaluation (``finalist_runs`` runs up the whole ladder, at most ``reeval_cap``) and the
+    final fit (``final_scale`` runs), a run up the whole ladder taking ``whole`` seconds."""
+    return min(whole * finalist_runs, reeval_cap) + whole * final_scale
 
 
 def speed_probe(ctx: "StudyContext") -> Throughput:
