@@ -19,8 +19,12 @@ reached, wall time and its overrun of the budget, and the champion against compa
 images (:func:`paired`). ``--runs ...,hand`` adds Optuna wired by hand under the
 same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
 ``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
-temporary worktree) for the screening rate.
-Writes JSON and Markdown to benchmarks/results/.
+temporary worktree) for the screening rate. Each cell is judged by issue 12's bars (:func:`bar_met`), and
+the cells' paired differences are pooled (:func:`pooled`). Writes JSON and Markdown to benchmarks/results/.
+
+    python benchmarks/bench_search.py --summarize benchmarks/results/a.json benchmarks/results/b.json
+
+runs nothing: one grid from cells run one at a time (a full grid is ~6 hours on 2 cores).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -222,6 +227,102 @@ def old_default(split: str, seed: int, args) -> dict:
     return out
 
 
+#: The issue's seeded bar: a sampled champion beats compact by this much on test, or matches it with fewer FLOPs.
+BEAT_BY = 0.005
+
+
+def bar_met(kind: str, run: dict, compact: dict | None) -> bool | None:
+    """Issue 12's bar for one cell's run, against compact alone on the same test images (None: not both tested).
+
+    ``search`` (no seeds): the champion's test accuracy at least compact's, at no more parameters. ``seeds``:
+    a sampled champion (not a seed) that beats compact by :data:`BEAT_BY` or more, or matches it with fewer
+    FLOPs."""
+    if not compact or run.get("test_accuracy") is None or compact.get("test_accuracy") is None:
+        return None
+    diff = run["test_accuracy"] - compact["test_accuracy"]
+    if kind == "search":
+        return diff >= 0 and run["params"] <= compact["params"]
+    if kind == "seeds":
+        return bool(run.get("sampled")) and (diff >= BEAT_BY - 1e-12 or (diff >= 0 and run["flops"] < compact["flops"]))
+    raise ValueError(f"the bar is for runs 'search' or 'seeds', not {kind!r}")
+
+
+def pooled(diffs: Sequence[dict]) -> dict:
+    """The mean of several cells' paired differences (:func:`paired`) and its standard error, the cells being
+    independent (other seeds, splits or test images): ``sqrt(sum se_i^2) / k``. One cell's difference is within
+    its ~0.4 pt noise of a 0.1 pt bar; the grid's mean is the trend."""
+    if not diffs:
+        raise ValueError("pooled needs at least one paired difference")
+    k = len(diffs)
+    return {"cells": k, "difference": float(np.mean([d["difference"] for d in diffs])),
+            "se": float(np.sqrt(sum(d["se"] ** 2 for d in diffs)) / k)}
+
+
+def bars(results: Sequence[dict]) -> list[str]:
+    """Markdown lines: for each of the studies, in how many cells issue 12's bar was met, and the pooled paired
+    difference against compact alone."""
+    out = []
+    for kind, bar in (("search", "no seeds: test accuracy >= compact alone's at <= its parameters"),
+                      ("seeds", "seeds first: a sampled champion that beats compact by >= 0.5 pt or matches it with "
+                                "fewer FLOPs")):
+        cells = [(e, e[kind]) for e in results if e.get(kind) and e[kind].get("test_accuracy") is not None]
+        verdicts = [bar_met(kind, r, e.get("compact")) for e, r in cells]
+        judged = [v for v in verdicts if v is not None]
+        if not judged:
+            continue
+        line = f"- {bar}: **met in {sum(judged)} of {len(judged)} cells**"
+        if kind == "seeds":
+            line += f"; the champion sampled in {sum(bool(r.get('sampled')) for _, r in cells)} of {len(cells)} " \
+                    "(the bar: at least half)"
+        diffs = [r["vs_compact"] for _, r in cells if r.get("vs_compact")]
+        if diffs:
+            p = pooled(diffs)
+            line += f"; against compact, pooled over {p['cells']}: {100 * p['difference']:+.2f} +/- {100 * p['se']:.2f} pt"
+        out.append(line)
+    return out
+
+
+def rows_of(results: Sequence[dict]) -> list[list]:
+    """The Markdown table's rows: one per run of each cell."""
+    rows = []
+    for entry in results:
+        split, seed = entry["split"], entry["seed"]
+        for key in ("compact", "search", "seeds", "hand", "old"):
+            r = entry.get(key)
+            if r is None:
+                continue
+            met = bar_met(key, r, entry.get("compact")) if key in ("search", "seeds") else None
+            rows.append([split, seed, key, f"{100 * r['test_accuracy']:.2f}" if r.get("test_accuracy") else "-",
+                         r.get("params"), r.get("flops"),
+                         ("sampled" if r.get("sampled") else r.get("champion_seed") or "-") if key != "compact" else "-",
+                         r.get("screened", "-"), r.get("repeats", "-"), r.get("screened_per_hour", "-"),
+                         " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
+                         if key != "compact" else "-",
+                         r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-",
+                         (f"{100 * r['vs_compact']['difference']:+.2f} +/- {100 * r['vs_compact']['se']:.2f} "
+                          f"(p={r['vs_compact']['p_mcnemar']:.2f})") if r.get("vs_compact") else "-",
+                         "-" if met is None else "met" if met else "missed"])
+    return rows
+
+
+def markdown(title: str, results: Sequence[dict]) -> str:
+    return "\n".join([f"# {title}", "",
+                      table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats",
+                             "per hour", "trials per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"],
+                            rows_of(results)), "", *bars(results), ""])
+
+
+def summarize(paths: Sequence[str], name: str) -> int:
+    """One grid from several runs' JSON (cells run one at a time, in other sessions or on other commits): the
+    table, each bar's count and the pooled differences."""
+    results = [e for path in paths for e in json.loads(Path(path).read_text())["results"]]
+    md = markdown(f"The search against the compact seed: {len(results)} cell(s) from {len(paths)} run(s)", results)
+    json_path, md_path = write_results(name, {"machine": machine(), "sources": list(paths), "results": results}, md)
+    print(md)
+    log(f"wrote {json_path} and {md_path}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--splits", default="balanced,letters,byclass")
@@ -235,11 +336,15 @@ def main(argv=None) -> int:
     p.add_argument("--old-rev", default=None, help="git revision of the previous default, for --runs old")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default="search")
+    p.add_argument("--summarize", nargs="+", metavar="JSON",
+                   help="run nothing: one grid (table, bars, pooled differences) from these results files")
     args = p.parse_args(argv)
+    if args.summarize:
+        return summarize(args.summarize, args.name)
     if args.quick:
         args.splits, args.seeds, args.budget_minutes, args.epochs = "balanced", "0", 4, 3
     runs = args.runs.split(",")
-    rows, results = [], []
+    results = []
     for split in args.splits.split(","):
         for seed in [int(s) for s in args.seeds.split(",")]:
             entry: dict = {"split": split, "seed": seed}
@@ -265,26 +370,12 @@ def main(argv=None) -> int:
                 entry["old"] = old_default(split, seed, args)
             results.append(entry)
             write_results(args.name, {"machine": machine(), "args": vars(args), "results": results}, "(partial)")
-            for key in ("compact", "search", "seeds", "hand", "old"):
-                r = entry.get(key)
-                if r is None:
-                    continue
-                rows.append([split, seed, key, f"{100 * r['test_accuracy']:.2f}" if r.get("test_accuracy") else "-",
-                             r.get("params"), r.get("flops"),
-                             ("sampled" if r.get("sampled") else r.get("champion_seed") or "-") if key != "compact" else "-",
-                             r.get("screened", "-"), r.get("repeats", "-"), r.get("screened_per_hour", "-"),
-                             " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
-                             if key != "compact" else "-",
-                             r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-",
-                             (f"{100 * r['vs_compact']['difference']:+.2f} +/- {100 * r['vs_compact']['se']:.2f} "
-                              f"(p={r['vs_compact']['p_mcnemar']:.2f})") if r.get("vs_compact") else "-"])
-    md = [f"# The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
-          f"--max-params {'compact' if args.max_params is None else args.max_params or '-'})", "",
-          table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
-                 "trials per rung", "wall s", "overrun", "vs compact, paired (pt)"], rows), ""]
+    title = (f"The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
+             f"--max-params {'compact' if args.max_params is None else args.max_params or '-'})")
+    md = markdown(title, results)
     json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},
-                                       "\n".join(md))
-    print("\n".join(md))
+                                       md)
+    print(md)
     log(f"wrote {json_path} and {md_path}")
     return 0
 

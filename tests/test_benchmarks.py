@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_search import paired  # noqa: E402
+from bench_search import bar_met, bars, paired, pooled  # noqa: E402
 
 
 def test_the_paired_difference_counts_only_the_images_the_two_models_disagree_on():
@@ -40,3 +40,53 @@ def test_two_models_with_the_same_predictions_do_not_differ():
 def test_paired_refuses_predictions_of_other_lengths():
     with pytest.raises(ValueError, match=r"one length \(labels 3, a 3, b 2\)"):
         paired(np.zeros(3), np.zeros(3), np.zeros(2))
+
+
+COMPACT = {"test_accuracy": 0.8431, "params": 191_582, "flops": 34_900_000}
+
+
+def _run(test, params=101_550, flops=32_700_000, sampled=True, diff=None, se=0.004):
+    r = {"test_accuracy": test, "params": params, "flops": flops, "sampled": sampled}
+    r["vs_compact"] = {"difference": test - COMPACT["test_accuracy"] if diff is None else diff, "se": se}
+    return r
+
+
+def test_the_no_seeds_bar_is_compacts_test_accuracy_at_no_more_parameters():
+    assert bar_met("search", _run(0.8431), COMPACT)  # a tie at fewer parameters
+    assert not bar_met("search", _run(0.8422), COMPACT)  # 0.09 pt under: missed, however small
+    assert not bar_met("search", _run(0.8600, params=191_583), COMPACT)  # more accurate, but one parameter larger
+    assert bar_met("search", _run(0.8433, flops=109_300_000), COMPACT)  # FLOPs are not this bar's
+    assert bar_met("search", _run(0.85), None) is None  # compact alone not run: nothing to judge
+
+
+def test_the_seeded_bar_wants_a_sampled_champion_half_a_point_up_or_a_match_with_fewer_flops():
+    assert bar_met("seeds", _run(0.8481, flops=66_900_000), COMPACT)  # +0.50 pt: FLOPs do not matter
+    assert bar_met("seeds", _run(0.8440, flops=34_000_000), COMPACT)  # +0.09 pt with fewer FLOPs
+    assert not bar_met("seeds", _run(0.8440, flops=34_900_000), COMPACT)  # +0.09 pt at the same FLOPs
+    assert not bar_met("seeds", _run(0.8368, flops=20_000_000), COMPACT)  # fewer FLOPs, 0.63 pt under
+    assert not bar_met("seeds", _run(0.8600, sampled=False), COMPACT)  # compact itself crowned: not the search's
+    with pytest.raises(ValueError, match="runs 'search' or 'seeds', not 'hand'"):
+        bar_met("hand", _run(0.85), COMPACT)
+
+
+def test_the_grid_pools_the_cells_differences_as_independent_measurements():
+    p = pooled([{"difference": 0.010, "se": 0.004}, {"difference": -0.004, "se": 0.003}])
+    assert p["cells"] == 2
+    assert p["difference"] == pytest.approx(0.003)
+    assert p["se"] == pytest.approx(0.005 / 2)  # sqrt(0.004^2 + 0.003^2) / 2: tighter than either cell's
+    with pytest.raises(ValueError, match="at least one"):
+        pooled([])
+
+
+def test_the_grid_counts_each_bar_over_the_cells_that_ran_it():
+    results = [
+        {"split": "balanced", "seed": 0, "compact": COMPACT, "search": _run(0.8500), "seeds": _run(0.8490)},
+        {"split": "byclass", "seed": 1, "compact": COMPACT, "search": _run(0.8422),
+         "seeds": _run(0.8700, sampled=False)},
+        {"split": "letters", "seed": 1, "search": {**_run(0.95), "vs_compact": None}},  # compact alone not run
+    ]
+    lines = bars(results)
+    assert len(lines) == 2
+    assert "no seeds" in lines[0] and "met in 1 of 2 cells" in lines[0]
+    assert "pooled over 2: +0.30 +/- 0.28 pt" in lines[0]  # (0.69 - 0.09) / 2, sqrt(2 x 0.40^2) / 2
+    assert "seeds first" in lines[1] and "met in 1 of 2 cells" in lines[1] and "sampled in 1 of 2" in lines[1]

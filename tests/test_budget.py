@@ -581,10 +581,55 @@ def test_before_its_first_rung_a_study_runs_at_the_speed_its_probe_measured_then
     line = next(ln for ln in Plan(ladder, 13_385, 3_346, 20, [20.0], 0.0, 0.0, probed, 13.5e6).lines()
                 if "this machine" in ln)
     assert "200 GFLOP/s training, 2.5 s per rung, measured by a 6 s probe before the first rung" in line
-    rungs = [{"rung": 0, "work": w, "seconds": 8.0 + w / 120e9, "trial": 0} for w in (5e11, 1e12, 3e12, 9e12)]
+    rungs = [{"rung": 0, "work": w, "seconds": 8.0 + w / 320e9, "trial": 0} for w in (5e11, 1e12, 3e12, 9e12)]
     _finished(study, 100.0, rungs=rungs)
     own = Throughput.of_study(study)
-    assert own.measured == 4 and own.rate == pytest.approx(120e9, rel=1e-6)  # its rungs win over the probe
+    assert own.measured == 4 and own.rate == pytest.approx(320e9, rel=1e-6)  # its rungs win over the probe
+
+
+def test_rungs_of_small_models_do_not_price_larger_ones_slower_than_the_probe_measured(tmp_path):
+    """Rungs of small models are mostly overhead and batch-norm, and leave the training rate unknown: a letters
+    study whose first 9 rungs were of models of at most 13M FLOPs fitted 90 GFLOP/s against its probe's 173,
+    priced a 40M-FLOP batch-norm model at ~979 s to be crowned, over its 900 s limit, and refused it with every
+    model of compact's size (compact: 35M); the next study on that machine priced it at ~450 s from rungs of
+    30-117M-FLOP models. The fit's rate is held at
+    the probe's at least (PROBE_FLOOR), its overhead and batch-norm cost fitted again at it."""
+    from emnist_hpo.model.cost import ModelCost
+    from emnist_hpo.search.budget import PROBE_ATTR, PROBE_FLOOR, Throughput
+    from emnist_hpo.search.trial import crown_time
+    from emnist_hpo.train.fidelity import make_ladder
+
+    # that study's rungs before the refusal (work, seconds, batch-norm elements); the first, its process's first
+    # rung, ran slow
+    measured = [(1.02e12, 18.2, 0.0), (1.24e11, 5.1, 0.0), (4.2e11, 6.5, 0.0), (1.24e11, 5.1, 0.0),
+                (3.61e11, 9.5, 0.0), (2.66e10, 5.3, 0.0), (5.3e11, 7.6, 0.0), (5.39e11, 12.0, 5.66e8),
+                (1.56e12, 20.2, 1.7e9)]
+    probe = {"rate": 172.6e9, "overhead": 2.2, "seconds": 4.8}
+
+    def speed(name, probed):
+        study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+        if probed:
+            study.set_user_attr(PROBE_ATTR, probe)
+        _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": t, "norm": n, "trial": 0}
+                                      for w, t, n in measured])
+        return Throughput.of_study(study)
+
+    free, held = speed("unprobed", probed=False), speed("probed", probed=True)
+    assert free.rate == pytest.approx(90.4e9, rel=0.01)  # no probe, no floor: the fit as it comes
+    assert held.rate == PROBE_FLOOR * probe["rate"] and held.overhead >= 0 and held.norm_cost >= 0
+    # the floored fit still fits the rungs it came from: within 35% of each
+    assert all(0.65 < held.seconds(w, n) / t < 1.35 for w, t, n in measured)
+    ladder = make_ladder("data", 15, 14_435, 26)
+    limit = 900.0  # half of a 30-minute budget
+    refused = ModelCost(121_202, 40_251_392, 136_704)  # 4 blocks of two convs, batch norm: 40M FLOPs
+
+    def crown(th, cost):
+        return crown_time(lambda: th, ladder, 14_435, 3_609, 1.25)(cost)
+
+    assert crown(free, refused) > limit  # the refusal
+    assert crown(held, refused) < limit
+    huge = ModelCost(150_000, 400_000_000, 0)  # 400M FLOPs is too slow even at the probe's rate
+    assert crown(held, huge) > limit
 
 
 def test_a_batch_norm_fit_faster_than_the_probe_allows_gives_way_to_flops_alone(tmp_path):

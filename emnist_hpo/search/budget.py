@@ -275,6 +275,13 @@ DEFAULT_RATE = 30e9
 #: is the machine's for plain FLOPs, and larger convolutions run faster per FLOP than its small model: on the Zen 3
 #: machine sound fits over 5-71 rungs came to 1.2-2.6x its rate; the failures seen were 7-20x.
 PROBE_CEILING = 4.0
+#: The least a fit of a study's rungs may put the training rate at, as a share of its speed probe's (whose model is
+#: a small CNN without batch-norm: larger convolutions run at least as fast per FLOP). Rungs of small models, whose
+#: time is mostly overhead and batch-norm, leave the rate unknown: a letters study that had trained models of at most
+#: 10M FLOPs fitted 67-90 GFLOP/s against its probe's 173, priced 40-117M-FLOP models at 979-3,230 s to be crowned
+#: and refused them for time (900 s); the next study on the same machine, whose rungs included 30-117M-FLOP models,
+#: priced them at 180-450 s, and the first study's own fit rose to 340 GFLOP/s once 13-18M-FLOP models ran.
+PROBE_FLOOR = 1.0
 #: Study user attribute: the speed :func:`~emnist_hpo.train.probe.probe_speed` measured before the study's first
 #: rung (``rate``, ``overhead``, ``seconds``), its speed until its rungs say otherwise.
 PROBE_ATTR = "speed_probe"
@@ -338,15 +345,25 @@ class Throughput:
         return replace(self, rate=sum(r.work for r in pts) / busy, measured=len(pts), source="its own rungs")
 
     @classmethod
-    def fit(cls, records: Sequence[RungRecord], ceiling: float | None = None) -> "Throughput":
+    def fit(cls, records: Sequence[RungRecord], ceiling: float | None = None, floor: float | None = None) -> "Throughput":
         """Least squares over ``records`` (intercept >= 0); the defaults where there are too few or too alike.
         With the batch-norm work of every record known, and rungs with and without it, that term too
         (:meth:`_fit_norm`); else FLOPs alone. So too where that term's fit puts the rate above ``ceiling``
         (FLOP/s; :meth:`of_study` passes :data:`PROBE_CEILING` times its speed probe's): it has given the time of
         the FLOPs to batch-norm, which grows with them over a study's first rungs. A letters study's first 6-12
         rungs fitted 1,300-3,800 GFLOP/s and 8-9 ns per element where its probe measured 186; it priced an
-        8.5M-FLOP batch-norm model at ~420 s, and its 120 s budget trained nothing."""
-        good = usable(records)
+        8.5M-FLOP batch-norm model at ~420 s, and its 120 s budget trained nothing.
+
+        A rate under ``floor`` (FLOP/s; :meth:`of_study` passes its probe's) is raised to it and the other terms
+        fitted again at that rate (:meth:`_at_rate`): rungs of small models, whose time is mostly overhead and
+        batch-norm, leave the rate unknown, and a low one prices larger models far too long (:data:`PROBE_FLOOR`)."""
+        fitted = cls._fit(usable(records), ceiling)
+        if floor is not None and fitted.measured and fitted.rate < floor:
+            return cls._at_rate(usable(records), floor)
+        return fitted
+
+    @classmethod
+    def _fit(cls, good: Sequence[RungRecord], ceiling: float | None) -> "Throughput":
         with_norm = cls._fit_norm(good)
         if with_norm is not None and (ceiling is None or with_norm.rate <= ceiling):
             return with_norm
@@ -366,6 +383,21 @@ class Throughput:
         # few or degenerate points: keep the default overhead, fit the rate alone (median of the points)
         rates = sorted(w / max(s - DEFAULT_OVERHEAD_S, 0.25 * s) for w, s in pts)
         return cls(DEFAULT_OVERHEAD_S, rates[len(rates) // 2], len(pts))
+
+    @classmethod
+    def _at_rate(cls, records: Sequence[RungRecord], rate: float) -> "Throughput":
+        """The overhead and batch-norm cost that fit ``records`` best (least squares, neither negative) with the
+        training rate fixed at ``rate``: what is left of each rung's time once its FLOPs are paid at that rate."""
+        import numpy as np
+
+        rest = np.array([r.seconds - r.work / rate for r in records])
+        norms = [r.norm for r in records]
+        if len(records) >= 3 and all(v is not None for v in norms) and any(norms) and not all(norms):
+            x = np.array([[1.0, float(v)] for v in norms])
+            (overhead, norm_cost), *_ = np.linalg.lstsq(x, rest, rcond=None)
+            if overhead >= 0 and norm_cost >= 0:
+                return cls(float(overhead), rate, len(records), norm_cost=float(norm_cost))
+        return cls(max(float(rest.mean()), 0.0), rate, len(records))
 
     @classmethod
     def _fit_norm(cls, records: Sequence[RungRecord]) -> "Throughput | None":
@@ -393,7 +425,8 @@ class Throughput:
         speed probe's (:data:`PROBE_ATTR`), if it ran one, which also bounds the fit's rate (:meth:`fit`)."""
         probe = study.user_attrs.get(PROBE_ATTR)
         probed = cls.of_probe(probe) if isinstance(probe, dict) else None
-        fitted = cls.fit(rung_records(study), ceiling=None if probed is None else PROBE_CEILING * probed.rate)
+        fitted = cls.fit(rung_records(study), ceiling=None if probed is None else PROBE_CEILING * probed.rate,
+                         floor=None if probed is None else PROBE_FLOOR * probed.rate)
         return fitted if fitted.measured or probed is None else probed
 
     @classmethod
