@@ -278,7 +278,7 @@ PROBE_CEILING = 4.0
 #: The least a fit of a study's rungs may put the training rate at, as a share of its speed probe's (whose model is
 #: a small CNN without batch-norm: larger convolutions run at least as fast per FLOP). Rungs of small models, whose
 #: time is mostly overhead and batch-norm, leave the rate unknown: a letters study that had trained models of at most
-#: 10M FLOPs fitted 67-90 GFLOP/s against its probe's 173, priced 40-117M-FLOP models at 979-3,230 s to be crowned
+#: 13M FLOPs fitted 67-90 GFLOP/s against its probe's 173, priced 40-117M-FLOP models at 979-3,230 s to be crowned
 #: and refused them for time (900 s); the next study on the same machine, whose rungs included 30-117M-FLOP models,
 #: priced them at 180-450 s, and the first study's own fit rose to 340 GFLOP/s once 13-18M-FLOP models ran.
 PROBE_FLOOR = 1.0
