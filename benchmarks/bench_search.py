@@ -315,7 +315,15 @@ def markdown(title: str, results: Sequence[dict]) -> str:
 def summarize(paths: Sequence[str], name: str) -> int:
     """One grid from several runs' JSON (cells run one at a time, in other sessions or on other commits): the
     table, each bar's count and the pooled differences."""
-    results = [e for path in paths for e in json.loads(Path(path).read_text())["results"]]
+    results = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"--summarize: cannot read {path}: {exc}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("results"), list):
+            raise SystemExit(f"--summarize: {path} is not a bench_search.py results file (no 'results' list)")
+        results.extend(data["results"])
     md = markdown(f"The search against the compact seed: {len(results)} cell(s) from {len(paths)} run(s)", results)
     json_path, md_path = write_results(name, {"machine": machine(), "sources": list(paths), "results": results}, md)
     print(md)

@@ -8,7 +8,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
-from bench_search import bar_met, bars, paired, pooled  # noqa: E402
+from bench_search import bar_met, bars, paired, pooled, summarize  # noqa: E402
 
 
 def test_the_paired_difference_counts_only_the_images_the_two_models_disagree_on():
@@ -90,3 +90,12 @@ def test_the_grid_counts_each_bar_over_the_cells_that_ran_it():
     assert "no seeds" in lines[0] and "met in 1 of 2 cells" in lines[0]
     assert "pooled over 2: +0.30 +/- 0.28 pt" in lines[0]  # (0.69 - 0.09) / 2, sqrt(2 x 0.40^2) / 2
     assert "seeds first" in lines[1] and "met in 1 of 2 cells" in lines[1] and "sampled in 1 of 2" in lines[1]
+
+
+def test_summarize_names_a_file_that_is_not_a_results_file(tmp_path):
+    missing, other = tmp_path / "nope.json", tmp_path / "other.json"
+    other.write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match=r"cannot read .*nope\.json"):
+        summarize([str(missing)], "x")
+    with pytest.raises(SystemExit, match=r"other\.json is not a bench_search\.py results file"):
+        summarize([str(other)], "x")

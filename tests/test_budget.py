@@ -214,6 +214,18 @@ def _finished(study, seconds: float, value: float = 0.8, **attrs) -> None:
         system_attrs={}, intermediate_values={}, trial_id=0))
 
 
+def _speed_of(tmp_path, name: str, rungs, probe: dict | None):
+    """The speed (Throughput.of_study) of a new study that ran ``rungs`` (work, seconds, batch-norm elements),
+    after a speed probe of ``probe`` (None: no probe)."""
+    from emnist_hpo.search.budget import PROBE_ATTR, Throughput
+
+    study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
+    if probe is not None:
+        study.set_user_attr(PROBE_ATTR, probe)
+    _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": t, "norm": n, "trial": 0} for w, t, n in rungs])
+    return Throughput.of_study(study)
+
+
 def test_the_eta_is_not_extrapolated_from_the_big_seeds_trained_first():
     """The research's seeds (the 2-conv recipe: 929k parameters) train first and to the end; the ETA of the
     configurations still to screen comes from the plan until sampled trials have finished, then from them."""
@@ -592,10 +604,10 @@ def test_rungs_of_small_models_do_not_price_larger_ones_slower_than_the_probe_me
     study whose first 9 rungs were of models of at most 13M FLOPs fitted 90 GFLOP/s against its probe's 173,
     priced a 40M-FLOP batch-norm model at ~979 s to be crowned, over its 900 s limit, and refused it with every
     model of compact's size (compact: 35M); the next study on that machine priced it at ~450 s from rungs of
-    30-117M-FLOP models. The fit's rate is held at
-    the probe's at least (PROBE_FLOOR), its overhead and batch-norm cost fitted again at it."""
+    30-117M-FLOP models. The fit's rate is held at the probe's at least (PROBE_FLOOR), its overhead and
+    batch-norm cost fitted again at it."""
     from emnist_hpo.model.cost import ModelCost
-    from emnist_hpo.search.budget import PROBE_ATTR, PROBE_FLOOR, Throughput
+    from emnist_hpo.search.budget import PROBE_FLOOR
     from emnist_hpo.search.trial import crown_time
     from emnist_hpo.train.fidelity import make_ladder
 
@@ -606,15 +618,8 @@ def test_rungs_of_small_models_do_not_price_larger_ones_slower_than_the_probe_me
                 (1.56e12, 20.2, 1.7e9)]
     probe = {"rate": 172.6e9, "overhead": 2.2, "seconds": 4.8}
 
-    def speed(name, probed):
-        study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
-        if probed:
-            study.set_user_attr(PROBE_ATTR, probe)
-        _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": t, "norm": n, "trial": 0}
-                                      for w, t, n in measured])
-        return Throughput.of_study(study)
-
-    free, held = speed("unprobed", probed=False), speed("probed", probed=True)
+    free = _speed_of(tmp_path, "unprobed", measured, None)
+    held = _speed_of(tmp_path, "probed", measured, probe)
     assert free.rate == pytest.approx(90.4e9, rel=0.01)  # no probe, no floor: the fit as it comes
     assert held.rate == PROBE_FLOOR * probe["rate"] and held.overhead >= 0 and held.norm_cost >= 0
     # the floored fit still fits the rungs it came from: within 35% of each
@@ -637,7 +642,7 @@ def test_a_batch_norm_fit_faster_than_the_probe_allows_gives_way_to_flops_alone(
     time of the FLOPs to batch-norm: a letters study fitted 1,300-3,800 GFLOP/s where its probe measured 186,
     priced an 8.5M-FLOP batch-norm model at ~420 s and refused everything its 120 s budget drew. A fit whose
     rate is over PROBE_CEILING times the probe's is dropped for FLOPs alone; a plausible one is kept."""
-    from emnist_hpo.search.budget import PROBE_ATTR, PROBE_CEILING, RungRecord, Throughput
+    from emnist_hpo.search.budget import PROBE_CEILING, RungRecord, Throughput
 
     # the rungs of a letters study on the AVX2 machine (probe: 91 GFLOP/s): two models without batch-norm
     # (one run twice), a 35M-FLOP and a 340k-FLOP one with it; work, seconds, batch-norm elements
@@ -648,21 +653,13 @@ def test_a_batch_norm_fit_faster_than_the_probe_allows_gives_way_to_flops_alone(
     probe = {"rate": 91e9, "overhead": 2.5, "seconds": 7.5}
     bn_model = (204_000 * 3 * 8.5e6, 204_000 * 168_000)  # 8.5M FLOPs, 24-channel batch-norm, up every rung
 
-    def study_of(name, rungs, probed):
-        study = optuna.create_study(study_name=name, storage=f"sqlite:///{tmp_path}/optuna.db", direction="maximize")
-        if probed:
-            study.set_user_attr(PROBE_ATTR, probe)
-        _finished(study, 60.0, rungs=[{"rung": 0, "work": w, "seconds": s, "norm": n, "trial": 0}
-                                      for w, s, n in rungs])
-        return Throughput.of_study(study)
-
-    wild = study_of("unprobed", skewed, probed=False)  # no probe: no bound, the fit as it comes
+    wild = _speed_of(tmp_path, "unprobed", skewed, None)  # no probe: no bound, the fit as it comes
     assert wild.norm_cost > 0 and wild.rate > PROBE_CEILING * probe["rate"]
-    bounded = study_of("skewed", skewed, probed=True)
+    bounded = _speed_of(tmp_path, "skewed", skewed, probe)
     plain = Throughput.fit([RungRecord(w, s) for w, s, _ in skewed])
     assert bounded.norm_cost == 0.0 and bounded.rate == pytest.approx(plain.rate) and bounded.measured == 5
     assert bounded.seconds(*bn_model) < wild.seconds(*bn_model) / 3  # 28 s against 130 s
-    kept = study_of("measured", measured, probed=True)  # 110 GFLOP/s and 1.6 ns per element: within the bound
+    kept = _speed_of(tmp_path, "measured", measured, probe)  # 110 GFLOP/s and 1.6 ns per element: within the bound
     assert kept.norm_cost > 0 and kept.rate <= PROBE_CEILING * probe["rate"]
 
 
