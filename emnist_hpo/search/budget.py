@@ -278,7 +278,7 @@ PROBE_CEILING = 4.0
 #: The least a fit of a study's rungs may put the training rate at, as a share of its speed probe's (whose model is
 #: a small CNN without batch-norm: larger convolutions run at least as fast per FLOP). Rungs of small models, whose
 #: time is mostly overhead and batch-norm, leave the rate unknown: a letters study that had trained models of at most
-#: 13M FLOPs fitted 67-90 GFLOP/s against its probe's 173, priced 40-117M-FLOP models at 979-3,230 s to be crowned
+#: 13M FLOPs fitted 69-103 GFLOP/s against its probe's 173, priced 40-117M-FLOP models at 979-3,230 s to be crowned
 #: and refused them for time (900 s); the next study on the same machine, whose rungs included 30-117M-FLOP models,
 #: priced them at 180-450 s, and the first study's own fit rose to 340 GFLOP/s once 13-18M-FLOP models ran.
 PROBE_FLOOR = 1.0
@@ -357,9 +357,10 @@ class Throughput:
         A rate under ``floor`` (FLOP/s; :meth:`of_study` passes its probe's) is raised to it and the other terms
         fitted again at that rate (:meth:`_at_rate`): rungs of small models, whose time is mostly overhead and
         batch-norm, leave the rate unknown, and a low one prices larger models far too long (:data:`PROBE_FLOOR`)."""
-        fitted = cls._fit(usable(records), ceiling)
+        good = usable(records)
+        fitted = cls._fit(good, ceiling)
         if floor is not None and fitted.measured and fitted.rate < floor:
-            return cls._at_rate(usable(records), floor)
+            return cls._at_rate(good, floor)
         return fitted
 
     @classmethod
@@ -391,9 +392,8 @@ class Throughput:
         import numpy as np
 
         rest = np.array([r.seconds - r.work / rate for r in records])
-        norms = [r.norm for r in records]
-        if len(records) >= 3 and all(v is not None for v in norms) and any(norms) and not all(norms):
-            x = np.array([[1.0, float(v)] for v in norms])
+        if len(records) >= 3 and _norm_varies(records):
+            x = np.array([[1.0, float(r.norm)] for r in records])
             (overhead, norm_cost), *_ = np.linalg.lstsq(x, rest, rcond=None)
             if overhead >= 0 and norm_cost >= 0:
                 return cls(float(overhead), rate, len(records), norm_cost=float(norm_cost))
@@ -404,9 +404,7 @@ class Throughput:
         """``seconds = overhead + work / rate + norm * norm_cost`` by least squares, or None: a record without
         its batch-norm work, fewer than 4 records, no rung with batch-norm or none without, or a fit that is not
         physical (a negative overhead or cost)."""
-        if len(records) < 4 or any(r.norm is None for r in records):
-            return None
-        if not any(r.norm for r in records) or all(r.norm for r in records):
+        if len(records) < 4 or not _norm_varies(records):
             return None
         import numpy as np
 
@@ -446,6 +444,12 @@ class Throughput:
                 records.extend(rung_records(optuna.load_study(study_name=name, storage=storage)))
         fitted = cls.fit(records)
         return replace(fitted, source="other studies in this storage") if fitted.measured else fitted
+
+
+def _norm_varies(records: Sequence[RungRecord]) -> bool:
+    """Whether a batch-norm term can be fitted to ``records``: every one's batch-norm work known, and rungs with
+    it and without it."""
+    return all(r.norm is not None for r in records) and any(r.norm for r in records) and not all(r.norm for r in records)
 
 
 def rung_records(study: optuna.Study) -> list[RungRecord]:
