@@ -22,9 +22,11 @@ same budget (benchmarks/generalization.py's peer; its overrun is its search's, d
 temporary worktree) for the screening rate. Each cell is judged by issue 12's bars (:func:`bar_met`), and
 the cells' paired differences are pooled (:func:`pooled`). Writes JSON and Markdown to benchmarks/results/.
 
-    python benchmarks/bench_search.py --summarize benchmarks/results/a.json benchmarks/results/b.json
+    python benchmarks/bench_search.py --summarize benchmarks/proof/*.json
 
-runs nothing: one grid from cells run one at a time (a full grid is ~6 hours on 2 cores).
+runs nothing: one grid from cells run one at a time (a full grid is ~6 hours on 2 cores), each row with its
+machine and commit; the bars and the pooled differences count each cell's latest run once
+(:func:`latest_of`). benchmarks/proof/ keeps the results files of the cells the README reports.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -144,6 +147,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         argv += ["--max-params", str(limit)]
     if not warm:
         argv.append("--no-warm-start")
+    argv += shlex.split(getattr(args, "study_args", "") or "")
     argv += extra or []
     env = {**os.environ, "EMNIST_HPO_CACHE": str(work / "cache")}
     t0 = time.perf_counter()
@@ -258,19 +262,36 @@ def pooled(diffs: Sequence[dict]) -> dict:
             "se": float(np.sqrt(sum(d["se"] ** 2 for d in diffs)) / k)}
 
 
+def latest_of(results: Sequence[dict], kind: str) -> list[dict]:
+    """The cells that ran ``kind``, each once: where one cell (split and seed) ran it in several runs (files given
+    to ``--summarize``, on other commits or machines), the latest run's (by its ``source`` date, else the later in
+    ``results``). A grid that counted a cell run twice would weigh it twice."""
+    best: dict[tuple, tuple] = {}
+    for i, e in enumerate(results):
+        if e.get(kind) and e[kind].get("test_accuracy") is not None:
+            key, when = (e["split"], e["seed"]), ((e.get("source") or {}).get("date") or "", i)
+            if key not in best or when >= best[key][0]:
+                best[key] = (when, e)
+    return [e for _, e in sorted(best.values(), key=lambda v: v[0])]
+
+
 def bars(results: Sequence[dict]) -> list[str]:
-    """Markdown lines: for each of the studies, in how many cells issue 12's bar was met, and the pooled paired
-    difference against compact alone."""
+    """Markdown lines: for each of the studies, in how many cells issue 12's bar was met (each cell's latest run),
+    and the pooled paired difference against compact alone."""
     out = []
     for kind, bar in (("search", "no seeds: test accuracy >= compact alone's at <= its parameters"),
                       ("seeds", "seeds first: a sampled champion that beats compact by >= 0.5 pt or matches it with "
                                 "fewer FLOPs")):
-        cells = [(e, e[kind]) for e in results if e.get(kind) and e[kind].get("test_accuracy") is not None]
+        entries = latest_of(results, kind)
+        cells = [(e, e[kind]) for e in entries]
         verdicts = [bar_met(kind, r, e.get("compact")) for e, r in cells]
         judged = [v for v in verdicts if v is not None]
         if not judged:
             continue
         line = f"- {bar}: **met in {sum(judged)} of {len(judged)} cells**"
+        older = sum(bool(e.get(kind) and e[kind].get("test_accuracy") is not None) for e in results) - len(entries)
+        if older:
+            line += f" (each cell's latest run; {older} earlier run{'s' if older > 1 else ''} of a cell not counted)"
         if kind == "seeds":
             line += f"; the champion sampled in {sum(bool(r.get('sampled')) for _, r in cells)} of {len(cells)} " \
                     "(the bar: at least half)"
@@ -283,8 +304,10 @@ def bars(results: Sequence[dict]) -> list[str]:
 
 
 def rows_of(results: Sequence[dict]) -> list[list]:
-    """The Markdown table's rows: one per run of each cell."""
+    """The Markdown table's rows: one per run of each cell; with the machine and commit of each where the results
+    came from several runs (``--summarize``)."""
     rows = []
+    sourced = any(e.get("source") for e in results)
     for entry in results:
         split, seed = entry["split"], entry["seed"]
         for key in ("compact", "search", "seeds", "hand", "old"):
@@ -302,14 +325,29 @@ def rows_of(results: Sequence[dict]) -> list[list]:
                          (f"{100 * r['vs_compact']['difference']:+.2f} +/- {100 * r['vs_compact']['se']:.2f} "
                           f"(p={r['vs_compact']['p_mcnemar']:.2f})") if r.get("vs_compact") else "-",
                          "-" if met is None else "met" if met else "missed"])
+            if sourced:
+                src = entry.get("source") or {}
+                rows[-1].insert(3, f"{src.get('machine', '?')}, {src.get('commit', '?')}")
     return rows
 
 
 def markdown(title: str, results: Sequence[dict]) -> str:
-    return "\n".join([f"# {title}", "",
-                      table(["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats",
-                             "per hour", "trials per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"],
-                            rows_of(results)), "", *bars(results), ""])
+    head = ["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
+            "trials per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"]
+    if any(e.get("source") for e in results):
+        head.insert(3, "machine, commit")
+    return "\n".join([f"# {title}", "", table(head, rows_of(results)), "", *bars(results), ""])
+
+
+def source_of(path: str, data: dict) -> dict:
+    """Where a results file's cells were measured: the file, when it was written, the machine (CPU, cores, its bf16
+    units) and the commit."""
+    m = data.get("machine") or {}
+    units = "/".join(m.get("bf16_units") or []) or "no bf16"
+    sha = str(m.get("commit") or "?")
+    return {"file": str(path), "date": str(m.get("date", "")),
+            "commit": sha[:7] + ("-dirty" if sha.endswith("-dirty") else ""),
+            "machine": f"{m.get('cpu', '?')} ({m.get('cores', '?')} cores, {units})"}
 
 
 def summarize(paths: Sequence[str], name: str) -> int:
@@ -323,7 +361,7 @@ def summarize(paths: Sequence[str], name: str) -> int:
             raise SystemExit(f"--summarize: cannot read {path}: {exc}") from None
         if not isinstance(data, dict) or not isinstance(data.get("results"), list):
             raise SystemExit(f"--summarize: {path} is not a bench_search.py results file (no 'results' list)")
-        results.extend(data["results"])
+        results.extend({**e, "source": source_of(path, data)} for e in data["results"])
     md = markdown(f"The search against the compact seed: {len(results)} cell(s) from {len(paths)} run(s)", results)
     json_path, md_path = write_results(name, {"machine": machine(), "sources": list(paths), "results": results}, md)
     print(md)
@@ -342,6 +380,9 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA))
     p.add_argument("--runs", default="compact,search,seeds", help="which of compact,search,seeds,hand,old to run")
     p.add_argument("--old-rev", default=None, help="git revision of the previous default, for --runs old")
+    p.add_argument("--study-args", default="", metavar="ARGS",
+                   help="more options for both studies, one string (e.g. \"--random-fraction 0.34\"): a variant "
+                        "measured against the same cells")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default="search")
     p.add_argument("--summarize", nargs="+", metavar="JSON",
@@ -379,7 +420,8 @@ def main(argv=None) -> int:
             results.append(entry)
             write_results(args.name, {"machine": machine(), "args": vars(args), "results": results}, "(partial)")
     title = (f"The search against the compact seed ({args.budget_minutes:g}-minute budgets, --epochs {args.epochs}, "
-             f"--max-params {'compact' if args.max_params is None else args.max_params or '-'})")
+             f"--max-params {'compact' if args.max_params is None else args.max_params or '-'}"
+             + (f", the studies with {args.study_args}" if args.study_args else "") + ")")
     md = markdown(title, results)
     json_path, md_path = write_results(args.name, {"machine": machine(), "args": vars(args), "results": results},
                                        md)

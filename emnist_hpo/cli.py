@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="YAML search space: a file, or a name in search_spaces/")
     s.add_argument("--sampler", default=None,
                    help="tpe, random, qmc, cmaes or nsga2 (default: tpe; nsga2 for two objectives)")
+    s.add_argument("--random-fraction", type=_finite_float, default=0.0, metavar="F",
+                   help="TPE: after its random start, draw this share of the configurations at random (evenly "
+                        "spaced; BOHB's random fraction, a third there) so that the search keeps exploring; 0 = off "
+                        "(default)")
     s.add_argument("--pruner", default="successive-halving",
                    help="successive-halving (the best 1/eta of each rung go on), hyperband, median (one objective "
                         "only), none; all but none also end a trial still under twice the no-skill accuracy at a rung")
@@ -279,6 +283,7 @@ def _study_options(args: argparse.Namespace):
         study_name=args.study_name,
         search_space=args.search_space,
         sampler=args.sampler,
+        random_fraction=args.random_fraction,
         pruner=args.pruner,
         seed=args.seed,
         timeout=args.timeout,
@@ -304,6 +309,9 @@ def _study_options(args: argparse.Namespace):
     opts.validate()
     if args.tuner is not None and args.engine != "keras-tuner":
         raise ConfigError(f"--tuner applies to --engine keras-tuner (engine={args.engine!r}, tuner={args.tuner!r})")
+    if opts.random_fraction and args.engine != "optuna":
+        raise ConfigError(f"--random-fraction is the Optuna engine's TPE (engine={args.engine!r}, "
+                          f"random_fraction={opts.random_fraction})")
     SearchSpace.load(find_search_space(opts.search_space))
     if opts.warm_start:
         for name in opts.seed_experiments:

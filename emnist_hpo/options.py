@@ -57,6 +57,7 @@ class StudyOptions:
     timeout: float | None = None  # wall-clock budget of the whole study: search, re-evaluation and final fit
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
     startup_trials: int | None = None  # internal: TPE's random trials before it models (from the study's plan), for workers
+    random_fraction: float = 0.0  # TPE: share of its draws after the random start made at random (keeps exploring)
     objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params / accuracy,flops (a Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
     seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue
@@ -120,6 +121,11 @@ class StudyOptions:
             )
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
+        if not 0 <= self.random_fraction < 1:  # False for NaN too
+            raise ConfigError(f"--random-fraction must be in [0, 1) (random_fraction={self.random_fraction})")
+        if self.random_fraction and (self.sampler or "tpe") != "tpe":
+            raise ConfigError(f"--random-fraction is TPE's (sampler={self.sampler!r}): other samplers do not model "
+                              "the results, or draw their own exploration")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
         if len(self.objectives) > 1 and self.pruner in ("hyperband", "median"):

@@ -8,6 +8,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+import json  # noqa: E402
+
 from bench_search import bar_met, bars, paired, pooled, summarize  # noqa: E402
 
 
@@ -47,7 +49,8 @@ COMPACT = {"test_accuracy": 0.8431, "params": 191_582, "flops": 34_900_000}
 
 def _run(test, params=101_550, flops=32_700_000, sampled=True, diff=None, se=0.004):
     r = {"test_accuracy": test, "params": params, "flops": flops, "sampled": sampled}
-    r["vs_compact"] = {"difference": test - COMPACT["test_accuracy"] if diff is None else diff, "se": se}
+    r["vs_compact"] = {"difference": test - COMPACT["test_accuracy"] if diff is None else diff, "se": se,
+                       "p_mcnemar": 0.5}
     return r
 
 
@@ -99,3 +102,31 @@ def test_summarize_names_a_file_that_is_not_a_results_file(tmp_path):
         summarize([str(missing)], "x")
     with pytest.raises(SystemExit, match=r"other\.json is not a bench_search\.py results file"):
         summarize([str(other)], "x")
+
+
+def _results_file(path, date, commit, cpu, units, results):
+    path.write_text(json.dumps({"machine": {"date": date, "commit": commit, "cpu": cpu, "cores": 2,
+                                            "bf16_units": units}, "results": results}))
+    return str(path)
+
+
+def test_a_grid_of_several_runs_counts_each_cell_once_at_its_latest_run_and_names_each_rows_machine(tmp_path, capsys):
+    older = _results_file(tmp_path / "amd.json", "2026-12-04T10:00:00", "c79d859", "AMD EPYC", ["avx512_bf16"], [
+        {"split": "balanced", "seed": 1, "compact": COMPACT, "search": _run(0.8474)},  # +0.43: met
+    ])
+    newer = _results_file(tmp_path / "intel.json", "2026-12-05T21:36:18", "2c978b711991-dirty", "Intel Xeon", [], [
+        {"split": "balanced", "seed": 1, "compact": COMPACT, "search": _run(0.8381)},  # -0.50: missed
+        {"split": "letters", "seed": 0, "compact": COMPACT, "search": _run(0.8461)},  # +0.30: met
+    ])
+    for order in ([older, newer], [newer, older]):  # the file's date decides, not the order given
+        assert summarize(order, str(tmp_path / "grid")) == 0
+        out = capsys.readouterr().out
+        line = next(ln for ln in out.splitlines() if ln.startswith("- no seeds"))
+        assert "met in 1 of 2 cells" in line and "1 earlier run of a cell not counted" in line
+        assert "pooled over 2: -0.10 +/- 0.28 pt" in line  # (-0.50 + 0.30) / 2: the AMD run's +0.43 left out
+        rows = [ln for ln in out.splitlines() if ln.startswith("| balanced | 1 | search |")]
+        assert len(rows) == 2  # the table keeps every run
+        assert any("AMD EPYC (2 cores, avx512_bf16), c79d859" in r and "| met |" in r for r in rows)
+        assert any("Intel Xeon (2 cores, no bf16), 2c978b7-dirty" in r and "| missed |" in r for r in rows)
+    saved = json.loads((tmp_path / "grid.json").read_text())
+    assert {e["source"]["file"] for e in saved["results"]} == {older, newer}

@@ -376,6 +376,29 @@ def test_tpe_start_counts_configurations_that_trained_not_refused_draws_or_conti
     assert len(study.trials) == 9
 
 
+def test_tpe_keeps_exploring_with_every_third_configuration_after_its_start_at_random():
+    """--random-fraction 1/3 (BOHB's): TPE's good set is two or three trials in a 30-minute study and its draws
+    settle on their categorical choices; evenly spaced random draws keep the rest of the space in view."""
+    from emnist_hpo.search.optuna.storage import TrainedStartTPE, make_sampler
+
+    sampler = make_sampler("tpe", 0, False, 2, random_fraction=1 / 3)
+    assert [sampler.at_random(n) for n in range(11)] == [True, True] + [False, False, True] * 3
+    assert [make_sampler("tpe", 0, False, 2).at_random(n) for n in range(6)] == [True, True] + [False] * 4
+    assert sum(make_sampler("tpe", 0, False, 0, 0.25).at_random(n) for n in range(100)) == 25
+    study = optuna.create_study(direction="maximize", sampler=sampler)
+
+    def guided() -> bool:
+        trial = study.ask()
+        frozen = study._storage.get_trial(trial._trial_id)
+        drawn = sampler.sample_relative(study, frozen, sampler.infer_relative_search_space(study, frozen))
+        study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_categorical("bn", [0, 1]))
+        return bool(drawn)
+
+    assert [guided() for _ in range(8)] == [False, False, True, True, False, True, True, False]
+    with pytest.raises(ValueError, match=r"random_fraction must be in \[0, 1\) \(random_fraction=1\)"):
+        TrainedStartTPE(random_fraction=1)
+
+
 def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under_a_budget():
     """The plan's arithmetic for the leader rule: ~1 + ln(m/eta) successive bests among m scores at the rung
     below (never more than m, none without scores); without it, 1/eta of the rung below."""

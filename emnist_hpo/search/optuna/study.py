@@ -173,7 +173,8 @@ def sampler_name(opts: StudyOptions) -> str:
 
 def set_sampler(ctx: StudyContext, startup: int) -> None:
     """The study's sampler for this process, ``startup`` trials drawn at random before TPE models the results."""
-    ctx.study.sampler = make_sampler(sampler_name(ctx.opts), ctx.sampler_seed, ctx.multi, startup)
+    ctx.study.sampler = make_sampler(sampler_name(ctx.opts), ctx.sampler_seed, ctx.multi, startup,
+                                     ctx.opts.random_fraction)
 
 
 def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna.Study:
@@ -491,7 +492,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         startup = sampler_startup(total)
         if sampler_name(opts) == "tpe":
             set_sampler(ctx, startup)
-            log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided")
+            log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided"
+                + (f", {opts.random_fraction:.0%} of them at random" if opts.random_fraction else ""))
         progress = Progress(total, done, opts.progress, ctx.ladder, eta, total_now)
         objective = make_objective(ctx, parent, [progress])
         try:
