@@ -123,8 +123,8 @@ class StudyOptions:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
         if not 0 <= self.random_fraction < 1:  # False for NaN too
             raise ConfigError(f"--random-fraction must be in [0, 1) (random_fraction={self.random_fraction})")
-        if self.random_fraction and (self.sampler or "tpe") != "tpe":
-            raise ConfigError(f"--random-fraction is TPE's (sampler={self.sampler!r}): other samplers do not model "
+        if self.random_fraction and self.sampler_used != "tpe":
+            raise ConfigError(f"--random-fraction is TPE's (sampler={self.sampler_used!r}): other samplers do not model "
                               "the results, or draw their own exploration")
         if self.pruner not in PRUNERS:
             raise ConfigError(f"--pruner must be one of {', '.join(PRUNERS)} (pruner={self.pruner!r})")
@@ -168,6 +168,11 @@ class StudyOptions:
             train=TrainConfig(epochs=self.epochs, seed=self.seed, early_stopping_patience=self.early_stopping_patience),
             data=DataConfig(val_fraction=self.val_fraction, max_train_samples=self.max_train_samples, seed=self.seed),
         )
+
+    @property
+    def sampler_used(self) -> str:
+        """``--sampler``, or its default: tpe; nsga2 for two objectives."""
+        return self.sampler or ("nsga2" if len(self.objectives) > 1 else "tpe")
 
     @property
     def name(self) -> str:

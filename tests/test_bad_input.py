@@ -230,6 +230,8 @@ CASES = [
     ("random-fraction", lambda r: [*STUDY, "--random-fraction", "1"], ["--random-fraction must be in [0, 1)", "=1.0"]),
     ("random-fraction-sampler", lambda r: [*STUDY, "--random-fraction", "0.3", "--sampler", "random"],
      ["--random-fraction is TPE's", "'random'"]),
+    ("random-fraction-pareto", lambda r: [*STUDY, "--random-fraction", "0.3", "--objectives", "accuracy,params"],
+     ["--random-fraction is TPE's", "'nsga2'"]),
     ("pruner", lambda r: [*STUDY, "--pruner", "always"], ["--pruner must be one of successive-halving", "'always'"]),
     ("objectives", lambda r: [*STUDY, "--objectives", "params"], ["--objectives must be 'accuracy', 'accuracy,params' or 'accuracy,flops'", "'params'"]),
     ("timeout", lambda r: [*STUDY, "--timeout", "-5"], ["--timeout must be > 0", "-5"]),

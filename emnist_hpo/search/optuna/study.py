@@ -168,7 +168,7 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
 
 
 def sampler_name(opts: StudyOptions) -> str:
-    return opts.sampler or ("nsga2" if len(opts.objectives) > 1 else "tpe")
+    return opts.sampler_used
 
 
 def set_sampler(ctx: StudyContext, startup: int) -> None:
@@ -179,7 +179,7 @@ def set_sampler(ctx: StudyContext, startup: int) -> None:
 
 def _load_or_create_study(opts: StudyOptions, storage, ladder: Ladder) -> optuna.Study:
     multi = len(opts.objectives) > 1
-    sampler = make_sampler(opts.sampler or ("nsga2" if multi else "tpe"), opts.seed + 1000 * opts.worker, multi)
+    sampler = make_sampler(opts.sampler_used, opts.seed + 1000 * opts.worker, multi)
     pruner = make_pruner(opts.pruner if not multi else "none", ladder)
     try:
         existing = optuna.load_study(study_name=opts.name, storage=storage, sampler=sampler, pruner=pruner)
@@ -436,10 +436,9 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
          "emnist_hpo.data_fingerprint": data.fingerprint(),
          **{f"emnist_hpo.{k}": v for k, v in runtime_settings().items()}},
     )
-    multi = ctx.multi
     tracker.log_params(parent, {
         "split": opts.split, "trials": opts.trials, "epochs": opts.epochs,
-        "sampler": opts.sampler or ("nsga2" if multi else "tpe"), "pruner": opts.pruner,
+        "sampler": opts.sampler_used, "random_fraction": opts.random_fraction, "pruner": opts.pruner,
         "objectives": ",".join(opts.objectives), "search_space": opts.search_space,
         "max_train_samples": opts.max_train_samples, "val_fraction": opts.val_fraction, "seed": opts.seed,
         "train_size": len(data.x_train), "val_size": len(data.x_val), "test_size": len(data.x_test),
