@@ -161,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tpe, random, qmc, cmaes or nsga2 (default: tpe; nsga2 for two objectives)")
     s.add_argument("--random-fraction", type=_finite_float, default=0.0, metavar="F",
                    help="TPE: after its random start, draw this share of the configurations at random (evenly "
-                        "spaced; BOHB's random fraction, a third there) so that the search keeps exploring; 0 = off "
-                        "(default)")
+                        "spaced; BOHB's random fraction, a third there) so that the search keeps exploring (default: 0, "
+                        "off)")
     s.add_argument("--pruner", default="successive-halving",
                    help="successive-halving (the best 1/eta of each rung go on), hyperband, median (one objective "
                         "only), none; all but none also end a trial still under twice the no-skill accuracy at a rung")
