@@ -262,13 +262,18 @@ def pooled(diffs: Sequence[dict]) -> dict:
             "se": float(np.sqrt(sum(d["se"] ** 2 for d in diffs)) / k)}
 
 
+def tested(entry: dict, kind: str) -> bool:
+    """Whether the cell ``entry`` ran ``kind`` to a tested champion."""
+    return bool(entry.get(kind)) and entry[kind].get("test_accuracy") is not None
+
+
 def latest_of(results: Sequence[dict], kind: str) -> list[dict]:
     """The cells that ran ``kind``, each once: where one cell (split and seed) ran it in several runs (files given
     to ``--summarize``, on other commits or machines), the latest run's (by its ``source`` date, else the later in
     ``results``). A grid that counted a cell run twice would weigh it twice."""
     best: dict[tuple, tuple] = {}
     for i, e in enumerate(results):
-        if e.get(kind) and e[kind].get("test_accuracy") is not None:
+        if tested(e, kind):
             key, when = (e["split"], e["seed"]), ((e.get("source") or {}).get("date") or "", i)
             if key not in best or when >= best[key][0]:
                 best[key] = (when, e)
@@ -289,7 +294,7 @@ def bars(results: Sequence[dict]) -> list[str]:
         if not judged:
             continue
         line = f"- {bar}: **met in {sum(judged)} of {len(judged)} cells**"
-        older = sum(bool(e.get(kind) and e[kind].get("test_accuracy") is not None) for e in results) - len(entries)
+        older = sum(tested(e, kind) for e in results) - len(entries)
         if older:
             line += f" (each cell's latest run; {older} earlier run{'s' if older > 1 else ''} of a cell not counted)"
         if kind == "seeds":
