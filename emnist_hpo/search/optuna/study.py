@@ -167,13 +167,9 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
     return ctx
 
 
-def sampler_name(opts: StudyOptions) -> str:
-    return opts.sampler_used
-
-
 def set_sampler(ctx: StudyContext, startup: int) -> None:
     """The study's sampler for this process, ``startup`` trials drawn at random before TPE models the results."""
-    ctx.study.sampler = make_sampler(sampler_name(ctx.opts), ctx.sampler_seed, ctx.multi, startup,
+    ctx.study.sampler = make_sampler(ctx.opts.sampler_used, ctx.sampler_seed, ctx.multi, startup,
                                      ctx.opts.random_fraction)
 
 
@@ -489,7 +485,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             return min(opts.trials, finished_count(study) + affordable(study, the_plan, search_left(finish), opts.workers))
 
         startup = sampler_startup(total)
-        if sampler_name(opts) == "tpe":
+        if opts.sampler_used == "tpe":
             set_sampler(ctx, startup)
             log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided"
                 + (f", {opts.random_fraction:.0%} of them at random" if opts.random_fraction else ""))
