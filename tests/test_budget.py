@@ -399,6 +399,57 @@ def test_tpe_keeps_exploring_with_every_third_configuration_after_its_start_at_r
         TrainedStartTPE(random_fraction=1)
 
 
+def test_tpe_models_each_configuration_once_however_many_trials_it_took():
+    """A leader promoted twice is three trials (paused at rung 0, paused at rung 1, complete), and a repeat of it a
+    fourth: TPE's good set (its best ~10%) held copies of one model. It sees each configuration once, at the
+    trial that got furthest; a trial with no configuration key (nothing free in the space) stands for itself."""
+    import datetime as dt
+
+    from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
+    from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR
+    from emnist_hpo.search.optuna.storage import OnePerConfiguration, make_sampler, one_per_configuration
+    from emnist_hpo.search.trial import REFUSED_ATTR
+
+    study = optuna.create_study(direction="maximize")
+    t0 = dt.datetime(2026, 1, 1)
+
+    def add(key, state, steps, value=None, **attrs):
+        study.add_trial(optuna.trial.create_trial(
+            state=state, value=value, params={"x": 0.5}, distributions={"x": optuna.distributions.FloatDistribution(0, 1)},
+            user_attrs={**({KEY_ATTR: key} if key else {}), **attrs}, intermediate_values=steps))
+
+    P, C = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.COMPLETE
+    add("a", P, {1: 0.80})  # 0: the leader, paused at rung 0
+    add("b", P, {1: 0.83})  # 1: better at rung 0, never promoted
+    add("a", P, {1: 0.80, 3: 0.85}, **{PROMOTE_ATTR: 0})  # 2: its continuation, paused at rung 1
+    add("a", C, {1: 0.80, 3: 0.85, 9: 0.90}, value=0.90, **{PROMOTE_ATTR: 2})  # 3: complete
+    add("a", C, {}, value=0.90, **{REPEAT_ATTR: 3})  # 4: TPE drew it again: its twin's outcome
+    add("c", P, {}, **{REFUSED_ATTR: True})  # 5: refused for its size
+    add("b", P, {}, **{REPEAT_ATTR: 1})  # 6: a repeat of a pruned one
+    add(None, C, {}, value=0.7)  # 7, 8: a space with nothing free: every trial on purpose the same
+    add(None, C, {}, value=0.6)
+    assert [t.number for t in one_per_configuration(study.trials)] == [1, 3, 5, 7, 8]
+    losses = [optuna.trial.create_trial(state=P, intermediate_values={1: v}, user_attrs={KEY_ATTR: "m"}) for v in (0.3, 0.2)]
+    for number, t in enumerate(losses):
+        t.number = number
+    assert [t.number for t in one_per_configuration(losses, sign=-1.0)] == [1]  # minimizing: the lower loss
+    view = OnePerConfiguration(study)
+    assert [t.number for t in view._get_trials(deepcopy=False, states=(C,))] == [3, 7, 8]
+    assert view.directions == study.directions  # the rest is the study's own
+
+    # and TPE guides through it: keyed trials, one configuration drawn again, a study that goes on
+    sampler = make_sampler("tpe", 0, False, 3)
+    guided = optuna.create_study(direction="maximize", sampler=sampler)
+    for i in range(8):
+        trial = guided.ask()
+        x, bn = trial.suggest_float("x", 0, 1), trial.suggest_categorical("bn", [0, 1])
+        trial.set_user_attr(KEY_ATTR, "same" if i in (3, 4) else f"k{i}")
+        guided.tell(trial, x + bn)
+    frozen = guided._storage.get_trial(guided.ask()._trial_id)
+    drawn = sampler.sample_relative(guided, frozen, sampler.infer_relative_search_space(guided, frozen))
+    assert set(drawn) == {"x", "bn"}
+
+
 def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under_a_budget():
     """The plan's arithmetic for the leader rule: ~1 + ln(m/eta) successive bests among m scores at the rung
     below (never more than m, none without scores); without it, 1/eta of the rung below."""

@@ -4,8 +4,9 @@ TPE proposes the very same configuration twice in a row now and then (seen twice
 benchmark study: two of its five full-length trials). Retraining it only changes the seed, and a
 budget of a few dozen trials cannot spare that. So a trial whose configuration (everything but the
 seed and the run's name) matches an earlier finished trial's takes that trial's outcome instead
-(Optuna's FAQ advice for duplicate suggestions): the value of a complete twin (so the sampler still
-learns the region is good), or pruned like a pruned twin. It records ``repeat_of`` and costs no
+(Optuna's FAQ advice for duplicate suggestions): the value of a complete twin, or pruned like a pruned
+twin. TPE models the configuration once, at its twin (``storage.one_per_configuration``): a repeat counted
+again would make one model a larger share of its good set, and the next draw likelier to repeat it. It records ``repeat_of`` and costs no
 training; champion selection skips it (its twin stands for it).
 
 A space with no free parameter is left alone: every trial of it is the same configuration on purpose

@@ -13,6 +13,7 @@ from optuna.trial import TrialState
 from emnist_hpo.coordination import check_sqlite_location, sqlite_file, sqlite_wal, store_lock
 from emnist_hpo.errors import StorageError
 from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
+from emnist_hpo.search.optuna.repeats import KEY_ATTR, REPEAT_ATTR
 from emnist_hpo.search.trial import REFUSED_ATTR
 from emnist_hpo.tracking.tracker import redact
 
@@ -98,7 +99,12 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
     30-minute letters study's 36 draws were refused) and leave TPE guiding from one or two trained models.
 
     ``random_fraction`` (BOHB's, Falkner et al. 2018: a third there) keeps exploring after the start: of the
-    configurations after it, every ``1/random_fraction``-th is drawn at random. TPE's good set is its best ~10%,
+    configurations after it, every ``1/random_fraction``-th is drawn at random.
+
+    TPE models one observation per configuration (:func:`one_per_configuration`): a paused trial, its
+    continuations and its repeats are one configuration, not three entries in its good set.
+
+    TPE's good set is its best ~10%,
     two or three trials in a 30-minute study, and its draws settle on their categorical choices: a balanced study
     trained 52 configurations after its second batch-normed one, none batch-normed; one with compact seeded first
     trained 25 after compact's full run, 24 of compact's kind (batch-norm, two convs a block, Adam).
@@ -119,8 +125,9 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
         self.random.reseed_rng()
 
     def trained(self, study: optuna.Study) -> int:
-        """Configurations that trained: a refused draw never did; a paused trial's continuation is not another."""
-        return sum(not (REFUSED_ATTR in t.user_attrs or PROMOTE_ATTR in t.user_attrs)
+        """Configurations that trained: a refused draw never did; a paused trial's continuation is not another,
+        nor a repeat (it took its twin's outcome)."""
+        return sum(not (REFUSED_ATTR in t.user_attrs or PROMOTE_ATTR in t.user_attrs or REPEAT_ATTR in t.user_attrs)
                    for t in study.get_trials(deepcopy=False, states=FINISHED))
 
     def at_random(self, trained: int) -> bool:
@@ -140,12 +147,64 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
     def sample_relative(self, study, trial, search_space):
         if self._drawn_at_random(study, trial):
             return {}
-        return super().sample_relative(study, trial, search_space)
+        return super().sample_relative(OnePerConfiguration(study), trial, search_space)
 
     def sample_independent(self, study, trial, param_name, param_distribution):
         if self._drawn_at_random(study, trial):
             return self.random.sample_independent(study, trial, param_name, param_distribution)
-        return super().sample_independent(study, trial, param_name, param_distribution)
+        return super().sample_independent(OnePerConfiguration(study), trial, param_name, param_distribution)
+
+
+def _progress(t: optuna.trial.FrozenTrial, sign: float) -> tuple:
+    """How far a trial of a configuration got, in TPE's order: finished before running, complete before pruned
+    (then its value), a pruned one by its last reported rung (then its score there), on a tie the earlier (the
+    trial that trained it, not its repeat); ``sign`` -1 minimizes."""
+    if t.state == TrialState.COMPLETE:
+        value = t.value if t.values is not None and len(t.values) == 1 else 0.0
+        return 2, 0, sign * value, -t.number
+    if t.state == TrialState.PRUNED and t.intermediate_values:
+        step, value = max(t.intermediate_values.items())
+        return 1, step, -math.inf if math.isnan(value) else sign * value, -t.number
+    return int(t.state == TrialState.PRUNED), -1, -math.inf, -t.number
+
+
+def one_per_configuration(trials: list[optuna.trial.FrozenTrial], sign: float = 1.0) -> list[optuna.trial.FrozenTrial]:
+    """Each configuration once (trials of the same ``config_key``): the trial that got furthest with it.
+
+    A configuration promoted twice is three trials (paused at rung 0, its continuation paused at rung 1, the
+    continuation that completed), and a repeat is one more: TPE counted each, so its good set of the best ~10%
+    (four trials in a 40-trial study) held two or three copies of the leader and drew its categorical choices
+    from one or two models. A trial with no key (a space with nothing free, whose trials repeat on purpose)
+    stands for itself. Order: by trial number.
+    """
+    best: dict[str, optuna.trial.FrozenTrial] = {}
+    own: list[optuna.trial.FrozenTrial] = []
+    for t in trials:
+        key = t.user_attrs.get(KEY_ATTR)
+        if key is None:
+            own.append(t)
+        elif key not in best or _progress(t, sign) > _progress(best[key], sign):
+            best[key] = t
+    return sorted([*own, *best.values()], key=lambda t: t.number)
+
+
+class OnePerConfiguration:
+    """A study as TPE sees it: its trials through :func:`one_per_configuration`, the rest the study's own."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self._study = study
+        single = len(study.directions) == 1
+        self._sign = -1.0 if single and study.direction == optuna.study.StudyDirection.MINIMIZE else 1.0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._study, name)
+
+    def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
+        return one_per_configuration(self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache),
+                                     self._sign)
+
+    def get_trials(self, deepcopy: bool = True, states=None):
+        return one_per_configuration(self._study.get_trials(deepcopy=deepcopy, states=states), self._sign)
 
 
 def finished_count(study: optuna.Study) -> int:
