@@ -336,12 +336,12 @@ def test_tpe_draws_a_quarter_of_the_planned_configurations_at_random_within_4_to
     sampler = make_sampler("tpe", 0, False, startup)
     study = optuna.create_study(direction="maximize", sampler=sampler)
 
-    def guided() -> bool:  # TPE's multivariate draw: empty while it still draws at random
+    def guided() -> bool:  # TPE's multivariate draw, not the start's
         trial = study.ask()
-        space = sampler.infer_relative_search_space(study, study._storage.get_trial(trial._trial_id))
-        drawn = sampler.sample_relative(study, study._storage.get_trial(trial._trial_id), space)
+        frozen = study._storage.get_trial(trial._trial_id)
+        drawn = sampler.sample_relative(study, frozen, sampler.infer_relative_search_space(study, frozen))
         study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_int("k", 1, 5))
-        return bool(drawn)
+        return bool(drawn) and not sampler.drawn_at_random(study, frozen)
 
     assert [guided() for _ in range(startup + 2)] == [False] * startup + [True, True]
 
@@ -365,7 +365,7 @@ def test_tpe_start_counts_configurations_that_trained_not_refused_draws_or_conti
             trial.set_user_attr(attr, True)
         study.tell(trial, value if attr != REFUSED_ATTR else None,
                    state=optuna.trial.TrialState.PRUNED if attr == REFUSED_ATTR else None)
-        return bool(drawn)
+        return bool(drawn) and not sampler.drawn_at_random(study, frozen)
 
     for _ in range(2):
         guided()  # trained: 2 of 3
@@ -392,11 +392,35 @@ def test_tpe_keeps_exploring_with_every_third_configuration_after_its_start_at_r
         frozen = study._storage.get_trial(trial._trial_id)
         drawn = sampler.sample_relative(study, frozen, sampler.infer_relative_search_space(study, frozen))
         study.tell(trial, trial.suggest_float("x", 0, 1) + trial.suggest_categorical("bn", [0, 1]))
-        return bool(drawn)
+        return bool(drawn) and not sampler.drawn_at_random(study, frozen)
 
     assert [guided() for _ in range(8)] == [False, False, True, True, False, True, True, False]
     with pytest.raises(ValueError, match=r"random_fraction must be in \[0, 1\) \(random_fraction=1\)"):
         TrainedStartTPE(random_fraction=1)
+
+
+def test_tpe_starts_from_every_kind_of_model_the_space_holds():
+    """TPE guides from the kinds its start scored: eight independent draws gave one batch-normed configuration
+    in eight (a balanced study), and the study trained none after it. Its start is a scrambled Sobol sequence:
+    each choice of each parameter comes about as often as the others, and every depth comes."""
+    from emnist_hpo.config import ExperimentConfig
+    from emnist_hpo.paths import find_search_space
+    from emnist_hpo.search.optuna.storage import make_sampler
+    from emnist_hpo.search.space import SearchSpace
+
+    space, base = SearchSpace.load(find_search_space("default")), ExperimentConfig()
+    for seed in range(10):
+        study = optuna.create_study(direction="maximize", sampler=make_sampler("tpe", seed, False, 8))
+        start = []
+        for _ in range(8):
+            trial = study.ask()
+            space.sample(trial, base)
+            start.append(trial.params)
+            study.tell(trial, 0.0)
+        for name, choice in (("batch_norm", True), ("convs_per_block", 2), ("global_pool", True),
+                             ("optimizer", "adam"), ("pool", "max")):
+            assert 3 <= sum(p[name] == choice for p in start) <= 5, (seed, name, [p[name] for p in start])
+        assert {p["conv_blocks"] for p in start} == {1, 2, 3, 4}, seed
 
 
 def test_tpe_models_each_configuration_once_however_many_trials_it_took():

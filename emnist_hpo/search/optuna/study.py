@@ -487,7 +487,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         startup = sampler_startup(total)
         if opts.sampler_used == "tpe":
             set_sampler(ctx, startup)
-            log(f"  sampler: TPE, its first {startup} configurations drawn at random (seeds included), then guided"
+            log(f"  sampler: TPE, its first {startup} configurations drawn quasi-randomly (seeds included; Sobol), then guided"
                 + (f", {opts.random_fraction:.0%} of them at random" if opts.random_fraction else ""))
         progress = Progress(total, done, opts.progress, ctx.ladder, eta, total_now)
         objective = make_objective(ctx, parent, [progress])
