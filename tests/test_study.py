@@ -229,7 +229,7 @@ def test_a_study_warm_starts_from_another_splits_study_and_says_its_plan(env, tm
     plan = "\n".join(m for m in said if m.startswith(("plan:", "  ")))
     assert "rung 0: all of the training set (800 images) x 1 epoch" in plan and "ETA: search ~" in plan
     assert "configurations to screen: 3" in plan
-    assert "sampler: TPE, its first 4 configurations drawn at random" in plan  # 3 configurations: the floor
+    assert "sampler: TPE, its first 4 configurations drawn quasi-randomly" in plan  # 3 configurations: the floor
     assert res.study.sampler._n_startup_trials == 4  # what it said is what the sampler does
     err = capsys.readouterr().err
     assert "rung 1/1 epoch 1/1 val" in err and "study ETA ~" in err  # the running trial, every epoch

@@ -76,7 +76,7 @@ def checkpoint_folder(root: str | Path, study: optuna.Study, storage_url: str) -
 
 def make_sampler(name: str, seed: int, multi: bool, startup: int = DEFAULT_STARTUP,
                  random_fraction: float = 0.0) -> optuna.samplers.BaseSampler:
-    """The sampler called ``name``; ``startup``: TPE's trials drawn at random before it models the results;
+    """The sampler called ``name``; ``startup``: TPE's trials drawn (quasi-)randomly before it models the results;
     ``random_fraction``: the share of TPE's later draws made at random (:class:`TrainedStartTPE`)."""
     if name == "tpe":
         return TrainedStartTPE(seed=seed, multivariate=True, group=True, n_startup_trials=startup,

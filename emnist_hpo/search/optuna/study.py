@@ -168,7 +168,7 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
 
 
 def set_sampler(ctx: StudyContext, startup: int) -> None:
-    """The study's sampler for this process, ``startup`` trials drawn at random before TPE models the results."""
+    """The study's sampler for this process, ``startup`` trials drawn quasi-randomly before TPE models the results."""
     ctx.study.sampler = make_sampler(ctx.opts.sampler_used, ctx.sampler_seed, ctx.multi, startup,
                                      ctx.opts.random_fraction)
 
