@@ -425,8 +425,9 @@ def test_tpe_starts_from_every_kind_of_model_the_space_holds():
 
 def test_tpe_models_each_configuration_once_however_many_trials_it_took():
     """A leader promoted twice is three trials (paused at rung 0, paused at rung 1, complete), and a repeat of it a
-    fourth: TPE's good set (its best ~10%) held copies of one model. It sees each configuration once, at the
-    trial that got furthest; a trial with no configuration key (nothing free in the space) stands for itself."""
+    fourth: TPE counted its paused copies among its bad trials and its other copies in its good set. It sees
+    each configuration once, at the trial that got furthest; a trial with no configuration key (nothing free in
+    the space) stands for itself."""
     import datetime as dt
 
     from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR

@@ -103,11 +103,11 @@ class TrainedStartTPE(optuna.samplers.TPESampler):
 
     "At random" is quasi-random: a scrambled Sobol sequence (Optuna's QMC sampler), so that the start tries each
     choice of a parameter about as often as the others. Eight independent draws gave one batch-normed
-    configuration in eight in a balanced study (a 1-in-7 chance of at most one), and the rest of that study
+    configuration in eight in a balanced study (at most one: a 9-in-256 chance), and the rest of that study
     trained none: TPE guides from the kinds its start scored.
 
     TPE models one observation per configuration (:func:`one_per_configuration`): a paused trial, its
-    continuations and its repeats are one configuration, not three entries in its good set.
+    continuations and its repeats are one configuration, not two to four observations.
 
     TPE's good set is its best ~10%,
     two or three trials in a 30-minute study, and its draws settle on their categorical choices: a balanced study
@@ -183,9 +183,10 @@ def one_per_configuration(trials: list[optuna.trial.FrozenTrial], sign: float = 
     """Each configuration once (trials of the same ``config_key``): the trial that got furthest with it.
 
     A configuration promoted twice is three trials (paused at rung 0, its continuation paused at rung 1, the
-    continuation that completed), and a repeat is one more: TPE counted each, so its good set of the best ~10%
-    (four trials in a 40-trial study) held two or three copies of the leader and drew its categorical choices
-    from one or two models. A trial with no key (a space with nothing free, whose trials repeat on purpose)
+    continuation that completed), and a repeat is one more; TPE counted each. Read back from two 30-minute
+    balanced studies: a leader's paused copies sat among TPE's bad trials at 41 of 50 guided draws, and with
+    compact seeded, copies of it and its continuations were a quarter of the good set (30 of 37 draws held
+    one). A trial with no key (a space with nothing free, whose trials repeat on purpose)
     stands for itself. Order: by trial number.
     """
     best: dict[str, optuna.trial.FrozenTrial] = {}
