@@ -6,8 +6,8 @@ budget of a few dozen trials cannot spare that. So a trial whose configuration (
 seed and the run's name) matches an earlier finished trial's takes that trial's outcome instead
 (Optuna's FAQ advice for duplicate suggestions): the value of a complete twin, or pruned like a pruned
 twin. TPE models the configuration once, at its twin (``storage.one_per_configuration``): a repeat counted
-again would make one model a larger share of its good set, and the next draw likelier to repeat it. It records ``repeat_of`` and costs no
-training; champion selection skips it (its twin stands for it).
+again would make one model a larger share of its good set, and the next draw likelier to repeat it. It
+records ``repeat_of`` and costs no training; champion selection skips it (its twin stands for it).
 
 A space with no free parameter is left alone: every trial of it is the same configuration on purpose
 (seed repeats).

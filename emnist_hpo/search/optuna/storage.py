@@ -186,8 +186,8 @@ def one_per_configuration(trials: list[optuna.trial.FrozenTrial], sign: float = 
     continuation that completed), and a repeat is one more; TPE counted each. Read back from two 30-minute
     balanced studies: a leader's paused copies sat among TPE's bad trials at 41 of 50 guided draws, and with
     compact seeded, copies of it and its continuations were a quarter of the good set (30 of 37 draws held
-    one). A trial with no key (a space with nothing free, whose trials repeat on purpose)
-    stands for itself. Order: by trial number.
+    one). A trial with no key (a space with nothing free, whose trials repeat on purpose) stands for itself.
+    Order: by trial number.
     """
     best: dict[str, optuna.trial.FrozenTrial] = {}
     own: list[optuna.trial.FrozenTrial] = []
