@@ -148,10 +148,15 @@ def test_a_study_of_fewer_trials_than_eta_still_crowns_the_best_paused_one(tmp_p
     from emnist_hpo.search.optuna.study import StudyOptions, run_study
     from emnist_hpo.search.optuna.storage import finished_count
 
+    space = tmp_path / "space.yaml"  # models that learn in an epoch: what is under test is what follows the pauses
+    space.write_text("conv_blocks: 1\nfilters: {choices: [8, 16]}\nkernel: 3\nbatch_norm: false\nglobal_pool: false\n"
+                     "dense_layers: 0\ndense_units: 32\nlearning_rate: {low: 2.0e-3, high: 4.0e-3, log: true}\nbatch_size: 64\n"
+                     "augment: 0.0\n")
     res = run_study(StudyOptions(
         split="digits", trials=2, epochs=3, fidelity="epochs", max_train_samples=3000, data_dir=str(sample_dir),
         storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
         checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
+        search_space=str(space),
     ), log=lambda m: None)
     t0, t1, cont = res.study.trials
     # each pauses at rung 0 (or, one that learnt nothing in an epoch, is pruned by the no-skill guard)
