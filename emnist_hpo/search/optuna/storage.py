@@ -189,19 +189,15 @@ def one_per_configuration(trials: list[optuna.trial.FrozenTrial], sign: float = 
     one). A trial with no key (a space with nothing free, whose trials repeat on purpose) stands for itself.
     Order: by trial number.
     """
-    best: dict[str, optuna.trial.FrozenTrial] = {}
-    own: list[optuna.trial.FrozenTrial] = []
-    for t in trials:
-        key = t.user_attrs.get(KEY_ATTR)
-        if key is None:
-            own.append(t)
-        elif key not in best or _progress(t, sign) > _progress(best[key], sign):
-            best[key] = t
-    return sorted([*own, *best.values()], key=lambda t: t.number)
+    groups: dict[Any, list[optuna.trial.FrozenTrial]] = {}
+    for t in trials:  # a trial with no key is a group of its own
+        groups.setdefault(t.user_attrs.get(KEY_ATTR, ("trial", t.number)), []).append(t)
+    return sorted((max(g, key=lambda t: _progress(t, sign)) for g in groups.values()), key=lambda t: t.number)
 
 
 class OnePerConfiguration:
-    """A study as TPE sees it: its trials through :func:`one_per_configuration`, the rest the study's own."""
+    """A study as TPE sees it: its trials through :func:`one_per_configuration` (``_get_trials``, what TPE reads
+    them with), the rest the study's own."""
 
     def __init__(self, study: optuna.Study) -> None:
         self._study = study
@@ -214,9 +210,6 @@ class OnePerConfiguration:
     def _get_trials(self, deepcopy: bool = True, states=None, use_cache: bool = False):
         return one_per_configuration(self._study._get_trials(deepcopy=deepcopy, states=states, use_cache=use_cache),
                                      self._sign)
-
-    def get_trials(self, deepcopy: bool = True, states=None):
-        return one_per_configuration(self._study.get_trials(deepcopy=deepcopy, states=states), self._sign)
 
 
 def finished_count(study: optuna.Study) -> int:
