@@ -34,7 +34,10 @@ def machine() -> dict[str, Any]:
                 flags = set(line.partition(":")[2].split())
     except OSError:
         pass
-    import keras
+    from emnist_hpo.runtime import configure
+
+    configure()  # as every study process does before Keras loads: else oneDNN read "off" on the Zen 3 machine here,
+    import keras  # where the studies (python -m emnist_hpo) ran with it on
 
     info = {
         "date": _dt.datetime.now().isoformat(timespec="seconds"),

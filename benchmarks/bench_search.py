@@ -15,7 +15,8 @@ For each split and seed, on the sample beside the repository, one process at a t
 
 Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
 (not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
-reached, wall time and its overrun of the budget, and the champion against compact alone on the same test
+reached and seconds trained at each (:func:`rung_seconds`), wall time and its overrun of the budget, and the
+champion against compact alone on the same test
 images (:func:`paired`). ``--runs ...,hand`` adds Optuna wired by hand under the
 same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
 ``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
@@ -134,6 +135,21 @@ def compact_params(split: str) -> int:
     return model_cost(load_experiment(find_experiment("compact")).model, len(load_classes(split))).params
 
 
+def rung_seconds(trials) -> dict[int, float]:
+    """Seconds a study trained at each rung: every rung record once, for the trial that trained it (a paused
+    trial's continuation carries the records it took over). Where a 30-minute study's time went: on the Zen 3
+    machine the last rung took 31-33% of two searches, and 7 of their 9 runs there were not crowned."""
+    spent: dict[tuple[int, int], float] = {}
+    for t in trials:
+        for i, rec in enumerate(t.user_attrs.get("rungs") or []):
+            if isinstance(rec, dict):
+                spent[(int(rec.get("trial", t.number)), int(rec.get("rung", i)))] = float(rec.get("seconds", 0.0))
+    out: dict[int, float] = {}
+    for (_, rung), seconds in spent.items():
+        out[rung] = out.get(rung, 0.0) + seconds
+    return {rung: round(out[rung], 1) for rung in sorted(out)}
+
+
 def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd: Path = ROOT,
               extra: list[str] | None = None) -> dict:
     """One budgeted study in a fresh folder of stores; what it crowned and what it screened."""
@@ -182,6 +198,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "champion_config": dict(chosen.params) if chosen else None, "max_params": limit,
         "complete": sum(1 for t in trials if t.state.name == "COMPLETE"),
         "trials": len(trials), "screened": len(trained), "reached": reached,
+        "rung_seconds": {str(k): v for k, v in rung_seconds(trials).items()},
         "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
         "continuations": sum(1 for t in trials if "promote_of" in t.user_attrs),
         "pruned_before_training": sum(1 for t in trials if t.user_attrs.get("refused")),  # search.trial.REFUSED_ATTR
@@ -326,6 +343,8 @@ def rows_of(results: Sequence[dict]) -> list[list]:
                          r.get("screened", "-"), r.get("repeats", "-"), r.get("screened_per_hour", "-"),
                          " / ".join(str(r.get("reached", {}).get(i, 0)) for i in sorted(r.get("reached", {})))
                          if key != "compact" else "-",
+                         " / ".join(f"{v:.0f}" for _, v in sorted(r["rung_seconds"].items(), key=lambda kv: int(kv[0])))
+                         if r.get("rung_seconds") else "-",
                          r.get("wall_s", r.get("seconds")), f"{100 * r['overrun']:+.1f}%" if "overrun" in r else "-",
                          (f"{100 * r['vs_compact']['difference']:+.2f} +/- {100 * r['vs_compact']['se']:.2f} "
                           f"(p={r['vs_compact']['p_mcnemar']:.2f})") if r.get("vs_compact") else "-",
@@ -338,7 +357,7 @@ def rows_of(results: Sequence[dict]) -> list[list]:
 
 def markdown(title: str, results: Sequence[dict]) -> str:
     head = ["split", "seed", "run", "test %", "params", "FLOPs", "champion", "screened", "repeats", "per hour",
-            "trials per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"]
+            "trials per rung", "s per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"]
     if any(e.get("source") for e in results):
         head.insert(3, "machine, commit")
     return "\n".join([f"# {title}", "", table(head, rows_of(results)), "", *bars(results), ""])

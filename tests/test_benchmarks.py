@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import json  # noqa: E402
 
-from bench_search import bar_met, bars, paired, pooled, summarize  # noqa: E402
+from bench_search import bar_met, bars, paired, pooled, rung_seconds, summarize  # noqa: E402
 
 
 def test_the_paired_difference_counts_only_the_images_the_two_models_disagree_on():
@@ -130,3 +130,34 @@ def test_a_grid_of_several_runs_counts_each_cell_once_at_its_latest_run_and_name
         assert any("Intel Xeon (2 cores, no bf16), 2c978b7-dirty" in r and "| missed |" in r for r in rows)
     saved = json.loads((tmp_path / "grid.json").read_text())
     assert {e["source"]["file"] for e in saved["results"]} == {older, newer}
+
+
+def test_a_results_file_records_the_onednn_setting_the_studies_ran_with():
+    """The studies (`python -m emnist_hpo`) turn TensorFlow's oneDNN kernels on for every x86-64 CPU before Keras
+    loads; a benchmark's own process imported Keras first, and on the Zen 3 machine (no AVX512-VNNI, where
+    TensorFlow leaves them off by itself) its results file said "onednn": false for studies that ran with them on."""
+    import subprocess
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    recorded = subprocess.run([sys.executable, "-c", "from _common import machine; print(machine().get('onednn'))"],
+                              cwd=bench, capture_output=True, text=True, timeout=300)
+    study = subprocess.run([sys.executable, "-c", "from emnist_hpo.cli import import_keras_quietly; "
+                            "import_keras_quietly(); from emnist_hpo.train.trainer import onednn_enabled; "
+                            "print(onednn_enabled())"], capture_output=True, text=True, timeout=300)
+    assert recorded.returncode == 0 and study.returncode == 0, recorded.stderr[-2000:] + study.stderr[-2000:]
+    assert recorded.stdout.split()[-1] == study.stdout.split()[-1]
+
+
+def test_the_seconds_at_each_rung_count_every_rung_once_for_the_trial_that_trained_it():
+    """A paused trial's continuation carries the rung records it took over; they were trained once."""
+    from types import SimpleNamespace
+
+    paused = SimpleNamespace(number=3, user_attrs={"rungs": [{"rung": 0, "score": 0.8, "seconds": 20.0},
+                                                             {"rung": 1, "score": 0.9, "seconds": 55.0}]})
+    continued = SimpleNamespace(number=7, user_attrs={"promote_of": 3, "rungs": [
+        {"rung": 0, "score": 0.8, "seconds": 20.0, "trial": 3}, {"rung": 1, "score": 0.9, "seconds": 55.0, "trial": 3},
+        {"rung": 2, "score": 0.93, "seconds": 140.0}]})
+    other = SimpleNamespace(number=4, user_attrs={"rungs": [{"rung": 0, "score": 0.5, "seconds": 18.5}]})
+    refused = SimpleNamespace(number=5, user_attrs={"refused": True})
+    assert rung_seconds([paused, continued, other, refused]) == {0: 38.5, 1: 55.0, 2: 140.0}
+    assert rung_seconds([]) == {}
