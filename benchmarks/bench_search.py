@@ -16,9 +16,8 @@ For each split and seed, on the sample beside the repository, one process at a t
 Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
 (not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
 reached and seconds trained at each (:func:`rung_seconds`), wall time and its overrun of the budget, and the
-champion against compact alone on the same test
-images (:func:`paired`). ``--runs ...,hand`` adds Optuna wired by hand under the
-same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
+champion against compact alone on the same test images (:func:`paired`). ``--runs ...,hand`` adds Optuna
+wired by hand under the same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
 ``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
 temporary worktree) for the screening rate. Each cell is judged by issue 12's bars (:func:`bar_met`), and
 the cells' paired differences are pooled (:func:`pooled`). Writes JSON and Markdown to benchmarks/results/.
