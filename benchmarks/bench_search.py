@@ -48,6 +48,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import DEFAULT_DATA, PYTHON, ROOT, log, machine, table, write_results  # noqa: E402
 
+from emnist_hpo.search.optuna.promotions import rung_table  # noqa: E402
+
 
 def compact_alone(split: str, seed: int, epochs: int, data_dir: str, predictions: Path) -> dict:
     """The compact seed trained exactly as a champion is finally fitted, then tested once (in a child process);
@@ -136,17 +138,11 @@ def compact_params(split: str) -> int:
 
 def rung_seconds(trials) -> dict[int, float]:
     """Seconds a study trained at each rung: every rung record once, for the trial that trained it (a paused
-    trial's continuation carries the records it took over). Where a 30-minute study's time went: on the Zen 3
-    machine the last rung took 31-33% of two searches, and 7 of their 9 runs there were not crowned."""
-    spent: dict[tuple[int, int], float] = {}
-    for t in trials:
-        for i, rec in enumerate(t.user_attrs.get("rungs") or []):
-            if isinstance(rec, dict):
-                spent[(int(rec.get("trial", t.number)), int(rec.get("rung", i)))] = float(rec.get("seconds", 0.0))
-    out: dict[int, float] = {}
-    for (_, rung), seconds in spent.items():
-        out[rung] = out.get(rung, 0.0) + seconds
-    return {rung: round(out[rung], 1) for rung in sorted(out)}
+    trial's continuation carries the records it took over; the study's own ``rung_table``). Where a 30-minute
+    study's time went: on the Zen 3 machine the last rung took 31-33% of two searches, and 7 of their 9 runs
+    there were not crowned."""
+    spent = rung_table(trials, field="seconds")
+    return {rung: round(sum(spent[rung].values()), 1) for rung in sorted(spent)}
 
 
 def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd: Path = ROOT,
@@ -179,11 +175,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
     # for the trial that trained them (each rung record names it)
     trained = [t for t in trials if (t.user_attrs.get("rungs") or t.user_attrs.get("epochs_run"))
                and "promote_of" not in t.user_attrs]
-    at_rung: dict[int, set] = {}
-    for t in trials:
-        for i, rec in enumerate(t.user_attrs.get("rungs") or []):
-            at_rung.setdefault(int(rec.get("rung", i)), set()).add(int(rec.get("trial", t.number)))
-    reached = {i: len(v) for i, v in sorted(at_rung.items())}
+    reached = {i: len(v) for i, v in sorted(rung_table(trials).items())}
     champ = study.user_attrs.get("champion", {})
     number = champ.get("trial")
     chosen = next((t for t in trials if t.number == number), None)

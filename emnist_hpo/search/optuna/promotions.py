@@ -36,8 +36,10 @@ def records_of(trial: optuna.trial.FrozenTrial) -> list[dict[str, Any]]:
     return [r for r in trial.user_attrs.get("rungs", []) or [] if isinstance(r, dict)]
 
 
-def rung_table(trials: Iterable[optuna.trial.FrozenTrial], exclude: int | None = None) -> dict[int, dict[int, float]]:
-    """Every rung's scores by the trial that trained them (``rung -> {trial: score}``).
+def rung_table(trials: Iterable[optuna.trial.FrozenTrial], exclude: int | None = None,
+               field: str = "score") -> dict[int, dict[int, float]]:
+    """Every rung's scores by the trial that trained them (``rung -> {trial: score}``); ``field``: another figure of
+    the rung records (``"seconds"``: what each rung took), records without it left out.
 
     A record taken over by a continuation counts once, for the trial that trained it.
     """
@@ -46,7 +48,8 @@ def rung_table(trials: Iterable[optuna.trial.FrozenTrial], exclude: int | None =
         if t.number == exclude:
             continue
         for i, r in enumerate(records_of(t)):
-            table.setdefault(int(r.get("rung", i)), {})[int(r.get("trial", t.number))] = float(r["score"])
+            if field in r:
+                table.setdefault(int(r.get("rung", i)), {})[int(r.get("trial", t.number))] = float(r[field])
     return table
 
 
