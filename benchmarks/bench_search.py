@@ -15,7 +15,7 @@ For each split and seed, on the sample beside the repository, one process at a t
 
 Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
 (not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
-reached and seconds trained at each (:func:`rung_seconds`), wall time and its overrun of the budget, and the
+reached and seconds trained at each (:func:`rung_seconds`), the full-length runs (:func:`last_rung_runs`), wall time and its overrun of the budget, and the
 champion against compact alone on the same test images (:func:`paired`). ``--runs ...,hand`` adds Optuna
 wired by hand under the same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
 ``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
@@ -48,7 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import DEFAULT_DATA, PYTHON, ROOT, log, machine, table, write_results  # noqa: E402
 
-from emnist_hpo.search.optuna.promotions import rung_table  # noqa: E402
+from emnist_hpo.search.optuna.promotions import records_of, rung_table  # noqa: E402
 
 
 def compact_alone(split: str, seed: int, epochs: int, data_dir: str, predictions: Path) -> dict:
@@ -145,6 +145,27 @@ def rung_seconds(trials) -> dict[int, float]:
     return {rung: round(sum(spent[rung].values()), 1) for rung in sorted(spent)}
 
 
+def last_rung_runs(trials) -> list[dict]:
+    """A study's full-length runs in trial order: each one's score at the rung below (what sent it up) and at the
+    last rung, its seconds there and its size; for the trial that trained the last rung (a continuation carries
+    the records below it). What a rule into the last rung is judged on: on letters seed 0 (Intel, 5ed7c05) the
+    crowned run had gone up as the new best of the rung below by 0.08 pt, a sixth of a standard error."""
+    table = rung_table(trials)
+    if len(table) < 2:
+        return []
+    last = max(table)
+    out = []
+    for t in trials:
+        recs = {int(r.get("rung", i)): r for i, r in enumerate(records_of(t))}
+        top = recs.get(last)
+        if top is None or int(top.get("trial", t.number)) != t.number or "score" not in recs.get(last - 1, {}):
+            continue
+        out.append({"trial": t.number, "below": recs[last - 1]["score"], "score": top.get("score"),
+                    "seconds": top.get("seconds"), "params": t.user_attrs.get("params"),
+                    "flops": t.user_attrs.get("flops")})
+    return out
+
+
 def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd: Path = ROOT,
               extra: list[str] | None = None) -> dict:
     """One budgeted study in a fresh folder of stores; what it crowned and what it screened."""
@@ -190,6 +211,7 @@ def run_study(split: str, seed: int, args, warm: bool, python: str = PYTHON, cwd
         "complete": sum(1 for t in trials if t.state.name == "COMPLETE"),
         "trials": len(trials), "screened": len(trained), "reached": reached,
         "rung_seconds": {str(k): v for k, v in rung_seconds(trials).items()},
+        "last_rung_runs": last_rung_runs(trials),
         "repeats": sum(1 for t in trials if "repeat_of" in t.user_attrs),
         "continuations": sum(1 for t in trials if "promote_of" in t.user_attrs),
         "pruned_before_training": sum(1 for t in trials if t.user_attrs.get("refused")),  # search.trial.REFUSED_ATTR
