@@ -13,14 +13,15 @@ For each split and seed, on the sample beside the repository, one process at a t
   larger than the seed);
 - ``search, seeds first``: the same with the research's seeds and compact enqueued first (the default).
 
-Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled
-(not a seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung
-reached and seconds trained at each (:func:`rung_seconds`), the full-length runs (:func:`last_rung_runs`), wall time and its overrun of the budget, and the
-champion against compact alone on the same test images (:func:`paired`). ``--runs ...,hand`` adds Optuna
-wired by hand under the same budget (benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded).
-``--old-rev REV`` adds the project's previous default (a git revision of this repository, run from a
-temporary worktree) for the screening rate. Each cell is judged by issue 12's bars (:func:`bar_met`), and
-the cells' paired differences are pooled (:func:`pooled`). Writes JSON and Markdown to benchmarks/results/.
+Reported per run: champion test accuracy, parameters, FLOPs per image, whether the champion was sampled (not a
+seed), configurations screened (trials that trained at least one rung) and per hour, trials per rung reached
+and seconds trained at each (:func:`rung_seconds`), the full-length runs (:func:`last_rung_runs`), wall time
+and its overrun of the budget, and the champion against compact alone on the same test images
+(:func:`paired`). ``--runs ...,hand`` adds Optuna wired by hand under the same budget
+(benchmarks/generalization.py's peer; its overrun is its search's, data loading excluded). ``--old-rev REV``
+adds the project's previous default (a git revision of this repository, run from a temporary worktree) for the
+screening rate. Each cell is judged by issue 12's bars (:func:`bar_met`), and the cells' paired differences
+are pooled (:func:`pooled`). Writes JSON and Markdown to benchmarks/results/.
 
     python benchmarks/bench_search.py --summarize benchmarks/proof/*.json
 
@@ -149,7 +150,7 @@ def last_rung_runs(trials) -> list[dict]:
     """A study's full-length runs in trial order: each one's score at the rung below (what sent it up) and at the
     last rung, its seconds there and its size; for the trial that trained the last rung (a continuation carries
     the records below it). What a rule into the last rung is judged on: on letters seed 0 (Intel, 5ed7c05) the
-    crowned run had gone up as the new best of the rung below by 0.08 pt, a sixth of a standard error."""
+    crowned run had gone up as the new best of the rung below by 0.08 pt, under a fifth of a standard error."""
     table = rung_table(trials)
     if len(table) < 2:
         return []
