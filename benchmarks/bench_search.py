@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -164,6 +165,107 @@ def last_rung_runs(trials) -> list[dict]:
         out.append({"trial": t.number, "below": recs[last - 1]["score"], "score": top.get("score"),
                     "seconds": top.get("seconds"), "params": t.user_attrs.get("params"),
                     "flops": t.user_attrs.get("flops")})
+    return out
+
+
+def best_mean_finalist(metrics: dict, trials):
+    """The finalist the best re-evaluated mean would have crowned (``--no-prefer-smaller``: fewer parameters on a
+    tie), from the study run's ``finalist_<trial>_mean`` metrics and the trials' sizes; None without finalists.
+    Beside what the one-standard-error rule crowned, its final fit measures what the rule's trade cost on test."""
+    from emnist_hpo.search.selection import Finalist, choose
+
+    by_number = {t.number: t for t in trials}
+    found = []
+    for key, value in metrics.items():
+        m = re.fullmatch(r"finalist_(\d+)_mean", key)
+        t = by_number.get(int(m[1])) if m else None
+        if t is not None:
+            found.append(Finalist(t.number, float(t.values[0]) if t.values else float("nan"),
+                                  int(t.user_attrs.get("params") or 0), [float(value)],
+                                  float(t.user_attrs.get("flops") or float("inf"))))
+    return choose(found, False, 0.0, 0) if found else None
+
+
+def study_run_metrics(tracking_uri: str, split: str) -> dict:
+    """The metrics of the study's own MLflow run (the latest run tagged ``emnist_hpo.kind = study``)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(f"emnist-{split}")
+    runs = client.search_runs([exp.experiment_id], "tags.`emnist_hpo.kind` = 'study'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exp else []
+    return dict(runs[0].data.metrics) if runs else {}
+
+
+def fit_trial_alone(options: dict, work: str, trial: int, predictions: Path) -> dict:
+    """Trial ``trial`` of the study in ``work`` (run with the :class:`~emnist_hpo.options.StudyOptions` fields
+    ``options``) given the study's own final fit and tested once, in a child process; its predicted test labels
+    to ``predictions`` (.npy). What the study would have registered had it crowned that trial."""
+    code = f"""
+import json, time
+import numpy as np, optuna
+from emnist_hpo.cli import import_keras_quietly; import_keras_quietly()
+from emnist_hpo.config import load_experiment
+from emnist_hpo.data.prepared import prepare
+from emnist_hpo.model.cost import model_cost
+from emnist_hpo.options import StudyOptions
+from emnist_hpo.paths import find_experiment, find_search_space
+from emnist_hpo.reporting.evaluation import evaluate
+from emnist_hpo.search.finalize import Champion, final_model
+from emnist_hpo.search.optuna.objective import Objective, config_of
+from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.train.fidelity import make_ladder
+from emnist_hpo.train.trainer import predict_proba
+opts = StudyOptions(**json.loads({json.dumps(options)!r}))
+base = opts.base_config()
+data = prepare(opts.split, opts.data_dir, base.data, progress=False)
+seeds = {{n: load_experiment(find_experiment(n)) for n in opts.seed_experiments}} if opts.warm_start else {{}}
+ladder = make_ladder(opts.fidelity, opts.epochs, len(data.y_train), data.num_classes, eta=opts.reduction_factor)
+objective = Objective(SearchSpace.load(find_search_space(opts.search_space)), base, data, ladder=ladder, seeds=seeds)
+study = optuna.load_study(study_name=opts.name, storage="sqlite:///{work}/optuna.db")
+trial = next(t for t in study.get_trials(deepcopy=False) if t.number == {trial})
+cfg = config_of(objective, trial)
+t0 = time.perf_counter()
+model, _, _ = final_model(Champion(trial.number, cfg, float("nan"), "optuna"), data, ladder, True)
+seconds = time.perf_counter() - t0
+proba = predict_proba(model, data.x_test)
+np.save({str(predictions)!r}, proba.argmax(axis=1))
+cost = model_cost(cfg.model, data.num_classes)
+print("RESULT " + json.dumps({{"test_accuracy": evaluate(data.y_test, proba, data.classes).accuracy,
+                              "params": cost.params, "flops": cost.flops, "seconds": seconds}}))
+"""
+    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"fitting trial {trial} alone failed:\n{res.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def the_rules_trade(split: str, seed: int, args, warm: bool, r: dict, champ: Path, compact_pred: Path) -> dict | None:
+    """What the one-standard-error rule traded in run ``r``: where it crowned a smaller finalist than the best
+    re-evaluated mean, that finalist fitted and tested too (after the study, outside its budget), against the crowned
+    champion and compact on the same test images. None without finalists."""
+    import optuna
+
+    study = optuna.load_study(study_name=f"emnist-{split}", storage=f"sqlite:///{r['work']}/optuna.db")
+    metrics = study_run_metrics(r["tracking_uri"], split)
+    best = best_mean_finalist(metrics, study.get_trials(deepcopy=False))
+    if best is None:
+        return None
+    out = {"trial": best.trial, "reeval_mean": best.mean,
+           "crowned_reeval_mean": metrics.get(f"finalist_{r['champion_trial']}_mean"),
+           "crowned": best.trial == r["champion_trial"]}
+    if out["crowned"]:
+        return out
+    pred = Path(r["work"]) / f"trial-{best.trial}-predictions.npy"
+    options = {"split": split, "seed": seed, "epochs": args.epochs, "data_dir": args.data_dir, "warm_start": warm}
+    study_args = shlex.split(getattr(args, "study_args", "") or "")
+    if "--search-space" in study_args[:-1]:
+        options["search_space"] = study_args[study_args.index("--search-space") + 1]
+    out.update(fit_trial_alone(options, r["work"], best.trial, pred))
+    with np.load(champ) as z:
+        out["vs_crowned"] = paired(z["y"], np.load(pred), z["pred"])
+        out["vs_compact"] = paired(z["y"], np.load(pred), np.load(compact_pred))
     return out
 
 
@@ -339,6 +441,38 @@ def bars(results: Sequence[dict]) -> list[str]:
     return out
 
 
+def trades(results: Sequence[dict]) -> list[str]:
+    """Markdown lines: in each run that recorded it (:func:`the_rules_trade`), the finalist with the best
+    re-evaluated mean where the one-standard-error rule crowned another, its test accuracy beside the crowned one's
+    (paired), and the runs' pooled difference: what the rule cost or gained on test."""
+    out, diffs, same = [], [], 0
+    for entry in results:
+        for key in ("search", "seeds"):
+            t = (entry.get(key) or {}).get("best_mean")
+            if not t:
+                continue
+            if t.get("crowned"):
+                same += 1
+                continue
+            v = t["vs_crowned"]
+            diffs.append(v)
+            out.append(f"- {entry['split']} seed {entry['seed']}, {key}: the rule crowned trial "
+                       f"{entry[key]['champion_trial']} (re-evaluated {100 * (t.get('crowned_reeval_mean') or 0):.2f}); "
+                       f"the best re-evaluated mean, trial {t['trial']} ({100 * t['reeval_mean']:.2f}; "
+                       f"{t['params']:,} parameters, {t['flops'] / 1e6:.1f}M FLOPs), tests "
+                       f"{100 * t['test_accuracy']:.2f}: {100 * v['difference']:+.2f} +/- {100 * v['se']:.2f} pt "
+                       f"against the crowned champion, {100 * t['vs_compact']['difference']:+.2f} against compact")
+    if not out and not same:
+        return []
+    head = (f"- The one-standard-error rule against the best re-evaluated mean: the same finalist in {same} run(s), "
+            f"another in {len(diffs)}")
+    if diffs:
+        p = pooled(diffs)
+        head += (f"; the best mean's test minus the crowned's, pooled: {100 * p['difference']:+.2f} +/- "
+                 f"{100 * p['se']:.2f} pt")
+    return [head, *out]
+
+
 def rows_of(results: Sequence[dict]) -> list[list]:
     """The Markdown table's rows: one per run of each cell; with the machine and commit of each where the results
     came from several runs (``--summarize``)."""
@@ -374,7 +508,7 @@ def markdown(title: str, results: Sequence[dict]) -> str:
             "trials per rung", "s per rung", "wall s", "overrun", "vs compact, paired (pt)", "bar"]
     if any(e.get("source") for e in results):
         head.insert(3, "machine, commit")
-    return "\n".join([f"# {title}", "", table(head, rows_of(results)), "", *bars(results), ""])
+    return "\n".join([f"# {title}", "", table(head, rows_of(results)), "", *bars(results), *trades(results), ""])
 
 
 def source_of(path: str, data: dict) -> dict:
@@ -421,6 +555,9 @@ def main(argv=None) -> int:
     p.add_argument("--study-args", default="", metavar="ARGS",
                    help="more options for both studies, one string (e.g. \"--random-fraction 0.34\"): a variant "
                         "measured against the same cells")
+    p.add_argument("--no-trade", action="store_true",
+                   help="do not fit and test the finalist with the best re-evaluated mean where the one-standard-error "
+                        "rule crowned another (by default it is, after each study: what the rule's trade cost)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--name", default="search")
     p.add_argument("--summarize", nargs="+", metavar="JSON",
@@ -449,6 +586,9 @@ def main(argv=None) -> int:
                         champion_predictions(split, seed, args.data_dir, r["tracking_uri"], champ)
                         with np.load(champ) as z:
                             r["vs_compact"] = paired(z["y"], z["pred"], np.load(compact_pred))
+                        if not args.no_trade:
+                            log(f"{split} seed {seed}: {key}: the best re-evaluated mean, if not crowned, fitted too")
+                            r["best_mean"] = the_rules_trade(split, seed, args, warm, r, champ, compact_pred)
             if "hand" in runs:
                 log(f"{split} seed {seed}: Optuna wired by hand ({args.budget_minutes:g} min)")
                 entry["hand"] = by_hand(split, seed, args)

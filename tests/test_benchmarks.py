@@ -180,3 +180,76 @@ def test_the_full_length_runs_are_listed_once_each_with_the_score_that_sent_them
         {"trial": 5, "below": 0.85, "score": 0.91, "seconds": 90.0, "params": 500, "flops": 1e6},
         {"trial": 7, "below": 0.9, "score": 0.93, "seconds": 140.0, "params": 900, "flops": 2e6}]
     assert last_rung_runs([low]) == [] and last_rung_runs([]) == []
+
+
+def _trial(number, value, params, flops):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(number=number, values=[value], user_attrs={"params": params, "flops": flops})
+
+
+def test_the_best_re_evaluated_mean_is_read_from_the_study_runs_finalist_metrics():
+    """The finalist ``--no-prefer-smaller`` would have crowned: the best mean whatever its size, the smaller on a
+    tie; other metrics (the champion's, the optimism of each finalist) are not finalists."""
+    from bench_search import best_mean_finalist
+
+    trials = [_trial(3, 0.93, 180_000, 30e6), _trial(8, 0.94, 60_000, 8e6), _trial(11, 0.92, 90_000, 12e6)]
+    metrics = {"finalist_3_mean": 0.941, "finalist_3_std": 0.0, "finalist_3_optimism": -0.011,
+               "finalist_8_mean": 0.938, "finalist_11_mean": 0.936, "champion_reeval_mean": 0.938}
+    best = best_mean_finalist(metrics, trials)
+    assert (best.trial, best.mean, best.params, best.flops) == (3, 0.941, 180_000, 30e6)
+    metrics["finalist_8_mean"] = 0.941  # a tie: the smaller
+    assert best_mean_finalist(metrics, trials).trial == 8
+    assert best_mean_finalist({"champion_reeval_mean": 0.9}, trials) is None  # no finalists re-evaluated
+
+
+def test_the_rules_trade_is_pooled_over_the_runs_where_it_crowned_another_finalist():
+    from bench_search import trades
+
+    def run(trial, best):
+        return {"champion_trial": trial, "best_mean": best}
+
+    other = {"trial": 4, "reeval_mean": 0.9421, "crowned_reeval_mean": 0.9390, "crowned": False, "params": 186_938,
+             "flops": 34.9e6, "test_accuracy": 0.9310, "vs_crowned": {"difference": 0.0032, "se": 0.0020},
+             "vs_compact": {"difference": -0.0018, "se": 0.0030}}
+    results = [{"split": "letters", "seed": 1, "seeds": run(55, other)},
+               {"split": "byclass", "seed": 0, "search": run(13, {**other, "trial": 40, "vs_crowned": {
+                   "difference": -0.0010, "se": 0.0030}})},
+               {"split": "balanced", "seed": 0, "search": run(7, {"trial": 7, "reeval_mean": 0.88, "crowned": True})},
+               {"split": "balanced", "seed": 1, "search": run(9, None)}]
+    head, *lines = trades(results)
+    assert "the same finalist in 1 run(s), another in 2" in head
+    assert f"pooled: +0.11 +/- {100 * np.sqrt(0.002 ** 2 + 0.003 ** 2) / 2:.2f} pt" in head
+    assert lines[0].startswith("- letters seed 1, seeds: the rule crowned trial 55 (re-evaluated 93.90); the best "
+                               "re-evaluated mean, trial 4 (94.21; 186,938 parameters, 34.9M FLOPs), tests 93.10: "
+                               "+0.32 +/- 0.20 pt against the crowned champion, -0.18 against compact")
+    assert len(lines) == 2 and trades([{"split": "digits", "seed": 0, "search": run(1, None)}]) == []
+
+
+@pytest.mark.slow
+def test_a_trial_fitted_alone_is_what_the_study_would_have_registered_had_it_crowned_it(tmp_path, sample_dir):
+    """The counterfactual behind the rule's trade: the bench rebuilds a trial's config as the study does and gives
+    it the study's final fit, so on the crowned trial it reproduces the registered champion's test accuracy."""
+    import subprocess
+
+    import optuna
+
+    from bench_search import best_mean_finalist, fit_trial_alone, study_run_metrics
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [sys.executable, "-m", "emnist_hpo", "study", "--split", "digits", "--trials", "4", "--epochs", "2",
+            "--max-train-samples", "600", "--data-dir", str(sample_dir), "--search-space", "small",
+            "--storage", f"sqlite:///{tmp_path}/optuna.db", "--tracking-uri", uri, "--no-warm-start",
+            "--finalists", "2", "--no-progress", "--seed", "3"]
+    res = subprocess.run(argv, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr[-2000:]
+    study = optuna.load_study(study_name="emnist-digits", storage=f"sqlite:///{tmp_path}/optuna.db")
+    champ = study.user_attrs["champion"]
+    best = best_mean_finalist(study_run_metrics(uri, "digits"), study.get_trials())
+    assert best is not None and f"trial {best.trial} original" in res.stderr  # one of the re-evaluated finalists
+    options = {"split": "digits", "seed": 3, "epochs": 2, "data_dir": str(sample_dir), "max_train_samples": 600,
+               "search_space": "small", "warm_start": False}
+    alone = fit_trial_alone(options, str(tmp_path), champ["trial"], tmp_path / "pred.npy")
+    assert alone["params"] == champ["params"]
+    assert alone["test_accuracy"] == pytest.approx(champ["test_accuracy"], abs=0.002)  # a test image or two
+    assert len(np.load(tmp_path / "pred.npy")) > 0
