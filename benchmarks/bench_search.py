@@ -83,10 +83,16 @@ cost = model_cost(cfg.model, data.num_classes)
 print("RESULT " + json.dumps({{"test_accuracy": ev.accuracy, "params": cost.params, "flops": cost.flops,
                               "seconds": seconds}}))
 """
+    return child_result(code, "compact alone")
+
+
+def child_result(code: str, what: str) -> dict:
+    """Run ``code`` in a child Python process (one model's memory freed with it) and return the JSON it printed on
+    its ``RESULT`` line; a child that printed none fails with ``what`` and the end of its stderr."""
     res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
     line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"compact alone failed:\n{res.stderr[-3000:]}")
+        raise RuntimeError(f"{what} failed:\n{res.stderr[-3000:]}")
     return json.loads(line[len("RESULT "):])
 
 
@@ -234,11 +240,7 @@ cost = model_cost(cfg.model, data.num_classes)
 print("RESULT " + json.dumps({{"test_accuracy": evaluate(data.y_test, proba, data.classes).accuracy,
                               "params": cost.params, "flops": cost.flops, "seconds": seconds}}))
 """
-    res = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    line = next((ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"fitting trial {trial} alone failed:\n{res.stderr[-3000:]}")
-    return json.loads(line[len("RESULT "):])
+    return child_result(code, f"fitting trial {trial} alone")
 
 
 def the_rules_trade(split: str, seed: int, args, warm: bool, r: dict, champ: Path, compact_pred: Path) -> dict | None:
