@@ -243,19 +243,41 @@ print("RESULT " + json.dumps({{"test_accuracy": evaluate(data.y_test, proba, dat
     return child_result(code, f"fitting trial {trial} alone")
 
 
+def best_score_trial(trials):
+    """The complete trial the best single validation score crowns (``--no-prefer-smaller`` without finalists: fewer
+    parameters, then FLOPs, on a tie; repeats skipped, their twins trained the model), as a
+    :class:`~emnist_hpo.search.selection.Finalist` with its score for a mean; None without a complete trial."""
+    from emnist_hpo.search.optuna.repeats import is_repeat
+    from emnist_hpo.search.selection import Finalist
+
+    done = [t for t in trials if t.state.name == "COMPLETE" and t.values and not is_repeat(t)]
+    if not done:
+        return None
+    size = lambda t: (float(t.user_attrs.get("params") or float("inf")), float(t.user_attrs.get("flops") or float("inf")))
+    t = min(done, key=lambda t: (-t.values[0], size(t), t.number))
+    return Finalist(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0), [float(t.values[0])],
+                    float(t.user_attrs.get("flops") or float("inf")))
+
+
 def the_rules_trade(split: str, seed: int, args, warm: bool, r: dict, champ: Path, compact_pred: Path) -> dict | None:
-    """What the one-standard-error rule traded in run ``r``: where it crowned a smaller finalist than the best
-    re-evaluated mean, that finalist fitted and tested too (after the study, outside its budget), against the crowned
-    champion and compact on the same test images. None without finalists."""
+    """What the one-standard-error rule traded in run ``r``: where it crowned a smaller trial than the best
+    re-evaluated mean (``by: "mean"``) or, where no finalist was re-evaluated, than the best single validation score
+    (``by: "score"``), that trial fitted and tested too (after the study, outside its budget), against the crowned
+    champion and compact on the same test images. None without a complete trial."""
     import optuna
 
     study = optuna.load_study(study_name=f"emnist-{split}", storage=f"sqlite:///{r['work']}/optuna.db")
     metrics = study_run_metrics(r["tracking_uri"], split)
-    best = best_mean_finalist(metrics, study.get_trials(deepcopy=False))
+    trials = study.get_trials(deepcopy=False)
+    best, by = best_mean_finalist(metrics, trials), "mean"
+    if best is None:
+        best, by = best_score_trial(trials), "score"
     if best is None:
         return None
-    out = {"trial": best.trial, "reeval_mean": best.mean,
-           "crowned_reeval_mean": metrics.get(f"finalist_{r['champion_trial']}_mean"),
+    crowned = next((t for t in trials if t.number == r["champion_trial"]), None)
+    out = {"by": by, "trial": best.trial, "reeval_mean": best.mean,
+           "crowned_reeval_mean": (metrics.get(f"finalist_{r['champion_trial']}_mean") if by == "mean"
+                                   else crowned.values[0] if crowned is not None and crowned.values else None),
            "crowned": best.trial == r["champion_trial"]}
     if out["crowned"]:
         return out
@@ -458,16 +480,18 @@ def trades(results: Sequence[dict]) -> list[str]:
                 continue
             v = t["vs_crowned"]
             diffs.append(v)
+            what = ("re-evaluated", "the best re-evaluated mean") if t.get("by", "mean") == "mean" else (
+                "scored", "the best single score (no finalist re-evaluated)")
             out.append(f"- {entry['split']} seed {entry['seed']}, {key}: the rule crowned trial "
-                       f"{entry[key]['champion_trial']} (re-evaluated {100 * (t.get('crowned_reeval_mean') or 0):.2f}); "
-                       f"the best re-evaluated mean, trial {t['trial']} ({100 * t['reeval_mean']:.2f}; "
+                       f"{entry[key]['champion_trial']} ({what[0]} {100 * (t.get('crowned_reeval_mean') or 0):.2f}); "
+                       f"{what[1]}, trial {t['trial']} ({100 * t['reeval_mean']:.2f}; "
                        f"{t['params']:,} parameters, {t['flops'] / 1e6:.1f}M FLOPs), tests "
                        f"{100 * t['test_accuracy']:.2f}: {100 * v['difference']:+.2f} +/- {100 * v['se']:.2f} pt "
                        f"against the crowned champion, {100 * t['vs_compact']['difference']:+.2f} against compact")
     if not out and not same:
         return []
-    head = (f"- The one-standard-error rule against the best re-evaluated mean: the same finalist in {same} run(s), "
-            f"another in {len(diffs)}")
+    head = (f"- The one-standard-error rule against the best re-evaluated mean (without finalists: the best single "
+            f"score): the same trial in {same} run(s), another in {len(diffs)}")
     if diffs:
         p = pooled(diffs)
         head += (f"; the best mean's test minus the crowned's, pooled: {100 * p['difference']:+.2f} +/- "
@@ -589,7 +613,8 @@ def main(argv=None) -> int:
                         with np.load(champ) as z:
                             r["vs_compact"] = paired(z["y"], z["pred"], np.load(compact_pred))
                         if not args.no_trade:
-                            log(f"{split} seed {seed}: {key}: the best re-evaluated mean, if not crowned, fitted too")
+                            log(f"{split} seed {seed}: {key}: the best re-evaluated mean (or score), if not crowned, "
+                                "fitted too")
                             r["best_mean"] = the_rules_trade(split, seed, args, warm, r, champ, compact_pred)
             if "hand" in runs:
                 log(f"{split} seed {seed}: Optuna wired by hand ({args.budget_minutes:g} min)")

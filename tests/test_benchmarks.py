@@ -218,12 +218,36 @@ def test_the_rules_trade_is_pooled_over_the_runs_where_it_crowned_another_finali
                {"split": "balanced", "seed": 0, "search": run(7, {"trial": 7, "reeval_mean": 0.88, "crowned": True})},
                {"split": "balanced", "seed": 1, "search": run(9, None)}]
     head, *lines = trades(results)
-    assert "the same finalist in 1 run(s), another in 2" in head
+    assert "the same trial in 1 run(s), another in 2" in head
     assert f"pooled: +0.11 +/- {100 * np.sqrt(0.002 ** 2 + 0.003 ** 2) / 2:.2f} pt" in head
     assert lines[0].startswith("- letters seed 1, seeds: the rule crowned trial 55 (re-evaluated 93.90); the best "
                                "re-evaluated mean, trial 4 (94.21; 186,938 parameters, 34.9M FLOPs), tests 93.10: "
                                "+0.32 +/- 0.20 pt against the crowned champion, -0.18 against compact")
     assert len(lines) == 2 and trades([{"split": "digits", "seed": 0, "search": run(1, None)}]) == []
+    # no finalist re-evaluated: the counterfactual is the best single score, and the line says so
+    by_score = {**other, "by": "score", "reeval_mean": 0.9468, "crowned_reeval_mean": 0.9432}
+    _, line = trades([{"split": "letters", "seed": 1, "seeds": run(29, by_score)}])
+    assert line.startswith("- letters seed 1, seeds: the rule crowned trial 29 (scored 94.32); the best single "
+                           "score (no finalist re-evaluated), trial 4 (94.68; ")
+
+
+def test_without_finalists_the_counterfactual_is_the_best_single_score():
+    """Where nothing was re-evaluated the rule chose between single scores: the trial it traded away is the best
+    complete one (the smaller on a tie); pruned trials and repeats (their twins trained the model) are not."""
+    from types import SimpleNamespace
+
+    from bench_search import best_score_trial
+    from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
+
+    def t(number, value, params, state="COMPLETE", **attrs):
+        return SimpleNamespace(number=number, values=[value], state=SimpleNamespace(name=state),
+                               user_attrs={"params": params, "flops": params * 100, **attrs})
+
+    trials = [t(3, 0.9432, 186_938), t(7, 0.9490, 50_000, "PRUNED"), t(9, 0.9468, 170_026),
+              t(12, 0.9468, 120_000), t(14, 0.9500, 90_000, **{REPEAT_ATTR: 12}), t(15, 0.9357, 144_170)]
+    best = best_score_trial(trials)
+    assert (best.trial, best.mean, best.params) == (12, 0.9468, 120_000)
+    assert best_score_trial([t(1, 0.5, 10, "PRUNED")]) is None
 
 
 @pytest.mark.slow
