@@ -220,6 +220,7 @@ from emnist_hpo.reporting.evaluation import evaluate
 from emnist_hpo.search.finalize import Champion, final_model
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.space import SearchSpace
+from emnist_hpo.search.trial import rates_of
 from emnist_hpo.train.fidelity import make_ladder
 from emnist_hpo.train.trainer import predict_proba
 opts = StudyOptions(**json.loads({json.dumps(options)!r}))
@@ -232,7 +233,8 @@ study = optuna.load_study(study_name=opts.name, storage="sqlite:///{work}/optuna
 trial = next(t for t in study.get_trials(deepcopy=False) if t.number == {trial})
 cfg = config_of(objective, trial)
 t0 = time.perf_counter()
-model, _, _ = final_model(Champion(trial.number, cfg, float("nan"), "optuna"), data, ladder, True)
+model, _, _ = final_model(Champion(trial.number, cfg, float("nan"), "optuna", rates=rates_of(trial.user_attrs)), data,
+                          ladder, True)
 seconds = time.perf_counter() - t0
 proba = predict_proba(model, data.x_test)
 np.save({str(predictions)!r}, proba.argmax(axis=1))

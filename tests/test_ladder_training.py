@@ -142,3 +142,29 @@ def test_the_final_fit_trains_the_whole_last_rung_not_the_epoch_the_trial_peaked
     _, _, fit = final_model(Champion(0, cfg, 0.5, "optuna"), d, ladder, True, log=lambda m: None)
     assert fit.history["rung"] == [0, 1, 1, 1] and fit.epochs_run == 4
     assert fit.images_seen == ladder.sizes(len(d.y_train) + len(d.y_val))[0] + 3 * (len(d.y_train) + len(d.y_val))
+
+
+def test_a_plateau_champions_final_fit_replays_the_learning_rates_its_trial_ran_at(balanced):
+    """A final fit has no validation for ReduceLROnPlateau to watch: it replays, epoch by epoch, the rates the trial
+    trained its last rung at (recorded by global epoch, as the trial attribute the study keeps), instead of holding
+    the first rate (byclass: a champion whose trial had halved its rate three times, fitted at the constant rate)."""
+    from emnist_hpo.search.finalize import Champion, final_model
+    from emnist_hpo.search.trial import RATES_ATTR, rates_of
+
+    d = balanced
+    ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 3, 9, final=True)), 3, "data")
+    cfg = ExperimentConfig(model=ModelConfig(conv_blocks=[ConvBlock(8, 3)], dense=[]),
+                           train=TrainConfig(epochs=3, batch_size=128, schedule="plateau")).validate()
+    trial = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder)
+    assert sorted(trial.last_rung_rates) == [1, 2, 3]  # the last rung's epochs, numbered across the ladder
+    assert trial.last_rung_rates[1] == pytest.approx(cfg.train.learning_rate)
+
+    reduced = {1: 1e-3, 2: 5e-4, 3: 2.5e-4}  # what a trial whose validation loss stalled would have recorded
+    attrs = {RATES_ATTR: [[epoch, rate] for epoch, rate in reduced.items()]}  # JSON, as Optuna stores it
+    _, fitted, fit = final_model(Champion(0, cfg, 0.5, "optuna", rates=rates_of(attrs)), d, ladder, True,
+                                 log=lambda m: None)
+    assert fit.history["rung"] == [0, 1, 1, 1]
+    assert fit.history["learning_rate"] == pytest.approx([1e-3, 1e-3, 5e-4, 2.5e-4], rel=1e-4)
+    _, _, held = final_model(Champion(0, cfg, 0.5, "optuna"), d, ladder, True, log=lambda m: None)
+    assert held.history["learning_rate"] == pytest.approx([1e-3] * 4, rel=1e-4)  # nothing recorded: held
+    assert cfg.train.schedule == "plateau" and fitted.train.schedule == "constant"  # the trial's config untouched

@@ -180,6 +180,26 @@ def test_finalists_are_reevaluated_and_the_best_mean_is_crowned(env):
     assert "study/finalists.csv" in files
 
 
+def test_by_default_a_trial_trains_every_epoch_the_final_fit_will(env, tmp_path):
+    """The final fit trains every epoch of the ladder, so a trial is scored on every epoch too: with validation that
+    cannot improve (a learning rate of 1e-9) the default runs all 4 epochs, where a patience of 1 stops after 2 (a
+    plateau-schedule byclass trial stopped at epoch 8 of 15 scored 0.91 pt under its whole schedule)."""
+    space = tmp_path / "flat.yaml"
+    space.write_text("conv_blocks: 1\nfilters: 8\nkernel: 3\nbatch_norm: false\nconv_dropout: 0.0\n"
+                     "dense_layers: 0\ndense_units: 32\nlearning_rate: 1.0e-9\nschedule: constant\naugment: 0.0\nbatch_size: 128\n")
+
+    def epochs_run(name: str, **kw) -> int:
+        res = run_study(_opts(env, split="digits", study_name=name, trials=1, epochs=4, fidelity="none",
+                              pruner="none", max_train_samples=600, warm_start=False, final_fit=False,
+                              register=False, trial_plots=False, search_space=str(space), **kw), log=lambda m: None)
+        (trial,) = res.study.trials
+        assert trial.state == optuna.trial.TrialState.COMPLETE
+        return trial.user_attrs["epochs_run"]
+
+    assert epochs_run("digits-every-epoch") == 4
+    assert epochs_run("digits-patience-1", early_stopping_patience=1) == 2
+
+
 def test_max_params_prunes_big_models_before_training(env):
     res = run_study(_opts(env, split="mnist", trials=2, max_params=50_000), log=lambda m: None)
     trials = [t for t in res.study.trials if t.state.is_finished()]  # the third seed (compact) still waits

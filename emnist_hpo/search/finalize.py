@@ -20,6 +20,7 @@ from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.tracking.registry import Registered, log_and_register
 from emnist_hpo.reporting.evaluation import Evaluation, evaluate
 from emnist_hpo.tracking.tracker import TAG_ENGINE, TAG_KIND, TAG_SPLIT, TAG_STUDY, Tracker
+from emnist_hpo.train.schedules import ReplayLearningRate
 from emnist_hpo.train.trainer import TrainResult, predict_proba, release_memory, train
 
 
@@ -32,6 +33,8 @@ class Champion:
     run_tags: dict[str, Any] = field(default_factory=dict)  # extra tags of the champion run
     trial_run_id: str | None = None  # the trial's MLflow run
     own_model: Callable[[], Any] | None = None  # the trial's own trained model, or None (used without a final fit)
+    rates: dict[int, float] = field(default_factory=dict)  # learning rate by global epoch at its trial's last rung
+    # (a plateau schedule's reductions, replayed by the final fit; {}: held constant)
 
 
 @dataclass
@@ -53,13 +56,15 @@ def final_model(champion: Champion, data: PreparedData, ladder: Ladder, final_fi
     """
     cfg = copy.deepcopy(champion.config)
     if final_fit:
-        if cfg.train.schedule == "plateau":
-            cfg.train.schedule = "constant"  # no validation set to watch in a final fit
+        replay = []
+        if cfg.train.schedule == "plateau":  # no validation set to watch in a final fit: the trial's reductions are
+            cfg.train.schedule = "constant"  # replayed, epoch by epoch (without them, held constant)
+            replay = [ReplayLearningRate(champion.rates)] if champion.rates else []
         # the whole last rung, not the epoch the trial's validation peaked at: with early stopping that peak is
         # noisy and early (balanced sample: epoch 4 of 15), and a schedule squeezed into 4 epochs is another run
         # (the search's champion tested 84.8% fitted to its peak, 86.8% fitted for the full 15 epochs)
         x, y = data.train_and_val()
-        result = train(cfg, x, y, None, None, data.num_classes, ladder=ladder)
+        result = train(cfg, x, y, None, None, data.num_classes, callbacks=replay, ladder=ladder)
         return result.model, cfg, result
     model = champion.own_model() if champion.own_model is not None else None
     if model is not None:

@@ -83,6 +83,11 @@ class Limits:
         return None
 
 
+#: Trial attribute: ``[[epoch, learning rate], ...]`` of the last rung the trial trained (global epoch numbers), which
+#: a ``plateau`` champion's final fit replays (:class:`~emnist_hpo.train.schedules.ReplayLearningRate`).
+RATES_ATTR = "last_rung_rates"
+
+
 def run_trial(
     trial: Any,
     cfg: ExperimentConfig,
@@ -172,6 +177,14 @@ def record(trial, result: TrainResult) -> None:
         trial.set_user_attr("epoch_time", round(sum(result.epoch_times) / len(result.epoch_times), 3))
     if math.isfinite(result.best_val_accuracy):
         trial.set_user_attr("best_val_accuracy", result.best_val_accuracy)
+    if result.last_rung_rates:
+        trial.set_user_attr(RATES_ATTR, [[epoch, rate] for epoch, rate in sorted(result.last_rung_rates.items())])
+
+
+def rates_of(attrs: Mapping[str, Any]) -> dict[int, float]:
+    """The learning rates a trial trained its last rung at, by global epoch (:data:`RATES_ATTR`); {} when not
+    recorded (a trial from before they were)."""
+    return {int(epoch): float(rate) for epoch, rate in attrs.get(RATES_ATTR) or []}
 
 
 def seed_origin(number: int, attrs: Mapping[str, Any]) -> int:

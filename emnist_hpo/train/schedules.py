@@ -8,6 +8,8 @@ runtime.configure()  # before Keras loads: its backend, TensorFlow's kernels and
 
 import keras
 
+from typing import Mapping
+
 from emnist_hpo.config import TrainConfig
 
 
@@ -46,6 +48,21 @@ def callbacks(cfg: TrainConfig) -> list[keras.callbacks.Callback]:
     if cfg.schedule == "plateau":
         return [keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6)]
     return []
+
+
+class ReplayLearningRate(keras.callbacks.Callback):
+    """Sets the optimizer's learning rate at the start of each listed epoch (global epoch numbers across a ladder's
+    rungs, as Keras counts them with ``initial_epoch``): a ``plateau`` schedule's final fit, which has no validation
+    to watch, replays the reductions its trial made instead of holding the rate constant (byclass: a champion whose
+    trial halved its rate three times tested 84.16% at the constant rate)."""
+
+    def __init__(self, rates: Mapping[int, float]):
+        super().__init__()
+        self.rates = {int(k): float(v) for k, v in rates.items()}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if epoch in self.rates:
+            self.model.optimizer.learning_rate = self.rates[epoch]
 
 
 def optimizer(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> keras.optimizers.Optimizer:

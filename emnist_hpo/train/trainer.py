@@ -84,6 +84,16 @@ class TrainResult:
         return len(self.epoch_times)
 
     @property
+    def last_rung_rates(self) -> dict[int, float]:
+        """The learning rate of each epoch of the last rung trained, by global epoch number (0-based, counted across
+        the rungs as Keras counts them): what a ``plateau`` schedule's reductions were, for its final fit to replay."""
+        rungs, rates = self.history.get("rung", []), self.history.get("learning_rate", [])
+        if not rungs or len(rates) != len(rungs):
+            return {}
+        last = rungs[-1]
+        return {i: float(rates[i]) for i, r in enumerate(rungs) if r == last and math.isfinite(rates[i])}
+
+    @property
     def completed(self) -> bool:
         """Trained through the last rung of its ladder."""
         return self.stopped_reason in (None, "early_stopping")

@@ -20,6 +20,7 @@ from emnist_hpo.search.optuna.objective import Objective, config_of, kept_model 
 from emnist_hpo.search.optuna.slots import claim_finalize, claim_lease, drop_claim, finish_claim  # noqa: E402
 from emnist_hpo.search.optuna.storage import finished_count  # noqa: E402
 from emnist_hpo.search.selection import Finalist  # noqa: E402
+from emnist_hpo.search.trial import rates_of  # noqa: E402
 from emnist_hpo.tracking.registry import Registered  # noqa: E402
 
 if TYPE_CHECKING:
@@ -92,6 +93,7 @@ def _finalize(ctx: StudyContext, objective: Objective, parent: str, champion, fr
         champion.number, config_of(objective, champion), val, "optuna",
         trial_run_id=champion.user_attrs.get("mlflow_run_id"),
         own_model=_own_model(kept_model(ctx.checkpoint_dir, champion.number), champion.number, log),
+        rates=rates_of(champion.user_attrs),
     )
     final = finalize_champion(chosen, ctx.data, ctx.ladder, tracker=tracker, parent=parent, split=opts.split,
                               study_name=opts.name, final_fit=final_fit, register=opts.register,
