@@ -255,8 +255,11 @@ def best_score_trial(trials):
     done = [t for t in trials if t.state.name == "COMPLETE" and t.values and not is_repeat(t)]
     if not done:
         return None
-    size = lambda t: (float(t.user_attrs.get("params") or float("inf")), float(t.user_attrs.get("flops") or float("inf")))
-    t = min(done, key=lambda t: (-t.values[0], size(t), t.number))
+    def rank(t):  # the best score, then the fewer parameters, then the fewer FLOPs, then the earlier trial
+        return (-t.values[0], float(t.user_attrs.get("params") or float("inf")),
+                float(t.user_attrs.get("flops") or float("inf")), t.number)
+
+    t = min(done, key=rank)
     return Finalist(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0), [float(t.values[0])],
                     float(t.user_attrs.get("flops") or float("inf")))
 
@@ -277,6 +280,7 @@ def the_rules_trade(split: str, seed: int, args, warm: bool, r: dict, champ: Pat
     if best is None:
         return None
     crowned = next((t for t in trials if t.number == r["champion_trial"]), None)
+    # reeval_mean / crowned_reeval_mean: the two trials on the same footing (without finalists, their single scores)
     out = {"by": by, "trial": best.trial, "reeval_mean": best.mean,
            "crowned_reeval_mean": (metrics.get(f"finalist_{r['champion_trial']}_mean") if by == "mean"
                                    else crowned.values[0] if crowned is not None and crowned.values else None),

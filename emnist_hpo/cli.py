@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed-experiments", default="two_conv,one_conv,compact",
                    help="experiments enqueued first, in this order")
     s.add_argument("--early-stopping", type=_positive_int, default=0,
-                   help="patience in epochs at the last rung and in re-evaluations (default 0 = off: each runs the "
-                        "whole schedule, as the final fit will)")
+                   help="patience in epochs at the last rung and in re-evaluations; 0 = off: each trains the whole "
+                        "schedule, as the final fit will")
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")

@@ -182,22 +182,24 @@ def test_finalists_are_reevaluated_and_the_best_mean_is_crowned(env):
 
 def test_by_default_a_trial_trains_every_epoch_the_final_fit_will(env, tmp_path):
     """The final fit trains every epoch of the ladder, so a trial is scored on every epoch too: with validation that
-    cannot improve (a learning rate of 1e-9) the default runs all 4 epochs, where a patience of 1 stops after 2 (a
-    plateau-schedule byclass trial stopped at epoch 8 of 15 scored 0.91 pt under its whole schedule)."""
+    cannot improve (a learning rate of 1e-9) the default runs all 5 epochs, where the research's patience of 3 (the
+    default before) stops after 4 (a plateau-schedule byclass trial stopped at epoch 8 of 15 scored 0.91 pt under its
+    whole schedule)."""
     space = tmp_path / "flat.yaml"
     space.write_text("conv_blocks: 1\nfilters: 8\nkernel: 3\nbatch_norm: false\nconv_dropout: 0.0\n"
-                     "dense_layers: 0\ndense_units: 32\nlearning_rate: 1.0e-9\nschedule: constant\naugment: 0.0\nbatch_size: 128\n")
+                     "dense_layers: 0\ndense_units: 32\nlearning_rate: 1.0e-9\nschedule: constant\naugment: 0.0\n"
+                     "batch_size: 128\n")
 
     def epochs_run(name: str, **kw) -> int:
-        res = run_study(_opts(env, split="digits", study_name=name, trials=1, epochs=4, fidelity="none",
+        res = run_study(_opts(env, split="digits", study_name=name, trials=1, epochs=5, fidelity="none",
                               pruner="none", max_train_samples=600, warm_start=False, final_fit=False,
                               register=False, trial_plots=False, search_space=str(space), **kw), log=lambda m: None)
         (trial,) = res.study.trials
         assert trial.state == optuna.trial.TrialState.COMPLETE
         return trial.user_attrs["epochs_run"]
 
-    assert epochs_run("digits-every-epoch") == 4
-    assert epochs_run("digits-patience-1", early_stopping_patience=1) == 2
+    assert epochs_run("digits-every-epoch") == 5
+    assert epochs_run("digits-patience-3", early_stopping_patience=3) == 4
 
 
 def test_max_params_prunes_big_models_before_training(env):

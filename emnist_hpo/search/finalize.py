@@ -1,8 +1,8 @@
 """The champion, whichever engine found it: final fit, one test evaluation, analysis, registration.
 
 Both search engines end the same way: :func:`finalize_champion` retrains the
-crowned configuration on train+validation up the same fidelity ladder (to the
-epoch its trial peaked at), or takes the trial's own model, evaluates it once on
+crowned configuration on train+validation up the same fidelity ladder (every
+epoch of it; a ``plateau`` schedule replays its trial's learning rates), or takes the trial's own model, evaluates it once on
 the test set, logs the champion run (reports, analysis gallery, activation maps)
 and registers it, moving the ``champion`` alias only to a better model.
 """

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 from emnist_hpo import runtime
 
 runtime.configure()  # before Keras loads: its backend, TensorFlow's kernels and quiet start-up
 
 import keras
-
-from typing import Mapping
 
 from emnist_hpo.config import TrainConfig
 
