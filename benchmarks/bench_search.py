@@ -245,21 +245,16 @@ print("RESULT " + json.dumps({{"test_accuracy": evaluate(data.y_test, proba, dat
     return child_result(code, f"fitting trial {trial} alone")
 
 
-def best_score_trial(trials):
-    """The complete trial the best single validation score crowns (``--no-prefer-smaller`` without finalists: fewer
-    parameters, then FLOPs, on a tie; repeats skipped, their twins trained the model), as a
-    :class:`~emnist_hpo.search.selection.Finalist` with its score for a mean; None without a complete trial."""
-    from emnist_hpo.search.optuna.repeats import is_repeat
+def best_score_trial(study):
+    """The trial the best single validation score crowns (the study's own :func:`pick_champion` with no margin, as
+    ``--no-prefer-smaller`` without finalists), as a :class:`~emnist_hpo.search.selection.Finalist` with its score
+    for a mean; None without a complete trial."""
+    from emnist_hpo.search.optuna.study import pick_champion
     from emnist_hpo.search.selection import Finalist
 
-    done = [t for t in trials if t.state.name == "COMPLETE" and t.values and not is_repeat(t)]
-    if not done:
+    t, _ = pick_champion(study, 0.0, images=0)
+    if t is None:
         return None
-    def rank(t):  # the best score, then the fewer parameters, then the fewer FLOPs, then the earlier trial
-        return (-t.values[0], float(t.user_attrs.get("params") or float("inf")),
-                float(t.user_attrs.get("flops") or float("inf")), t.number)
-
-    t = min(done, key=rank)
     return Finalist(t.number, float(t.values[0]), int(t.user_attrs.get("params") or 0), [float(t.values[0])],
                     float(t.user_attrs.get("flops") or float("inf")))
 
@@ -276,7 +271,7 @@ def the_rules_trade(split: str, seed: int, args, warm: bool, r: dict, champ: Pat
     trials = study.get_trials(deepcopy=False)
     best, by = best_mean_finalist(metrics, trials), "mean"
     if best is None:
-        best, by = best_score_trial(trials), "score"
+        best, by = best_score_trial(study), "score"
     if best is None:
         return None
     crowned = next((t for t in trials if t.number == r["champion_trial"]), None)

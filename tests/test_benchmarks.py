@@ -245,9 +245,17 @@ def test_without_finalists_the_counterfactual_is_the_best_single_score():
 
     trials = [t(3, 0.9432, 186_938), t(7, 0.9490, 50_000, "PRUNED"), t(9, 0.9468, 170_026),
               t(12, 0.9468, 120_000), t(14, 0.9500, 90_000, **{REPEAT_ATTR: 12}), t(15, 0.9357, 144_170)]
-    best = best_score_trial(trials)
+    def study(ts):  # what pick_champion reads of a study
+        import optuna
+
+        return SimpleNamespace(directions=[optuna.study.StudyDirection.MAXIMIZE],
+                               direction=optuna.study.StudyDirection.MAXIMIZE,
+                               get_trials=lambda deepcopy=False, states=None: [
+                                   x for x in ts if states is None or x.state.name in {s.name for s in states}])
+
+    best = best_score_trial(study(trials))
     assert (best.trial, best.mean, best.params) == (12, 0.9468, 120_000)
-    assert best_score_trial([t(1, 0.5, 10, "PRUNED")]) is None
+    assert best_score_trial(study([t(1, 0.5, 10, "PRUNED")])) is None
 
 
 @pytest.mark.slow
