@@ -151,3 +151,47 @@ def test_unknown_tuner_is_refused(capsys):
         main(["study", "--split", "digits", "--engine", "keras-tuner", "--tuner", "random"])
     assert exc.value.code == 2
     assert "invalid choice: 'random'" in capsys.readouterr().err
+
+
+def test_a_plateau_champions_final_fit_replays_every_round_its_trial_trained(store, tmp_path, monkeypatch):
+    """Hyperband continues a promoted trial from its earlier round's weights with a fresh optimizer and schedule; the
+    rates a ``plateau`` champion's final fit replays are those of every epoch from scratch: its earlier round's, then
+    its own (the Keras Tuner engine used to hold the first rate for the whole final fit)."""
+    import json
+    from pathlib import Path
+
+    from emnist_hpo.search.keras_tuner import engine
+
+    space = tmp_path / "plateau.yaml"
+    space.write_text("conv_blocks: 1\nfilters: {choices: [4, 8, 12, 16, 20, 24]}\nkernel: 3\nbatch_norm: false\n"
+                     "conv_dropout: 0.0\ndense_layers: 0\ndense_units: 32\nlearning_rate: 2.0e-3\nschedule: plateau\n"
+                     "augment: 0.0\nbatch_size: 128\n")
+    crowned = []
+    real = engine.finalize_champion
+
+    def spy(champion, *args, **kwargs):
+        crowned.append(champion)
+        return real(champion, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "finalize_champion", spy)
+    res = run_kt_study(_opts(store, study_name="digits-kt-plateau", trials=6, epochs=5, max_train_samples=600,
+                             search_space=str(space), warm_start=False, register=False, trial_plots=False,
+                             prefer_smaller=False, finalists=1), tuner="hyperband", log=lambda m: None,
+                       kt_dir=store["kt"])
+    trials = {}
+    for folder in Path(res.project_dir).glob("trial_*"):
+        meta = json.loads((folder / "trial.json").read_text())
+        if meta["status"] == "COMPLETED":
+            rates = {int(e): r for e, r in json.loads((folder / engine.RATES_FILE).read_text())}
+            trials[int(meta["trial_id"])] = (meta["hyperparameters"]["values"], rates)
+    continued = [(values, rates) for values, rates in trials.values() if values.get("tuner/initial_epoch")]
+    assert continued, "Hyperband promoted no trial: the test needs one"
+    for values, rates in continued:
+        initial, epochs = values["tuner/initial_epoch"], values["tuner/epochs"]
+        assert sorted(rates) == list(range(epochs))  # every epoch from scratch
+        _, earlier = trials[int(values["tuner/trial_id"])]
+        assert {e: rates[e] for e in range(initial)} == {e: earlier[e] for e in range(initial)}
+        assert rates[initial] == pytest.approx(2e-3)  # the optimizer and its schedule start afresh
+    (champion,) = crowned
+    assert champion.number == res.champion_trial and champion.config.train.schedule == "plateau"
+    assert champion.rates == trials[res.champion_trial][1]

@@ -19,7 +19,10 @@ Keras Tuner specifics:
 - Hyperband (``max_epochs`` = ``--epochs``, factor 3) runs brackets until
   ``--trials`` trials exist. A trial promoted to a later round continues from
   the weights its earlier round saved, as Keras Tuner's own Hyperband does
-  (the optimiser and the learning-rate schedule start afresh).
+  (the optimiser and the learning-rate schedule start afresh). Each completed
+  trial keeps its learning rate at every epoch from scratch (``learning_rates.json``
+  in its trial folder, its earlier rounds' epochs included), which a ``plateau``
+  champion's final fit replays.
 - Bayesian optimisation (a Gaussian process) starts from random points
   (3 per searched dimension) and models the rest.
 - The seed experiments (``--seed-experiments``) are tried first, as in a study.
@@ -75,6 +78,8 @@ DEFAULT_KT_DIR = "mlruns/keras_tuner"
 #: Hyperband's reduction factor (Keras Tuner's default).
 HYPERBAND_FACTOR = 3
 _META = "emnist_hpo.json"
+#: Beside each trial's checkpoint: its learning rate at every epoch, for a ``plateau`` champion's final fit to replay.
+RATES_FILE = "learning_rates.json"
 
 
 # --------------------------------------------------------------------------- search space -> kt.HyperParameters
@@ -240,6 +245,17 @@ class SpaceTuner(kt.Tuner):
         super().__init__(oracle=oracle, hypermodel=hypermodel, directory=directory, project_name=project_name,
                          overwrite=False)
 
+    def _rates_file(self, trial_id: str) -> Path:
+        return Path(self.get_trial_dir(trial_id)) / RATES_FILE
+
+    def trial_rates(self, trial_id: str | None) -> dict[int, float]:
+        """The learning rate a completed trial trained each epoch at, counted from scratch through the rounds it
+        continued (what a ``plateau`` champion's final fit replays); {} when not recorded."""
+        path = self._rates_file(trial_id) if trial_id is not None else None
+        if path is None or not path.is_file():
+            return {}
+        return {int(epoch): float(rate) for epoch, rate in json.loads(path.read_text())}
+
     def pre_create_trial(self):
         if self.deadline is not None and time.monotonic() >= self.deadline:
             self.oracle.max_trials = len(self.oracle.trials)  # --timeout: start no more trials
@@ -290,6 +306,10 @@ class SpaceTuner(kt.Tuner):
             self.throughput = Throughput.fit(self.records)
         if outcome.state != "COMPLETE":  # pruned or failed: Keras Tuner marks the trial FAILED
             raise kt.errors.FailedTrialError(outcome.reason or outcome.state) from outcome.error
+        # the learning rate of every epoch from scratch: a continued trial's own epochs follow its earlier round's
+        rates = {e: r for e, r in self.trial_rates(past).items() if e < initial} if initial else {}
+        rates.update({initial + e: r for e, r in result.last_rung_rates.items()})
+        self._rates_file(trial.trial_id).write_text(json.dumps(sorted(rates.items())))
         return {
             "val_accuracy": result.best_val_accuracy,
             "best_epoch": float(initial + result.best_epoch),  # epochs from scratch to the best one
@@ -501,7 +521,7 @@ def _finalize(opts: StudyOptions, tuner: str, search: SpaceTuner, trial, tracker
 
     champion = Champion(number, cfg, float(trial.score), ENGINE,
                         run_tags={"keras_tuner.tuner": tuner, "keras_tuner.trial_id": trial.trial_id},
-                        own_model=own_model)
+                        own_model=own_model, rates=search.trial_rates(trial.trial_id))
     final = finalize_champion(champion, data, single(opts.epochs), tracker=tracker, parent=parent, split=opts.split,
                               study_name=opts.name, final_fit=final_fit, register=opts.register,
                               trial_plots=opts.trial_plots, log=log)
