@@ -47,6 +47,16 @@ def test_small_runs_get_one_rung_and_epochs_ladder_ends_where_hyperband_did():
         make_ladder("bogus", 10, 100, 10)
 
 
+def test_the_plan_says_early_stopping_at_the_last_rung_only_when_it_is_on():
+    """The plan a study prints names the last rung's early stopping only where --early-stopping turned it on (it is
+    off by default: every epoch of the last rung is trained, as the final fit trains them)."""
+    ladder = make_ladder("data", 15, 13_385, 47)
+    lines = ladder.describe(13_385, 3_346).split("; ")
+    assert len(lines) == len(ladder.rungs) and lines[-1].endswith("validation images each epoch")
+    assert "early stopping" not in "; ".join(lines)
+    assert ladder.describe(13_385, 3_346, patience=3).endswith("each epoch, early stopping after 3 epochs without gain")
+
+
 def test_every_prefix_of_the_nested_order_is_stratified():
     labels = np.repeat(np.arange(10), [500, 300, 200, 100, 100, 100, 100, 100, 50, 450])
     order = nested_order(labels, seed=1)

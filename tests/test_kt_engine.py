@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import keras_tuner as kt
 import pytest
 from mlflow.tracking import MlflowClient
@@ -9,6 +12,7 @@ from mlflow.tracking import MlflowClient
 from emnist_hpo.cli import main
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.errors import ConfigError
+from emnist_hpo.search.keras_tuner import engine
 from emnist_hpo.search.keras_tuner.engine import SpaceHyperModel, run_kt_study
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.options import StudyOptions
@@ -157,11 +161,6 @@ def test_a_plateau_champions_final_fit_replays_every_round_its_trial_trained(sto
     """Hyperband continues a promoted trial from its earlier round's weights with a fresh optimizer and schedule; the
     rates a ``plateau`` champion's final fit replays are those of every epoch from scratch: its earlier round's, then
     its own (the Keras Tuner engine used to hold the first rate for the whole final fit)."""
-    import json
-    from pathlib import Path
-
-    from emnist_hpo.search.keras_tuner import engine
-
     space = tmp_path / "plateau.yaml"
     space.write_text("conv_blocks: 1\nfilters: {choices: [4, 8, 12, 16, 20, 24]}\nkernel: 3\nbatch_norm: false\n"
                      "conv_dropout: 0.0\ndense_layers: 0\ndense_units: 32\nlearning_rate: 2.0e-3\nschedule: plateau\n"

@@ -55,7 +55,7 @@ class Rung:
     fraction: float  # share of the training set (nested: each rung's images hold the previous rung's)
     epochs: int  # epochs trained at this rung, continuing from the previous rung's weights
     step: int  # the resource reported to the pruner at the rung's end (eta ** index)
-    final: bool = False  # the last rung: per-epoch validation on the whole validation set, early stopping
+    final: bool = False  # the last rung: per-epoch validation on the whole validation set (early stopping, if on)
 
 
 @dataclass(frozen=True)
@@ -99,15 +99,17 @@ class Ladder:
         p = 1.0 / self.eta if promoted is None else promoted
         return [p**i for i in range(len(self.rungs))]
 
-    def describe(self, n: int, n_val: int) -> str:
-        """One line per rung: share, images, epochs, validation images."""
+    def describe(self, n: int, n_val: int, patience: int = 0) -> str:
+        """One line per rung: share, images, epochs, validation images (``patience``: the last rung's early stopping,
+        0 = off)."""
         parts = []
         for i, (r, size, vs) in enumerate(zip(self.rungs, self.sizes(n), self.val_sizes(n_val))):
             share = "all" if size >= n else (f"1/{round(1 / r.fraction)}" if abs(1 / r.fraction - round(1 / r.fraction))
                                              < 0.05 else f"{r.fraction:.0%}")
             parts.append(f"rung {i}: {share} of the training set ({size:,} images) x {r.epochs} epoch"
                          f"{'s' if r.epochs != 1 else ''}, scored on {vs:,} validation images"
-                         + (" each epoch, early stopping" if r.final else ""))
+                         + (" each epoch" + (f", early stopping after {patience} epochs without gain" if patience else "")
+                            if r.final else ""))
         return "; ".join(parts)
 
     def to_dict(self) -> dict:

@@ -69,6 +69,7 @@ class Plan:
     finalist_runs: float = 0.0  # re-evaluation runs up the whole ladder after the search: --finalists x --folds
     final_scale: float = 0.0  # the final fit in runs up the whole ladder (train+validation: 1 / (1 - val share)); 0: none
     reeval_cap: float = math.inf  # the most seconds the re-evaluation may take (a time budget's share)
+    patience: int = 0  # --early-stopping at the last rung (0 = off: every epoch of it is trained)
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the average model."""
@@ -84,7 +85,7 @@ class Plan:
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
                f"of each rung go on" + (", to the last rung only the best" if self.leader else "")]
-        out.append("  " + self.ladder.describe(self.n_train, self.n_val).replace("; ", "\n  "))
+        out.append("  " + self.ladder.describe(self.n_train, self.n_val, self.patience).replace("; ", "\n  "))
         reach = ", ".join(f"~{n:.0f} at rung {i}" for i, n in enumerate(self.per_rung))
         what = "the time budget affords" if self.by_budget else "to screen"
         out.append(f"  configurations {what}: {self.configs} ({reach})")
@@ -232,7 +233,8 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
     per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs),
                 finish_cost(whole, finalist_runs, final_scale, reeval_cap), throughput, flops, by_budget, leader,
-                limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap)
+                limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap,
+                patience=opts.early_stopping_patience)
 
 
 def finish_cost(whole: float, finalist_runs: float, final_scale: float, reeval_cap: float = math.inf) -> float:
