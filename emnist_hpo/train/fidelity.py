@@ -108,8 +108,8 @@ class Ladder:
                                              < 0.05 else f"{r.fraction:.0%}")
             parts.append(f"rung {i}: {share} of the training set ({size:,} images) x {r.epochs} epoch"
                          f"{'s' if r.epochs != 1 else ''}, scored on {vs:,} validation images"
-                         + (" each epoch" + (f", early stopping after {patience} epochs without gain" if patience else "")
-                            if r.final else ""))
+                         + ((" each epoch" + (f", early stopping after {patience} epochs without gain"
+                                              if patience else "")) if r.final else ""))
         return "; ".join(parts)
 
     def to_dict(self) -> dict:
