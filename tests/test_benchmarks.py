@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -246,8 +247,6 @@ def test_without_finalists_the_counterfactual_is_the_best_single_score():
     trials = [t(3, 0.9432, 186_938), t(7, 0.9490, 50_000, "PRUNED"), t(9, 0.9468, 170_026),
               t(12, 0.9468, 120_000), t(14, 0.9500, 90_000, **{REPEAT_ATTR: 12}), t(15, 0.9357, 144_170)]
     def study(ts):  # what pick_champion reads of a study
-        import optuna
-
         return SimpleNamespace(directions=[optuna.study.StudyDirection.MAXIMIZE],
                                direction=optuna.study.StudyDirection.MAXIMIZE,
                                get_trials=lambda deepcopy=False, states=None: [

@@ -2,9 +2,10 @@
 
 Both search engines end the same way: :func:`finalize_champion` retrains the
 crowned configuration on train+validation up the same fidelity ladder (every
-epoch of it; a ``plateau`` schedule replays its trial's learning rates), or takes the trial's own model, evaluates it once on
-the test set, logs the champion run (reports, analysis gallery, activation maps)
-and registers it, moving the ``champion`` alias only to a better model.
+epoch of it; a ``plateau`` schedule replays its trial's learning rates), or
+takes the trial's own model, evaluates it once on the test set, logs the
+champion run (reports, analysis gallery, activation maps) and registers it,
+moving the ``champion`` alias only to a better model.
 """
 
 from __future__ import annotations
