@@ -10,7 +10,11 @@ user has not set:
   only where the CPU has AVX512-VNNI or newer units; on an AVX2-only CPU (AMD Zen 3) they ran a
   1-channel conv 2.4x faster, and trials of a small CNN 1.8x the research's fit, same accuracy
   (benchmarks/README.md). ``TF_ENABLE_ONEDNN_OPTS=0`` keeps TensorFlow's default kernels;
-- MLflow's artifact progress bars are off (they interleave with the study's own progress).
+- MLflow's artifact progress bars are off (they interleave with the study's own progress);
+- MLflow's usage telemetry is off (``MLFLOW_DISABLE_TELEMETRY=false`` turns it back on): it sends usage
+  records to MLflow's servers from a background thread, and when its client is reset it deletes an
+  environment variable while other threads read ``os.environ`` (a worker of
+  ``tests/test_concurrency.py`` died of ``KeyError: '_MLFLOW_TELEMETRY_SESSION_ID'`` inside ``requests``).
 
 Setting them after TensorFlow has loaded does nothing, so :func:`configure` says whether it came
 in time.
@@ -28,6 +32,7 @@ DEFAULTS = {
     "GRPC_VERBOSITY": "ERROR",
     "ABSL_MIN_LOG_LEVEL": "3",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
 }
 
 
