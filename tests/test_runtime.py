@@ -1,13 +1,12 @@
 """The environment the CLI sets up before Keras and MLflow load (emnist_hpo.runtime)."""
 
 import os
+import subprocess
+import sys
 
 
 def _telemetry_in_fresh_process(user_value: str | None) -> list[str]:
     """Start Python as the CLI does (runtime.configure, then MLflow) and say whether MLflow's telemetry client runs."""
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_DISABLE_TELEMETRY", "PYTEST_CURRENT_TEST")}
     if user_value is not None:
         env["MLFLOW_DISABLE_TELEMETRY"] = user_value
