@@ -50,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from _common import DEFAULT_DATA, PYTHON, ROOT, log, machine, table, write_results  # noqa: E402
 
-from emnist_hpo.search.optuna.promotions import records_of, rung_table  # noqa: E402
+from emnist_hpo.search.optuna.promotions import CLOSING_ATTR, records_of, rung_table  # noqa: E402
 
 
 def compact_alone(split: str, seed: int, epochs: int, data_dir: str, predictions: Path) -> dict:
@@ -156,7 +156,8 @@ def rung_seconds(trials) -> dict[int, float]:
 def last_rung_runs(trials) -> list[dict]:
     """A study's full-length runs in trial order: each one's score at the rung below (what sent it up) and at the
     last rung, its seconds there and its size; for the trial that trained the last rung (a continuation carries
-    the records below it). What a rule into the last rung is judged on: on letters seed 0 (Intel, 5ed7c05) the
+    the records below it; ``closing``: the search's closing run, not a leader). What a rule into the last rung is
+    judged on: on letters seed 0 (Intel, 5ed7c05) the
     crowned run had gone up as the new best of the rung below by 0.08 pt, under a fifth of a standard error."""
     table = rung_table(trials)
     if len(table) < 2:
@@ -170,7 +171,7 @@ def last_rung_runs(trials) -> list[dict]:
             continue
         out.append({"trial": t.number, "below": recs[last - 1]["score"], "score": top.get("score"),
                     "seconds": top.get("seconds"), "params": t.user_attrs.get("params"),
-                    "flops": t.user_attrs.get("flops")})
+                    "flops": t.user_attrs.get("flops"), "closing": CLOSING_ATTR in t.user_attrs})
     return out
 
 

@@ -166,20 +166,21 @@ def test_the_seconds_at_each_rung_count_every_rung_once_for_the_trial_that_train
 
 def test_the_full_length_runs_are_listed_once_each_with_the_score_that_sent_them_up():
     """Each run of the last rung once, for the trial that trained it, with its score at the rung below (taken
-    over from the paused trial it continues, where it does) beside its last-rung score and size."""
+    over from the paused trial it continues, where it does) beside its last-rung score and size, and whether it
+    was the search's closing run."""
     from types import SimpleNamespace
 
     paused = SimpleNamespace(number=3, user_attrs={"params": 900, "flops": 2e6, "rungs": [
         {"rung": 0, "score": 0.8, "seconds": 20.0}, {"rung": 1, "score": 0.9, "seconds": 55.0}]})
-    continued = SimpleNamespace(number=7, user_attrs={"promote_of": 3, "params": 900, "flops": 2e6, "rungs": [
-        {"rung": 0, "score": 0.8, "trial": 3}, {"rung": 1, "score": 0.9, "trial": 3},
-        {"rung": 2, "score": 0.93, "seconds": 140.0}]})
+    continued = SimpleNamespace(number=7, user_attrs={"promote_of": 3, "closing_of": 3, "params": 900, "flops": 2e6})
+    continued.user_attrs["rungs"] = [{"rung": 0, "score": 0.8, "trial": 3}, {"rung": 1, "score": 0.9, "trial": 3},
+                                     {"rung": 2, "score": 0.93, "seconds": 140.0}]
     straight = SimpleNamespace(number=5, user_attrs={"params": 500, "flops": 1e6, "rungs": [
         {"rung": 0, "score": 0.7}, {"rung": 1, "score": 0.85}, {"rung": 2, "score": 0.91, "seconds": 90.0}]})
     low = SimpleNamespace(number=6, user_attrs={"rungs": [{"rung": 0, "score": 0.5}]})
     assert last_rung_runs([paused, straight, low, continued]) == [
-        {"trial": 5, "below": 0.85, "score": 0.91, "seconds": 90.0, "params": 500, "flops": 1e6},
-        {"trial": 7, "below": 0.9, "score": 0.93, "seconds": 140.0, "params": 900, "flops": 2e6}]
+        {"trial": 5, "below": 0.85, "score": 0.91, "seconds": 90.0, "params": 500, "flops": 1e6, "closing": False},
+        {"trial": 7, "below": 0.9, "score": 0.93, "seconds": 140.0, "params": 900, "flops": 2e6, "closing": True}]
     assert last_rung_runs([low]) == [] and last_rung_runs([]) == []
 
 

@@ -60,6 +60,48 @@ def test_search_stops_while_the_next_trial_and_the_reserve_still_fit():
     assert b.stop_search([], now=1000.0) == "the time budget is spent"
 
 
+def test_the_search_stops_in_time_for_its_closing_run():
+    """With the closing run due (the last rung holds one run), the search stops while the next trial, the closing
+    run's last rung and the reserve still fit, and says what it keeps the time for."""
+    costs = [TrialCost(0.8, 100, True), TrialCost(0.7, 100, True)]
+    b = budget(timeout=1000.0)
+    assert b.stop_search(costs, now=420.0, closing=150.0) is None  # 580 s left >= 100 + 150 + 325
+    reason = b.stop_search(costs, now=430.0, closing=150.0)  # 570 s left < 575
+    assert reason and "570 s left" in reason and "closing full-length run (~150 s)" in reason
+    assert b.stop_search(costs, now=430.0) is None  # none due: the search goes on to 425 s before the end
+
+
+def test_a_paused_trials_last_rungs_are_priced_at_the_slower_of_the_study_and_its_own_speed():
+    """The closing run's time: the rungs above the one the trial paused at, its FLOPs and batch-norm work on the
+    ladder's images at each, at its own rungs' speed where that is slower than the study's."""
+    from emnist_hpo.search.budget import Throughput, climb_seconds, rung_norm, rung_work
+    from emnist_hpo.train.fidelity import make_ladder
+
+    ladder = make_ladder("data", 15, 14_435, 26)
+    n, nv = 14_435, 3_609
+    images, vals = ladder.images(n), ladder.val_sizes(nv)
+    flops, per_image = 20e6, 5_000
+    study = Throughput(overhead=2.0, rate=100e9, measured=30, norm_cost=1e-9)
+
+    def paused(seconds_scale: float, at: int = 1) -> optuna.trial.FrozenTrial:
+        rungs = [{"rung": r, "images": images[r], "work": rung_work(images[r], flops, vals[r]),
+                  "norm": rung_norm(images[r], per_image),
+                  "seconds": seconds_scale * study.seconds(rung_work(images[r], flops, vals[r]),
+                                                           rung_norm(images[r], per_image))}
+                 for r in range(at + 1)]
+        return optuna.trial.create_trial(state=optuna.trial.TrialState.PRUNED,
+                                         user_attrs={"flops": flops, "rungs": rungs, "paused_at": at})
+
+    last = study.seconds(rung_work(images[2], flops, vals[2]), rung_norm(images[2], per_image))
+    assert climb_seconds(paused(1.0), ladder, n, nv, study) == pytest.approx(last)  # its own speed: the study's
+    assert climb_seconds(paused(0.5), ladder, n, nv, study) == pytest.approx(last)  # faster: the study's, not its
+    slow = climb_seconds(paused(3.0), ladder, n, nv, study)
+    assert slow > 2.5 * last  # three times slower on its own rungs: priced so
+    two = climb_seconds(paused(1.0, at=0), ladder, n, nv, study)  # paused at rung 0: rungs 1 and 2 ahead
+    rung_1 = study.seconds(rung_work(images[1], flops, vals[1]), rung_norm(images[1], per_image))
+    assert two == pytest.approx(last + rung_1)
+
+
 def test_a_re_evaluation_that_no_longer_fits_does_not_stop_the_search_while_the_final_fit_fits():
     """A long trial joined the top late: the planned re-evaluation (300 + 100 s, within its 400 s share) and the
     final fit (1.25 x 300 s) no longer fit in what is left, so the study would re-evaluate nothing after the
@@ -477,7 +519,8 @@ def test_tpe_models_each_configuration_once_however_many_trials_it_took():
 
 def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under_a_budget():
     """The plan's arithmetic for the leader rule: ~1 + ln(m/eta) successive bests among m scores at the rung
-    below (never more than m, none without scores); without it, 1/eta of the rung below."""
+    below, and two at least where it has two (the closing run; never more than m, none without scores); without
+    it, 1/eta of the rung below."""
     from emnist_hpo.search.optuna.plan import last_rung_runs
     from emnist_hpo.train.fidelity import make_ladder
 
@@ -485,7 +528,9 @@ def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under
     assert len(ladder.rungs) == 3 and ladder.eta == 3
     assert last_rung_runs(27, ladder, False) == pytest.approx(3.0)  # 27 / 3**2
     assert last_rung_runs(27, ladder, True) == pytest.approx(1 + math.log(3))  # 9 scores at rung 1
-    assert last_rung_runs(6, ladder, True) == pytest.approx(1.0)  # 2 scores below eta: the closing continuation
+    assert last_rung_runs(12, ladder, True) == pytest.approx(2.0)  # 4 scores at rung 1: a leader, the closing run
+    assert last_rung_runs(6, ladder, True) == pytest.approx(2.0)  # 2 scores below eta: the best continued, the other
+    assert last_rung_runs(4.5, ladder, True) == pytest.approx(1.5)  # never more runs than scores below
     assert last_rung_runs(0, ladder, True) == 0.0
     assert last_rung_runs(1, ladder, True) == pytest.approx(1 / 3)  # never more runs than scores below
     runs = [last_rung_runs(c, ladder, True) for c in (30, 60, 120, 240)]

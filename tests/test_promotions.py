@@ -12,11 +12,14 @@ import pytest
 from emnist_hpo.config import ExperimentConfig, TrainConfig
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.promotions import (
+    CLOSING_ATTR,
     PAUSED_ATTR,
     PROMOTE_ATTR,
     enqueue_promotions,
+    enqueue_runner_up,
     promotions,
     rung_table,
+    runner_up,
     top,
 )
 from emnist_hpo.search.space import SearchSpace
@@ -173,7 +176,8 @@ def test_a_study_of_fewer_trials_than_eta_still_crowns_the_best_paused_one(tmp_p
 @pytest.mark.slow
 def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_when_it_went_on(tmp_path, sample_dir):
     """A real study with --timeout (one process: trials run in their numbers' order): whoever trained the last
-    rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so."""
+    rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so.
+    But the closing run: where one leader ran the last rung alone, the best trial left waiting below it did too."""
     from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
     space = tmp_path / "space.yaml"
@@ -195,7 +199,57 @@ def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_whe
     entrants = [(t.number, r) for t in trials for r in t.user_attrs.get("rungs", []) if r["rung"] == 1
                 and r["trial"] == t.number]
     assert entrants and res.champion_trial is not None
-    for decider, _ in entrants:
+    closing = [t for t in trials if CLOSING_ATTR in t.user_attrs]
+    leaders = [d for d, _ in entrants if CLOSING_ATTR not in trials[d].user_attrs]
+    for decider in leaders:
         below = next(r for r in trials[decider].user_attrs["rungs"] if r["rung"] == 0)
         earlier = table_before(decider).get(0, {})
         assert all(below["score"] >= s for n, s in earlier.items() if n != below["trial"]), (decider, earlier)
+    continued = {t.user_attrs[PROMOTE_ATTR] for t in trials if PROMOTE_ATTR in t.user_attrs}
+    scores = rung_table(trials).get(0, {})
+    left_waiting = [t.number for t in trials if t.user_attrs.get(PAUSED_ATTR) == 0 and t.number not in continued]
+    if len(leaders) == 1 and (left_waiting or closing):  # a leader ran the last rung alone
+        assert len(closing) == 1 and closing[0].state == COMPLETE, [(t.number, t.state, t.user_attrs) for t in trials]
+        assert any("the closing run" in ln for ln in lines)
+        of = closing[0].user_attrs[CLOSING_ATTR]
+        assert all(scores[of] >= scores[n] for n in left_waiting), (of, left_waiting, scores)
+
+
+# --------------------------------------------------------------------------- the closing run
+
+
+def test_the_closing_run_continues_the_best_waiting_trial_below_a_last_rung_that_holds_one_run(tmp_path):
+    """Under a time budget (leader rung 1 of three) a leader that ran the last rung alone is not crowned
+    unopposed: the best trial waiting at rung 1 with its checkpoint is the closing run's, once."""
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84, 0.85):  # rung 1: trial 1 leads; 3 (0.85) has no checkpoint, 2 (0.84) waits
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    low = _add(study, PRUNED, [(0, 0.9)], {PAUSED_ATTR: 0})  # paused lower: not a candidate
+    ckpt = _checkpoint(tmp_path, 0, 2, low)
+    assert runner_up(study, ckpt, 1) is None  # nothing at the last rung yet: enqueue_closing's case
+    _add(study, COMPLETE, [(0, 0.7), (1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9,
+                  trained_by={0: 1, 1: 1})
+    assert runner_up(study, ckpt, None) is None  # no time budget: no leader rule, no closing run
+    assert runner_up(study, ckpt, 1).number == 2
+    assert enqueue_runner_up(study, ckpt, 1) == [2]
+    queued = study.trials[-1]
+    assert queued.state == optuna.trial.TrialState.WAITING
+    assert queued.user_attrs[PROMOTE_ATTR] == 2 and queued.user_attrs[CLOSING_ATTR] == 2
+    assert runner_up(study, ckpt, 1) is None and enqueue_runner_up(study, ckpt, 1) == []  # one per study
+
+
+def test_no_closing_run_where_the_last_rung_holds_two_runs_or_a_second_is_on_its_way(tmp_path):
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    ckpt = _checkpoint(tmp_path, 0, 1, 2)
+    _add(study, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9, trained_by={1: 1})
+    assert runner_up(study, ckpt, 1).number == 2
+    study.enqueue_trial({"x": 0.0}, user_attrs={PROMOTE_ATTR: 0})  # a continuation of a rung-1 trial, waiting
+    assert runner_up(study, ckpt, 1) is None
+    other = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):
+        _add(other, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    _add(other, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9, trained_by={1: 1})
+    _add(other, COMPLETE, [(1, 0.87), (2, 0.91)], value=0.91)  # a new leader ran the last rung too
+    assert runner_up(other, ckpt, 1) is None

@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from emnist_hpo.model.cost import run_flops
+from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, records_of
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 
 if TYPE_CHECKING:
@@ -204,8 +205,11 @@ class TimeBudget:
         top = sorted((c for c in costs if c.complete), key=lambda c: -c.value)
         return sum(c.full_seconds for c in top[:n]) * folds + fit
 
-    def stop_search(self, costs: Sequence[TrialCost], now: float | None = None) -> str | None:
-        """Why the search must start no more trials, or None while the next trial still fits."""
+    def stop_search(self, costs: Sequence[TrialCost], now: float | None = None, closing: float = 0.0) -> str | None:
+        """Why the search must start no more trials, or None while the next trial still fits.
+
+        ``closing``: seconds kept for the search's closing run, which follows it
+        (:func:`~emnist_hpo.search.optuna.promotions.runner_up`; 0: none due)."""
         left = self.left(now)
         if left == float("inf"):
             return None
@@ -227,8 +231,9 @@ class TimeBudget:
         trained = [c.seconds for c in costs if c.trained]
         next_trial = statistics.median(trained or [c.seconds for c in costs])
         reserve = self.reserve(costs, left)
-        if next_trial + reserve > left:
-            return (f"time budget: {left:.0f} s left, kept for re-evaluating the finalists and the final fit "
+        if next_trial + reserve + closing > left:
+            run = f"the closing full-length run (~{closing:.0f} s), " if closing > 0 else ""
+            return (f"time budget: {left:.0f} s left, kept for {run}re-evaluating the finalists and the final fit "
                     f"(~{reserve:.0f} s, judging by the trials' durations; a trial takes ~{next_trial:.0f} s)")
         return None
 
@@ -444,6 +449,22 @@ class Throughput:
                 records.extend(rung_records(optuna.load_study(study_name=name, storage=storage)))
         fitted = cls.fit(records)
         return replace(fitted, source="other studies in this storage") if fitted.measured else fitted
+
+
+def climb_seconds(trial: optuna.trial.FrozenTrial, ladder: Ladder, n_train: int, n_val: int,
+                  throughput: Throughput) -> float:
+    """Seconds the rungs above the one paused ``trial`` stopped at take (``paused_at``; none: every rung), at the
+    slower of ``throughput`` and the speed its own rungs ran at (:meth:`Throughput.own`): its FLOPs per image
+    (``flops``) and its batch-norm elements per image (a rung record's ``norm`` over its ``images``)."""
+    records = records_of(trial)
+    mine = throughput.own([record_of(r) for r in records if "work" in r and "seconds" in r])
+    speed = mine if mine is not None and mine.rate < throughput.rate else throughput
+    flops = float(trial.user_attrs.get("flops") or 0)
+    per_image = next((float(r["norm"]) / float(r["images"]) for r in records
+                      if r.get("norm") is not None and r.get("images")), 0.0)
+    start = int(trial.user_attrs.get(PAUSED_ATTR, -1)) + 1
+    sizes = list(zip(ladder.images(n_train), ladder.val_sizes(n_val)))[start:]
+    return sum(speed.seconds(rung_work(images, flops, vs), images * per_image) for images, vs in sizes)
 
 
 def _norm_varies(records: Sequence[RungRecord]) -> bool:

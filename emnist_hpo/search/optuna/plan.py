@@ -19,7 +19,7 @@ from emnist_hpo.errors import ConfigError
 from emnist_hpo.model.cost import ModelCost, human, model_cost
 from emnist_hpo.search.budget import (CROWN_MEASURED, CROWN_SHARE, PROBE_ATTR, REEVAL_SHARE, Throughput, TimeBudget,
                                      costs_of)
-from emnist_hpo.search.optuna.promotions import PROMOTE_ATTR
+from emnist_hpo.search.optuna.promotions import LAST_RUNG_RUNS, PROMOTE_ATTR
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.search.optuna.storage import FINISHED, finished_count
 from emnist_hpo.search.space import SearchSpace
@@ -84,7 +84,8 @@ class Plan:
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
-               f"of each rung go on" + (", to the last rung only the best" if self.leader else "")]
+               f"of each rung go on" + (", to the last rung only the best (and, if it runs there alone, the best of the "
+                                         "rest as the search closes)" if self.leader else "")]
         out.append("  " + self.ladder.describe(self.n_train, self.n_val, self.patience).replace("; ", "\n  "))
         reach = ", ".join(f"~{n:.0f} at rung {i}" for i, n in enumerate(self.per_rung))
         what = "the time budget affords" if self.by_budget else "to screen"
@@ -120,12 +121,13 @@ def leader_rung(ctx: "StudyContext") -> int | None:
 def last_rung_runs(configs: float, ladder: Ladder, leader: bool) -> float:
     """Expected runs of the last rung among ``configs`` screened configurations: ``1/eta**(rungs-1)`` of them;
     under the leader rule the successive bests of the rung below, ~``1 + ln(m/eta)`` of its ``m`` scores
-    (the best of its first ``eta``, then each score better than all before it)."""
+    (the best of its first ``eta``, then each score better than all before it), and no fewer than
+    :data:`~emnist_hpo.search.optuna.promotions.LAST_RUNG_RUNS` (the closing run) where the rung below has them."""
     reach = ladder.reach()
     if not leader or len(reach) < 2:
         return configs * reach[-1]
     m = configs * reach[-2]
-    return 0.0 if m <= 0 else min(m, 1.0 + max(0.0, math.log(m / ladder.eta)))
+    return 0.0 if m <= 0 else min(m, max(float(LAST_RUNG_RUNS), 1.0 + max(0.0, math.log(m / ladder.eta))))
 
 
 def sampler_startup(configs: int) -> int:

@@ -37,8 +37,8 @@ from emnist_hpo.errors import ConfigError, EmnistHpoError
 from emnist_hpo.model.cost import human
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.paths import find_experiment, find_search_space
-from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, TimeBudget, cost_of, costs_of,
-                                      standard_error)
+from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, TimeBudget, climb_seconds, cost_of,
+                                      costs_of, standard_error)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.plan import (Plan, affordable, finish_eta, leader_rung, plan, sampler_startup,
@@ -52,7 +52,8 @@ from emnist_hpo.search.optuna.queue import (
     enqueue_warm_start,
     warm_start_sources,
 )
-from emnist_hpo.search.optuna.promotions import drop_paused_checkpoints, enqueue_closing, enqueue_promotions, rung_table
+from emnist_hpo.search.optuna.promotions import (drop_paused_checkpoints, enqueue_closing, enqueue_promotions,
+                                                enqueue_runner_up, rung_table, runner_up)
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import (DEFAULT_STARTUP, checkpoint_folder, finished_count, make_sampler,
@@ -219,13 +220,34 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
         throughput = Throughput.of_study(ctx.study)
         need = throughput.seconds(work, norm)
         left = ctx.budget.left()
-        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
+        # a rung below the last leaves the closing run its time; the last rung is the closing run's, or a new
+        # leader's, whose run gives the last rung its second run as well
+        closing = closing_seconds(ctx) if index < len(ladder.rungs) - 1 else 0.0
+        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left) - closing
         if need > room:
+            kept = "the closing full-length run, " if closing > 0 else ""
             return (f"time budget: rung {index} would take ~{need:.0f} s and {max(room, 0):.0f} s are left for the "
-                    f"search (the rest is kept for the finalists and the final fit)")
+                    f"search (the rest is kept for {kept}the finalists and the final fit)")
         return None
 
     return check
+
+
+def closing_seconds(ctx: StudyContext) -> float:
+    """Seconds the search keeps for its closing run: the last rungs of the trial it would continue
+    (:func:`~emnist_hpo.search.optuna.promotions.runner_up`), at the slower of the study's speed and that trial's
+    own; 0 when none is due (no time budget, another pruner, the last rung empty or holding two runs)."""
+    if ctx.opts.pruner != "successive-halving" or ctx.budget.deadline is None:
+        return 0.0
+    trial = runner_up(ctx.study, ctx.checkpoint_dir, leader_rung(ctx))
+    if trial is None:
+        return 0.0
+    return climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), Throughput.of_study(ctx.study))
+
+
+def stop_search(ctx: StudyContext) -> str | None:
+    """Why the search must start no more trials (:meth:`TimeBudget.stop_search`, the closing run's time kept)."""
+    return ctx.budget.stop_search(costs_of(ctx.study, ctx.ladder), closing=closing_seconds(ctx))
 
 
 # --------------------------------------------------------------------------- champion selection
@@ -294,6 +316,21 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         numbers = enqueue_closing(ctx.study, ctx.checkpoint_dir)
         for n in numbers:
             log(f"no trial has reached the last rung: trial {n}, the best paused one, continues")
+        if numbers:
+            return numbers
+        need = closing_seconds(ctx)
+        if need <= 0:
+            return []
+        left = ctx.budget.left()
+        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
+        if need > room:  # a run its rung check would stop at once: not begun
+            log(f"no time for the closing run: the last rung holds one run, and a second would take ~{need:.0f} s "
+                f"of the {max(room, 0):.0f} s left before the finalists and the final fit")
+            return []
+        numbers = enqueue_runner_up(ctx.study, ctx.checkpoint_dir, leader_rung(ctx))
+        for n in numbers:
+            log(f"the last rung holds one run: trial {n}, the best waiting at the rung below, continues to the end "
+                f"(~{need:.0f} s; the closing run), so that no leader is crowned unopposed")
         return numbers
 
     return {"prepare": prepare, "finish": finish}
@@ -460,8 +497,8 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
         at_start = done
 
         def search_left(finish: float) -> float:
-            """Seconds of the time budget left to the search: what is left but the ``finish`` (the finalists and the
-            final fit, which come after it)."""
+            """Seconds of the time budget left to the search: what is left but the ``finish`` (the closing run,
+            the finalists and the final fit, which come after it)."""
             return max(0.0, ctx.budget.left() - finish)
 
         def eta() -> float:
@@ -469,7 +506,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             left = opts.trials - at_start - n
             if n <= 0:
                 return the_plan.seconds + the_plan.finish_seconds
-            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder)
+            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder) + closing_seconds(ctx)  # what follows the search
             search = search_eta(study, the_plan, left, opts.workers)
             if ctx.budget.deadline is not None:
                 search = min(search, search_left(finish))
@@ -481,7 +518,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             """Under a time budget, the bar's end: what is finished and what the search's time left affords."""
             if not the_plan.by_budget:
                 return None
-            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder)
+            finish = finish_eta(study, the_plan, ctx.budget, ctx.ladder) + closing_seconds(ctx)  # what follows the search
             return min(opts.trials, finished_count(study) + affordable(study, the_plan, search_left(finish), opts.workers))
 
         startup = sampler_startup(total)
@@ -495,7 +532,7 @@ def run_study(opts: StudyOptions, log: Callable[[str], None] = print) -> StudyRe
             if opts.workers > 1 and done < opts.trials:
                 run_workers(dataclasses.replace(opts, deadline=ctx.budget.deadline, startup_trials=startup), parent, study, progress, log)
             run_trials(study, objective, target=opts.trials, lock=ctx.lock, callbacks=[progress],
-                       stop=lambda: ctx.budget.stop_search(costs_of(study, ctx.ladder)), max_failures=max(3, opts.trials), log=log,
+                       stop=lambda: stop_search(ctx), max_failures=max(3, opts.trials), log=log,
                        **_promotions(ctx, log))
             drop_paused_checkpoints(study, ctx.checkpoint_dir)  # the search is over: none will be continued
         finally:
@@ -556,7 +593,7 @@ def run_worker(opts: StudyOptions, parent_run_id: str, log: Callable[[str], None
     objective = make_objective(ctx, parent_run_id)
     try:
         return run_trials(ctx.study, objective, target=opts.trials, lock=ctx.lock,
-                          stop=lambda: ctx.budget.stop_search(costs_of(ctx.study, ctx.ladder)),
+                          stop=lambda: stop_search(ctx),
                           max_failures=max(3, opts.trials), log=log, **_promotions(ctx, log))
     except KeyboardInterrupt as exc:
         _after_interrupt(ctx.study, ctx.tracker, exc, log, ctx.checkpoint_dir)
