@@ -253,3 +253,44 @@ def test_no_closing_run_where_the_last_rung_holds_two_runs_or_a_second_is_on_its
     _add(other, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9, trained_by={1: 1})
     _add(other, COMPLETE, [(1, 0.87), (2, 0.91)], value=0.91)  # a new leader ran the last rung too
     assert runner_up(other, ckpt, 1) is None
+
+
+def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_fits_the_time_left(tmp_path):
+    """The study's hook when the search stops: with the last rung's run of the best waiting trial priced at its
+    own speed, it queues that run (and says so) while it fits before the final fit, and otherwise says there is
+    no time for it and queues nothing (a run its rung check would stop at once)."""
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from emnist_hpo.search.budget import TimeBudget, rung_norm, rung_work
+    from emnist_hpo.search.optuna.study import _promotions
+    from emnist_hpo.train.fidelity import make_ladder
+
+    n, nv = 14_435, 3_609
+    ladder = make_ladder("data", 15, n, 26)
+    images, vals = ladder.images(n), ladder.val_sizes(nv)
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):  # rung 1 of three: trial 1 led and was continued; 2 waits, then 0
+        rungs = [{"rung": r, "score": s, "images": images[r], "work": rung_work(images[r], 5e6, vals[r]),
+                  "norm": rung_norm(images[r], 1000), "seconds": 10.0 * (r + 1), "trial": len(study.trials)}
+                 for r, s in ((0, 0.7), (1, score))]
+        _add(study, PRUNED, [], {PAUSED_ATTR: 1, "flops": 5e6, "rungs": rungs})
+    _add(study, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9, trained_by={1: 1})
+    ckpt = _checkpoint(tmp_path, 0, 2)
+
+    def ctx(left: float):
+        budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=False, val_fraction=0.2)
+        budget.deadline = time.time() + left
+        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving"), study=study, checkpoint_dir=ckpt,
+                               ladder=ladder, budget=budget, multi=False,
+                               data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
+
+    said: list[str] = []
+    assert _promotions(ctx(5.0), said.append)["finish"]() == []  # its last rung takes far longer than 5 s
+    assert len(said) == 1 and said[0].startswith("no time for the closing run")
+    assert not any(CLOSING_ATTR in t.user_attrs for t in study.trials)
+    assert _promotions(ctx(1500.0), said.append)["finish"]() == [2]
+    assert "trial 2, the best waiting at the rung below, continues to the end" in said[-1]
+    assert study.trials[-1].user_attrs[CLOSING_ATTR] == 2
