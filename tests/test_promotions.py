@@ -258,14 +258,15 @@ def test_no_closing_run_where_the_last_rung_holds_two_runs_or_a_second_is_on_its
 def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_fits_the_time_left(tmp_path):
     """The study's hook when the search stops: with the last rung's run of the best waiting trial priced at its
     own speed, it queues that run (and says so) while it fits before the final fit, and otherwise says there is
-    no time for it and queues nothing (a run its rung check would stop at once)."""
+    no time for it and queues nothing (a run its rung check would stop at once). The search stops with a margin
+    over that price kept."""
     import time
     from types import SimpleNamespace
 
     import numpy as np
 
     from emnist_hpo.search.budget import TimeBudget, rung_norm, rung_work
-    from emnist_hpo.search.optuna.study import _promotions
+    from emnist_hpo.search.optuna.study import _promotions, closing_seconds, stop_search
     from emnist_hpo.train.fidelity import make_ladder
 
     n, nv = 14_435, 3_609
@@ -291,6 +292,12 @@ def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_f
     assert _promotions(ctx(5.0), said.append)["finish"]() == []  # its last rung takes far longer than 5 s
     assert len(said) == 1 and said[0].startswith("no time for the closing run")
     assert not any(CLOSING_ATTR in t.user_attrs for t in study.trials)
-    assert _promotions(ctx(1500.0), said.append)["finish"]() == [2]
+    need = closing_seconds(ctx(1500.0))
+    assert 30 < need < 1500
+    # with a typical trial (10 s) and a tenth more than its price left, the search has stopped (it keeps a margin
+    # for the last trial's rungs running past their prices), and the closing run begins
+    reason = stop_search(ctx(10 + 1.1 * need))
+    assert reason and "the closing full-length run" in reason
+    assert _promotions(ctx(10 + 1.1 * need), said.append)["finish"]() == [2]
     assert "trial 2, the best waiting at the rung below, continues to the end" in said[-1]
     assert study.trials[-1].user_attrs[CLOSING_ATTR] == 2
