@@ -145,10 +145,9 @@ def runner_up(study: optuna.Study, checkpoint_dir: Path | None,
     if any(CLOSING_ATTR in t.user_attrs for t in trials):
         return None  # one closing run per study, whatever became of it
     table = rung_table(trials)
-    by_number = {t.number: t for t in trials}
+    paused_at = {t.number: t.user_attrs.get(PAUSED_ATTR) for t in trials}
     on_way = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs
-              and by_number.get(int(t.user_attrs[PROMOTE_ATTR])) is not None
-              and by_number[int(t.user_attrs[PROMOTE_ATTR])].user_attrs.get(PAUSED_ATTR) == leader_rung]
+              and paused_at.get(int(t.user_attrs[PROMOTE_ATTR])) == leader_rung]
     runs = len(table.get(leader_rung + 1, {}))
     if runs == 0 or runs + len(on_way) >= LAST_RUNG_RUNS:
         return None

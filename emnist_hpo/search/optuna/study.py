@@ -219,11 +219,10 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
     def check(ladder: Ladder, index: int, work: float, norm: float = 0.0) -> str | None:
         throughput = Throughput.of_study(ctx.study)
         need = throughput.seconds(work, norm)
-        left = ctx.budget.left()
         # a rung below the last leaves the closing run its time; the last rung is the closing run's, or a new
         # leader's, whose run gives the last rung its second run as well
-        closing = closing_seconds(ctx, CLOSING_MARGIN) if index < len(ladder.rungs) - 1 else 0.0
-        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left) - closing
+        closing = closing_seconds(ctx, CLOSING_MARGIN, throughput) if index < len(ladder.rungs) - 1 else 0.0
+        room = search_room(ctx) - closing
         if need > room:
             kept = "the closing full-length run, " if closing > 0 else ""
             return (f"time budget: rung {index} would take ~{need:.0f} s and {max(room, 0):.0f} s are left for the "
@@ -233,22 +232,29 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
     return check
 
 
+def search_room(ctx: StudyContext) -> float:
+    """Seconds of the time budget left before the finalists and the final fit (:meth:`TimeBudget.reserve`)."""
+    left = ctx.budget.left()
+    return left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
+
+
 #: What the search keeps for its closing run, in multiples of its price: the last trial's rungs run past their own
 #: prices by seconds, and a closing run priced at 163 s found 160 s left (balanced seed 1, Intel machine).
 CLOSING_MARGIN = 1.25
 
 
-def closing_seconds(ctx: StudyContext, margin: float = 1.0) -> float:
+def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughput | None = None) -> float:
     """Seconds of the closing run (times ``margin``: what the search keeps for it): the last rungs of the trial it
-    would continue (:func:`~emnist_hpo.search.optuna.promotions.runner_up`), at the slower of the study's speed and
-    that trial's own; 0 when none is due (no time budget, another pruner, the last rung empty or holding two runs)."""
-    if ctx.opts.pruner != "successive-halving" or ctx.budget.deadline is None:
+    would continue (:func:`~emnist_hpo.search.optuna.promotions.runner_up`), at the slower of the study's speed
+    (``throughput``, when the caller has fitted it) and that trial's own; 0 when none is due (no time budget, whose
+    leader rung it needs, another pruner, the last rung empty or holding two runs)."""
+    if ctx.opts.pruner != "successive-halving":
         return 0.0
     trial = runner_up(ctx.study, ctx.checkpoint_dir, leader_rung(ctx))
     if trial is None:
         return 0.0
-    return margin * climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val),
-                                  Throughput.of_study(ctx.study))
+    speed = Throughput.of_study(ctx.study) if throughput is None else throughput
+    return margin * climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), speed)
 
 
 def stop_search(ctx: StudyContext) -> str | None:
@@ -327,8 +333,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         need = closing_seconds(ctx)
         if need <= 0:
             return []
-        left = ctx.budget.left()
-        room = left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
+        room = search_room(ctx)
         if need > room:  # a run its rung check would stop at once: not begun
             log(f"no time for the closing run: the last rung holds one run, and a second would take ~{need:.0f} s "
                 f"of the {max(room, 0):.0f} s left before the finalists and the final fit")
