@@ -20,6 +20,8 @@ SAMPLERS = ("tpe", "random", "qmc", "cmaes", "nsga2")
 PRUNERS = ("successive-halving", "hyperband", "median", "none")
 #: ``--fidelity`` names (emnist_hpo.train.fidelity).
 FIDELITIES = ("data", "epochs", "none")
+#: Who enters the last rung under a time budget (``--last-rung``): see :mod:`emnist_hpo.search.optuna.promotions`.
+LAST_RUNG_RULES = ("leaders", "close")
 #: Objective names for ``--objectives``: accuracy is maximised, the model's size (params) or cost (forward FLOPs
 #: per image) minimised.
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "flops": "minimize"}
@@ -58,6 +60,9 @@ class StudyOptions:
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
     startup_trials: int | None = None  # internal: TPE's random trials before it models (from the study's plan), for workers
     random_fraction: float = 0.0  # TPE: share of its draws after the random start made at random (keeps exploring)
+    # under --timeout, one objective: who enters the last rung. "leaders": the best of the rung below as it leads (and
+    # a closing run where one led alone); "close": nobody until the search stops, then the best two of the rung below
+    last_rung: str = "leaders"
     objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params / accuracy,flops (a Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
     seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue
@@ -124,6 +129,8 @@ class StudyOptions:
             )
         if self.sampler is not None and self.sampler not in SAMPLERS:
             raise ConfigError(f"--sampler must be one of {', '.join(SAMPLERS)} (sampler={self.sampler!r})")
+        if self.last_rung not in LAST_RUNG_RULES:
+            raise ConfigError(f"--last-rung must be one of {', '.join(LAST_RUNG_RULES)} (last_rung={self.last_rung!r})")
         if not 0 <= self.random_fraction < 1:  # False for NaN too
             raise ConfigError(f"--random-fraction must be in [0, 1) (random_fraction={self.random_fraction})")
         if self.random_fraction and self.sampler_used != "tpe":

@@ -535,6 +535,8 @@ def test_the_plan_counts_full_length_runs_as_the_leaders_of_the_rung_below_under
     assert last_rung_runs(1, ladder, True) == pytest.approx(1 / 3)  # never more runs than scores below
     runs = [last_rung_runs(c, ladder, True) for c in (30, 60, 120, 240)]
     assert runs == sorted(runs) and runs[-1] - runs[0] == pytest.approx(math.log(8))  # grows like a log
+    # --last-rung close: the closing runs alone, two however many screened (never more than the scores below)
+    assert [last_rung_runs(c, ladder, True, close=True) for c in (3, 27, 240)] == [1.0, 2.0, 2.0]
 
 
 def test_a_new_study_plans_with_the_speed_its_storages_other_studies_measured(tmp_path):

@@ -126,10 +126,10 @@ def test_under_a_time_budget_only_the_best_of_the_rung_below_the_last_runs_to_th
         t = _trial(study, [0.5] * below + [score])
         study.tell(t, state=optuna.trial.TrialState.PRUNED)
 
-    def control(leader: int | None):
+    def control(leader: int | None, close: bool = False):
         return OptunaRungs(_trial(study), LADDER, ModelCost(1000, 10**6), pruner="successive-halving",
                            no_skill=NO_SKILL, report=True, data_sizes=(13_385, 3_347), can_pause=True,
-                           leader_rung=leader)
+                           leader_rung=leader, close=close)
 
     assert _end(control(None), below, 0.75) is None  # second of 9: in the best third, it goes on
     c = control(below)
@@ -137,6 +137,11 @@ def test_under_a_time_budget_only_the_best_of_the_rung_below_the_last_runs_to_th
     assert why and "paused" in why and "only its best goes on to the last rung" in why and c.paused
     assert _end(control(below), below, 0.85) is None  # the new best of the rung goes on
     assert _end(control(below), 0, 0.75) is None  # lower rungs keep the best third
+    # --last-rung close: the new best waits too, for the search to stop; lower rungs are as before
+    c = control(below, close=True)
+    why = _end(c, below, 0.95)
+    assert why and "paused" in why and "the last rung waits for the search to stop" in why and c.paused
+    assert _end(control(below, close=True), 0, 0.75) is None
 
 
 def test_two_objective_studies_are_pruned_on_accuracy_without_optuna_reports():

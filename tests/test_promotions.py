@@ -15,6 +15,9 @@ from emnist_hpo.search.optuna.promotions import (
     CLOSING_ATTR,
     PAUSED_ATTR,
     PROMOTE_ATTR,
+    closers,
+    closing_queued,
+    enqueue_closers,
     enqueue_promotions,
     enqueue_runner_up,
     promotions,
@@ -284,7 +287,8 @@ def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_f
     def ctx(left: float):
         budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=False, val_fraction=0.2)
         budget.deadline = time.time() + left
-        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving"), study=study, checkpoint_dir=ckpt,
+        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung="leaders"), study=study,
+                               checkpoint_dir=ckpt,
                                ladder=ladder, budget=budget, multi=False,
                                data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
 
@@ -301,3 +305,159 @@ def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_f
     assert _promotions(ctx(10 + 1.1 * need), said.append)["finish"]() == [2]
     assert "trial 2, the best waiting at the rung below, continues to the end" in said[-1]
     assert study.trials[-1].user_attrs[CLOSING_ATTR] == 2
+
+
+# --------------------------------------------------------------------------- --last-rung close
+
+
+def test_with_last_rung_close_nobody_enters_the_last_rung_while_the_search_screens(tmp_path):
+    """``--last-rung close``: the rung below the last lets nobody on, its best included (at the rung's end and as
+    a promotion of a paused trial); the other rungs keep their best third."""
+    assert top({0: 0.5, 1: 0.9, 2: 0.7}, 3, leader=True, close=True) == set()
+    assert top({0: 0.5, 1: 0.9, 2: 0.7}, 3, close=True) == {1}  # not the leader rung: its best third
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    ckpt = _checkpoint(tmp_path, 0, 1, 2)
+    assert [t.number for t in promotions(study, 3, ckpt, leader_rung=1)] == [1]
+    assert promotions(study, 3, ckpt, leader_rung=1, close=True) == []
+
+
+def test_with_last_rung_close_the_closing_runs_are_the_best_two_waiting_below_the_last_rung(tmp_path):
+    """When the search stops the last rung's runs are the best :data:`LAST_RUNG_RUNS` waiting at the rung below
+    with their checkpoints, best first, queued once; one fewer where the last rung already holds a run."""
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84, 0.85, 0.83):  # trial 3 (0.85) has no checkpoint
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    _add(study, PRUNED, [(0, 0.95)], {PAUSED_ATTR: 0})  # paused lower: not a candidate
+    ckpt = _checkpoint(tmp_path, 0, 1, 2, 4, 5)
+    assert closers(study, ckpt, 1) == []  # the leader rule: nothing at the last rung, enqueue_closing's case
+    assert closers(study, ckpt, None, True) == []  # no time budget: no leader rung
+    assert [t.number for t in closers(study, ckpt, 1, True)] == [1, 2]
+    assert enqueue_closers(study, closers(study, ckpt, 1, True)) == [1, 2]
+    queued = [t for t in study.trials if t.state == optuna.trial.TrialState.WAITING]
+    assert [(t.user_attrs[PROMOTE_ATTR], t.user_attrs[CLOSING_ATTR]) for t in queued] == [(1, 1), (2, 2)]
+    assert closing_queued(study) == [q.number for q in queued]
+    assert closers(study, ckpt, 1, True) == []  # once per study
+    one = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):
+        _add(one, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    _add(one, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1}, value=0.9, trained_by={1: 1})
+    assert [t.number for t in closers(one, ckpt, 1, True)] == [2]  # the last rung holds one: one more
+
+
+def _close_ctx(tmp_path, last_rung: str = "close"):
+    """A study paused at rung 1 of three (trials 0-2, rung 1 scores 0.80, 0.86, 0.84), none complete, and a context
+    for the study's hooks under a time budget with a final fit."""
+    import time
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from emnist_hpo.search.budget import TimeBudget, rung_norm, rung_work
+    from emnist_hpo.train.fidelity import make_ladder
+
+    n, nv = 14_435, 3_609
+    ladder = make_ladder("data", 15, n, 26)
+    images, vals = ladder.images(n), ladder.val_sizes(nv)
+    study = optuna.create_study(direction="maximize")
+    for score in (0.80, 0.86, 0.84):
+        rungs = [{"rung": r, "score": s, "images": images[r], "work": rung_work(images[r], 5e6, vals[r]),
+                  "norm": rung_norm(images[r], 1000), "seconds": 10.0 * (r + 1), "trial": len(study.trials)}
+                 for r, s in ((0, 0.7), (1, score))]
+        _add(study, PRUNED, [], {PAUSED_ATTR: 1, "flops": 5e6, "rungs": rungs})
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ckpt = _checkpoint(tmp_path, 0, 1, 2)
+
+    def ctx(left: float):
+        budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=True, val_fraction=0.2)
+        budget.deadline = time.time() + left
+        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung=last_rung), study=study,
+                               checkpoint_dir=ckpt, ladder=ladder, budget=budget, multi=False,
+                               data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
+
+    return study, ctx
+
+
+def test_with_last_rung_close_the_search_keeps_time_for_both_closing_runs_and_the_final_fit(tmp_path):
+    """While no trial is complete the budget's reserve has no final fit to price: the search keeps the closing runs'
+    last rungs (with the margin) and the longest one's final fit from scratch, and stops where they no longer fit."""
+    from emnist_hpo.search.budget import Throughput, climb_seconds
+    from emnist_hpo.search.optuna.study import CLOSING_MARGIN, closing_fit, closing_seconds, search_room, stop_search
+
+    study, ctx = _close_ctx(tmp_path)
+    c = ctx(1500.0)
+    speed = Throughput.of_study(study)
+    n, nv = len(c.data.y_train), len(c.data.y_val)
+    climbs = [climb_seconds(study.trials[i], c.ladder, n, nv, speed) for i in (1, 2)]
+    assert closing_seconds(c) == pytest.approx(sum(climbs))
+    assert closing_seconds(c, CLOSING_MARGIN) == pytest.approx(CLOSING_MARGIN * sum(climbs))
+    fit = closing_fit(c)
+    whole = climb_seconds(study.trials[1], c.ladder, n, nv, speed, start=0)
+    assert whole > climbs[0] and fit == pytest.approx(c.budget.final_fit_scale * whole)
+    assert search_room(c) == pytest.approx(1500.0 - fit, abs=1.0)  # the reserve alone would keep nothing
+    _, leaders = _close_ctx(tmp_path / "l", "leaders")
+    assert closing_fit(leaders(1500.0)) == 0.0  # the leader rule: its leaders' complete runs price the final fit
+    keep = CLOSING_MARGIN * sum(climbs) + fit
+    assert stop_search(ctx(10 + keep + 30)) is None  # a typical trial (10 s) still fits
+    reason = stop_search(ctx(10 + keep - 30))
+    assert reason and "the closing full-length run" in reason
+
+
+def test_with_last_rung_close_the_hook_queues_the_closing_runs_that_fit_and_runs_them_all(tmp_path):
+    """When the search stops the hook queues the best two of the rung below where both fit, only the best where the
+    second does not (and says so), and on each later call hands back the closing runs still queued, so that the
+    loop runs every one."""
+    from emnist_hpo.search.budget import Throughput, climb_seconds
+    from emnist_hpo.search.optuna.study import _promotions, closing_fit
+
+    study, ctx = _close_ctx(tmp_path)
+    c = ctx(1500.0)
+    n, nv = len(c.data.y_train), len(c.data.y_val)
+    speed = Throughput.of_study(study)
+    first, second = (climb_seconds(study.trials[i], c.ladder, n, nv, speed) for i in (1, 2))
+    fit = closing_fit(c)
+    said: list[str] = []
+    assert _promotions(ctx(fit + first + second / 2), said.append)["finish"]() == [1]  # the second does not fit
+    assert said[0].startswith("no time for trial 2's closing run")
+    assert "the best 1 of rung 1 (trial(s) 1) go on to the end" in said[-1]
+    queued = closing_queued(study)
+    assert len(queued) == 1 and _promotions(ctx(1500.0), said.append)["finish"]() == queued  # still to run
+
+    study, ctx = _close_ctx(tmp_path / "both")
+    said.clear()
+    assert _promotions(ctx(1500.0), said.append)["finish"]() == [1, 2]
+    assert "the best 2 of rung 1 (trial(s) 1, 2) go on to the end" in said[-1] and "closing runs" in said[-1]
+
+
+@pytest.mark.slow
+def test_a_real_study_with_last_rung_close_runs_the_last_rung_only_for_the_best_two_after_the_search(tmp_path,
+                                                                                                    sample_dir):
+    """A real study with --timeout and --last-rung close (one process): no trial trains the last rung until every
+    configuration is screened; then the two best of the rung below do, as closing runs, and one of them is crowned."""
+    from emnist_hpo.search.optuna.study import StudyOptions, run_study
+
+    space = tmp_path / "space.yaml"
+    space.write_text("conv_blocks: 1\nfilters: {choices: [2, 4, 8, 16]}\nkernel: 3\ndense_layers: 0\n"
+                     "dense_units: 32\nlearning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nbatch_size: 64\n")
+    lines: list[str] = []
+    res = run_study(StudyOptions(
+        split="digits", trials=7, epochs=3, fidelity="epochs", max_train_samples=1500, data_dir=str(sample_dir),
+        storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
+        checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
+        search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0, last_rung="close",
+    ), log=lines.append)
+    assert any("to the last rung nobody until the search stops" in ln for ln in lines), lines
+    trials = res.study.trials
+    last = 1  # --fidelity epochs, --epochs 3, eta 3: rungs at epochs 1 and 3
+    entrants = [t for t in trials if any(r["rung"] == last and r["trial"] == t.number
+                                         for r in t.user_attrs.get("rungs", []))]
+    assert entrants and all(CLOSING_ATTR in t.user_attrs for t in entrants), [(t.number, t.user_attrs) for t in trials]
+    first_closing = min(t.number for t in entrants)
+    assert all(PROMOTE_ATTR in t.user_attrs for t in trials if t.number >= first_closing)  # nothing sampled after
+    scores = rung_table(trials).get(last - 1, {})
+    picked = sorted(t.user_attrs[CLOSING_ATTR] for t in entrants)
+    best = sorted(sorted(scores, key=lambda n: -scores[n])[:len(picked)])
+    assert picked == best and len(picked) == min(2, len(scores)), (picked, scores)
+    assert res.champion_trial is not None and CLOSING_ATTR in res.champion_trial.user_attrs
+    assert any("go on to the end" in ln and "the closing runs" in ln for ln in lines)

@@ -452,17 +452,19 @@ class Throughput:
 
 
 def climb_seconds(trial: optuna.trial.FrozenTrial, ladder: Ladder, n_train: int, n_val: int,
-                  throughput: Throughput) -> float:
-    """Seconds the rungs above the one paused ``trial`` stopped at take (``paused_at``; none: every rung), at the
-    slower of ``throughput`` and the speed its own rungs ran at (:meth:`Throughput.own`): its FLOPs per image
-    (``flops``) and its batch-norm elements per image (a rung record's ``norm`` over its ``images``)."""
+                  throughput: Throughput, start: int | None = None) -> float:
+    """Seconds the rungs above the one paused ``trial`` stopped at take (``paused_at``; none: every rung; ``start``:
+    from that rung on, 0 for a run from scratch), at the slower of ``throughput`` and the speed its own rungs ran at
+    (:meth:`Throughput.own`): its FLOPs per image (``flops``) and its batch-norm elements per image (a rung
+    record's ``norm`` over its ``images``)."""
     records = records_of(trial)
     mine = throughput.own([record_of(r) for r in records if "work" in r and "seconds" in r])
     speed = mine if mine is not None and mine.rate < throughput.rate else throughput
     flops = float(trial.user_attrs.get("flops") or 0)
     per_image = next((float(r["norm"]) / float(r["images"]) for r in records
                       if r.get("norm") is not None and r.get("images")), 0.0)
-    start = int(trial.user_attrs.get(PAUSED_ATTR, -1)) + 1
+    if start is None:
+        start = int(trial.user_attrs.get(PAUSED_ATTR, -1)) + 1
     sizes = list(zip(ladder.images(n_train), ladder.val_sizes(n_val)))[start:]
     return sum(speed.seconds(rung_work(images, flops, vs), images * per_image) for images, vs in sizes)
 

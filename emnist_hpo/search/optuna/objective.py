@@ -47,13 +47,15 @@ class OptunaRungs(RungControl):
     from the rung scores the study's trials recorded, so it works for two objectives too),
     ``optuna`` (the study's own pruner decides on the reported rung values: hyperband, median),
     or ``none``. ``leader_rung``: the rung whose best alone goes on (the one below the last, under a time
-    budget; None: the best ``1/eta`` of every rung go on).
+    budget; None: the best ``1/eta`` of every rung go on); ``close``: none goes on from it while the search
+    screens (``--last-rung close``: its best go on as closing runs when the search stops).
     """
 
     def __init__(self, trial: optuna.Trial, ladder: Ladder, cost: ModelCost, *, pruner: str, no_skill: float,
                  report: bool, data_sizes: tuple[int, int], time_left: Callable[[Ladder, int, float, float], str | None]
                  | None = None, resumed: Sequence[Mapping[str, Any]] = (), can_pause: bool = False,
-                 promoted_through: int = -1, leader_rung: int | None = None, limits: Limits | None = None):
+                 promoted_through: int = -1, leader_rung: int | None = None, limits: Limits | None = None,
+                 close: bool = False):
         self.trial, self.ladder, self.cost = trial, ladder, cost
         self.limits = limits  # the time to be crowned, judged again before every rung at the model's own speed
         self.pruner, self.no_skill, self.report = pruner, no_skill, report
@@ -64,6 +66,7 @@ class OptunaRungs(RungControl):
         self.promoted_through = promoted_through  # rungs already judged: the paused trial it continues earned them
         self.paused = False  # set when this trial pauses (the trial path keeps its checkpoint)
         self.leader_rung = leader_rung
+        self.close = close
 
     def _work(self, index: int, images: int) -> float:
         return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
@@ -103,12 +106,16 @@ class OptunaRungs(RungControl):
             where = f"rank {rank} of {len(scores)} at this rung"
             if self.can_pause:  # ASHA: the best 1/eta of the rung so far go on; the others wait, paused
                 leader = result.index == self.leader_rung
-                if self.trial.number in top(scores, self.ladder.eta, leader=leader):
+                if self.trial.number in top(scores, self.ladder.eta, leader=leader, close=self.close):
                     return None
                 self.paused = True
                 self.trial.set_user_attr(PAUSED_ATTR, result.index)
-                rule = ("only its best goes on to the last rung (a time budget)" if leader
-                        else f"only the best 1/{self.ladder.eta} go on")
+                if leader and self.close:
+                    rule = "the last rung waits for the search to stop, then its best go on (--last-rung close)"
+                elif leader:
+                    rule = "only its best goes on to the last rung (a time budget)"
+                else:
+                    rule = f"only the best 1/{self.ladder.eta} go on"
                 return (f"paused at rung {result.index} (val_accuracy {result.score:.4f}): {where}, {rule}; "
                         "continues if it gets there")
             if not promotable(result.score, list(scores.values()), self.ladder.eta):
@@ -139,6 +146,7 @@ class Objective:
         no_skill: float = 0.0,
         budget_check: Callable[[Ladder, int, float, float], str | None] | None = None,
         leader_rung: int | None = None,
+        close: bool = False,
     ):
         self.space, self.base, self.data, self.ladder = space, base, data, ladder
         self.objectives = tuple(objectives)
@@ -148,6 +156,7 @@ class Objective:
         self.limits = limits or Limits()
         self.pruner, self.no_skill, self.budget_check = pruner, no_skill, budget_check
         self.leader_rung = leader_rung  # the rung whose best alone goes on (see OptunaRungs)
+        self.close = close  # --last-rung close: none goes on from the leader rung while the search screens
 
     @property
     def multi(self) -> bool:
@@ -195,7 +204,7 @@ class Objective:
             no_skill=self.no_skill, report=not self.multi, data_sizes=(len(self.data.y_train), len(self.data.y_val)),
             time_left=self.budget_check, resumed=resumed, can_pause=checkpoint is not None,
             promoted_through=self._promoted_through(trial, previous), leader_rung=self.leader_rung,
-            limits=self.limits,
+            limits=self.limits, close=self.close,
         )
         # a continuation's configuration was let through when it began: its time is not judged again
         limits = self.limits if previous is None else dataclasses.replace(self.limits, max_seconds=None)

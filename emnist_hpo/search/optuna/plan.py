@@ -70,6 +70,7 @@ class Plan:
     final_scale: float = 0.0  # the final fit in runs up the whole ladder (train+validation: 1 / (1 - val share)); 0: none
     reeval_cap: float = math.inf  # the most seconds the re-evaluation may take (a time budget's share)
     patience: int = 0  # --early-stopping at the last rung (0 = off: every epoch of it is trained)
+    close: bool = False  # with leader: none goes on until the search stops, then its best LAST_RUNG_RUNS (--last-rung close)
 
     def per_config(self, throughput: Throughput) -> float:
         """Expected seconds of one screened configuration (its promotions included) of the average model."""
@@ -84,8 +85,10 @@ class Plan:
 
     def lines(self) -> list[str]:
         out = [f"plan: {self.ladder.mode} fidelity, {len(self.ladder.rungs)} rung(s), the best 1/{self.ladder.eta} "
-               f"of each rung go on" + (", to the last rung only the best (and, if it runs there alone, the best of the "
-                                         "rest as the search closes)" if self.leader else "")]
+               f"of each rung go on" + (f", to the last rung nobody until the search stops, then the best "
+                                         f"{LAST_RUNG_RUNS} of the rung below (--last-rung close)" if self.close
+                                         else ", to the last rung only the best (and, if it runs there alone, the best "
+                                         "of the rest as the search closes)" if self.leader else "")]
         out.append("  " + self.ladder.describe(self.n_train, self.n_val, self.patience).replace("; ", "\n  "))
         reach = ", ".join(f"~{n:.0f} at rung {i}" for i, n in enumerate(self.per_rung))
         what = "the time budget affords" if self.by_budget else "to screen"
@@ -118,15 +121,23 @@ def leader_rung(ctx: "StudyContext") -> int | None:
     return len(ctx.ladder.rungs) - 2
 
 
-def last_rung_runs(configs: float, ladder: Ladder, leader: bool) -> float:
+def closes(ctx: "StudyContext") -> bool:
+    """Whether the last rung waits for the search to stop (``--last-rung close``, where there is a leader rung)."""
+    return leader_rung(ctx) is not None and ctx.opts.last_rung == "close"
+
+
+def last_rung_runs(configs: float, ladder: Ladder, leader: bool, close: bool = False) -> float:
     """Expected runs of the last rung among ``configs`` screened configurations: ``1/eta**(rungs-1)`` of them;
     under the leader rule the successive bests of the rung below, ~``1 + ln(m/eta)`` of its ``m`` scores
     (the best of its first ``eta``, then each score better than all before it), and no fewer than
-    :data:`~emnist_hpo.search.optuna.promotions.LAST_RUNG_RUNS` (the closing run) where the rung below has them."""
+    :data:`~emnist_hpo.search.optuna.promotions.LAST_RUNG_RUNS` (the closing run) where the rung below has them;
+    with ``close`` (the last rung waits for the search to stop) the closing runs alone, ``LAST_RUNG_RUNS``."""
     reach = ladder.reach()
     if not leader or len(reach) < 2:
         return configs * reach[-1]
     m = configs * reach[-2]
+    if close:
+        return min(m, float(LAST_RUNG_RUNS))
     return 0.0 if m <= 0 else min(m, max(float(LAST_RUNG_RUNS), 1.0 + max(0.0, math.log(m / ladder.eta))))
 
 
@@ -202,13 +213,13 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
     opts, data, ladder = ctx.opts, ctx.data, ctx.ladder
     n, nv = len(data.y_train), len(data.y_val)
     typical = _typical(flops, normalized)
-    leader = leader_rung(ctx) is not None
+    leader, close = leader_rung(ctx) is not None, closes(ctx)
     reach, last_i = ladder.reach(), len(ladder.rungs) - 1
     below = planned_cost(typical, ladder, n, nv, throughput, reach=[*reach[:-1], 0.0])  # the rungs below the last
     last = planned_cost(typical, ladder, n, nv, throughput, reach=[0.0] * last_i + [1.0])  # one last-rung run
 
     def search_cost(c: int) -> float:
-        return c * below + last_rung_runs(c, ladder, leader) * last
+        return c * below + last_rung_runs(c, ladder, leader, close) * last
 
     whole = planned_cost(typical, ladder, n, nv, throughput, reach=[1.0] * len(ladder.rungs))  # up the whole ladder
     finalist_runs = float(opts.finalists * opts.folds)
@@ -232,11 +243,11 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
             # the budget in which it is not refused for time (it is then also screened with time to spare for
             # the capped re-evaluation and the final fit: a screen costs at most the whole climb)
             enough = whole * (1 + final_scale) / CROWN_SHARE
-    per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader)]
+    per_rung = [configs * p for p in reach[:-1]] + [last_rung_runs(configs, ladder, leader, close)]
     return Plan(ladder, n, nv, configs, per_rung, search_cost(configs),
                 finish_cost(whole, finalist_runs, final_scale, reeval_cap), throughput, flops, by_budget, leader,
                 limits.max_seconds, normalized, enough, finalist_runs, final_scale, reeval_cap,
-                patience=opts.early_stopping_patience)
+                patience=opts.early_stopping_patience, close=close)
 
 
 def finish_cost(whole: float, finalist_runs: float, final_scale: float, reeval_cap: float = math.inf) -> float:

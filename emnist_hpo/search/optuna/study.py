@@ -41,8 +41,8 @@ from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, Ti
                                       costs_of, standard_error)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
-from emnist_hpo.search.optuna.plan import (Plan, affordable, finish_eta, leader_rung, plan, sampler_startup,
-                                          search_eta)
+from emnist_hpo.search.optuna.plan import (Plan, affordable, closes, finish_eta, leader_rung, plan,
+                                          sampler_startup, search_eta)
 from emnist_hpo.search.optuna.progress import Progress
 from emnist_hpo.search.optuna.pruners import make_pruner, no_skill_accuracy
 from emnist_hpo.search.optuna.queue import (
@@ -52,8 +52,9 @@ from emnist_hpo.search.optuna.queue import (
     enqueue_warm_start,
     warm_start_sources,
 )
-from emnist_hpo.search.optuna.promotions import (drop_paused_checkpoints, enqueue_closing, enqueue_promotions,
-                                                enqueue_runner_up, rung_table, runner_up)
+from emnist_hpo.search.optuna.promotions import (CLOSING_ATTR, closers, closing_queued, drop_paused_checkpoints,
+                                                enqueue_closers, enqueue_closing, enqueue_promotions,
+                                                enqueue_runner_up, rung_table)
 from emnist_hpo.search.optuna.repeats import is_repeat
 from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_dead_trials, run_trials
 from emnist_hpo.search.optuna.storage import (DEFAULT_STARTUP, checkpoint_folder, finished_count, make_sampler,
@@ -233,9 +234,30 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
 
 
 def search_room(ctx: StudyContext) -> float:
-    """Seconds of the time budget left before the finalists and the final fit (:meth:`TimeBudget.reserve`)."""
+    """Seconds of the time budget left before the finalists and the final fit (:meth:`TimeBudget.reserve`, and
+    :func:`closing_fit` while no trial is complete)."""
     left = ctx.budget.left()
-    return left - ctx.budget.reserve(costs_of(ctx.study, ctx.ladder), left)
+    costs = costs_of(ctx.study, ctx.ladder)
+    return left - ctx.budget.reserve(costs, left) - closing_fit(ctx, costs)
+
+
+def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Throughput | None = None) -> float:
+    """Seconds kept for the final fit of a closing run while no trial is complete (``--last-rung close``: the
+    budget's reserve prices the final fit from the complete trials, and there are none until the closing runs end):
+    the longest of the closing runs' (queued, running, or due: :func:`closers`), every rung from scratch on
+    train+validation, at the slower of the study's speed and the trial's own; 0 otherwise."""
+    if not closes(ctx) or not ctx.budget.final_fit_scale:
+        return 0.0
+    costs = costs_of(ctx.study, ctx.ladder) if costs is None else costs
+    if any(c.complete for c in costs):
+        return 0.0
+    trials = [t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+              if CLOSING_ATTR in t.user_attrs] or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True)
+    if not trials:
+        return 0.0
+    speed = Throughput.of_study(ctx.study) if throughput is None else throughput
+    n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
+    return ctx.budget.final_fit_scale * max(climb_seconds(t, ctx.ladder, n, nv, speed, start=0) for t in trials)
 
 
 #: What the search keeps for its closing run, in multiples of its price: the last trial's rungs run past their own
@@ -244,22 +266,25 @@ CLOSING_MARGIN = 1.25
 
 
 def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughput | None = None) -> float:
-    """Seconds of the closing run (times ``margin``: what the search keeps for it): the last rungs of the trial it
-    would continue (:func:`~emnist_hpo.search.optuna.promotions.runner_up`), at the slower of the study's speed
-    (``throughput``, when the caller has fitted it) and that trial's own; 0 when none is due (no time budget, whose
-    leader rung it needs, another pruner, the last rung empty or holding two runs)."""
+    """Seconds of the closing runs (times ``margin``: what the search keeps for them): the last rungs of the trials
+    they would continue (:func:`~emnist_hpo.search.optuna.promotions.closers`), at the slower of the study's speed
+    (``throughput``, when the caller has fitted it) and each trial's own; 0 when none is due (no time budget, whose
+    leader rung they need, another pruner; the leader rule: the last rung empty or holding two runs)."""
     if ctx.opts.pruner != "successive-halving":
         return 0.0
-    trial = runner_up(ctx.study, ctx.checkpoint_dir, leader_rung(ctx))
-    if trial is None:
+    picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), closes(ctx))
+    if not picks:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
-    return margin * climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), speed)
+    n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
+    return margin * sum(climb_seconds(t, ctx.ladder, n, nv, speed) for t in picks)
 
 
 def stop_search(ctx: StudyContext) -> str | None:
-    """Why the search must start no more trials (:meth:`TimeBudget.stop_search`, the closing run's time kept)."""
-    return ctx.budget.stop_search(costs_of(ctx.study, ctx.ladder), closing=closing_seconds(ctx, CLOSING_MARGIN))
+    """Why the search must start no more trials (:meth:`TimeBudget.stop_search`, the closing runs' time kept, and
+    their final fit's while no trial is complete: :func:`closing_fit`)."""
+    costs = costs_of(ctx.study, ctx.ladder)
+    return ctx.budget.stop_search(costs, closing=closing_seconds(ctx, CLOSING_MARGIN) + closing_fit(ctx, costs))
 
 
 # --------------------------------------------------------------------------- champion selection
@@ -317,7 +342,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     def prepare() -> list[int]:
         if ctx.opts.pruner != "successive-halving":
             return []
-        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir, leader_rung(ctx))
+        numbers = enqueue_promotions(ctx.study, eta, ctx.checkpoint_dir, leader_rung(ctx), closes(ctx))
         for n in numbers:
             log(f"trial {n}, paused, is now in the best 1/{eta} of its rung: queued to continue")
         return numbers
@@ -325,6 +350,13 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
     def finish() -> list[int]:
         if ctx.opts.pruner != "successive-halving":
             return []
+        queued = closing_queued(ctx.study)
+        if queued:  # closing runs queued when the search stopped, one still to run
+            return queued
+        if closes(ctx):
+            numbers = close_last_rung()
+            if numbers:
+                return numbers
         numbers = enqueue_closing(ctx.study, ctx.checkpoint_dir)
         for n in numbers:
             log(f"no trial has reached the last rung: trial {n}, the best paused one, continues")
@@ -342,6 +374,29 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         for n in numbers:
             log(f"the last rung holds one run: trial {n}, the best waiting at the rung below, continues to the end "
                 f"(~{need:.0f} s; the closing run), so that no leader is crowned unopposed")
+        return numbers
+
+    def close_last_rung() -> list[int]:
+        """``--last-rung close``: the search has stopped; the best of the rung below go on to the end, those whose
+        last rungs fit before the finalists and the final fit (the best at least, while no trial is complete:
+        its rung check decides)."""
+        picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True)
+        if not picks:
+            return []
+        speed = Throughput.of_study(ctx.study)
+        n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
+        room, spent, chosen = search_room(ctx), 0.0, []
+        for t in picks:
+            need = climb_seconds(t, ctx.ladder, n, nv, speed)
+            if spent + need > room and chosen:
+                log(f"no time for trial {t.number}'s closing run: ~{need:.0f} s, and {max(room - spent, 0):.0f} s are "
+                    "left before the finalists and the final fit")
+                break
+            chosen.append(t)
+            spent += need
+        numbers = enqueue_closers(ctx.study, chosen)
+        log(f"the search has stopped: the best {len(numbers)} of rung {leader_rung(ctx)} (trial(s) "
+            f"{', '.join(map(str, numbers))}) go on to the end (~{spent:.0f} s; the closing runs)")
         return numbers
 
     return {"prepare": prepare, "finish": finish}
@@ -414,7 +469,7 @@ def make_objective(ctx: StudyContext, parent: str, extra_hooks: Sequence[TrialHo
     return Objective(
         ctx.space, ctx.base, ctx.data, ladder=ctx.ladder, objectives=opts.objectives, hooks=hooks, seeds=ctx.seeds,
         checkpoint_dir=ctx.checkpoint_dir, limits=study_limits(ctx), pruner=opts.pruner,
-        no_skill=ctx.no_skill, budget_check=_rung_budget(ctx), leader_rung=leader_rung(ctx),
+        no_skill=ctx.no_skill, budget_check=_rung_budget(ctx), leader_rung=leader_rung(ctx), close=closes(ctx),
     )
 
 
