@@ -339,6 +339,12 @@ def test_with_last_rung_close_the_closing_runs_are_the_best_two_waiting_below_th
     assert [(t.user_attrs[PROMOTE_ATTR], t.user_attrs[CLOSING_ATTR]) for t in queued] == [(1, 1), (2, 2)]
     assert closing_queued(study) == [q.number for q in queued]
     assert closers(study, ckpt, 1, True) == []  # once per study
+    # a resumed study (its session's first trial after these): it screens and closes again
+    for score in (0.88, 0.87):
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
+    since = len(study.trials) - 2
+    _checkpoint(tmp_path, since, since + 1)
+    assert [t.number for t in closers(study, ckpt, 1, True, since=since)] == [since, since + 1]
     one = optuna.create_study(direction="maximize")
     for score in (0.80, 0.86, 0.84):
         _add(one, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1})
@@ -373,7 +379,7 @@ def _close_ctx(tmp_path, last_rung: str = "close"):
         budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=True, val_fraction=0.2)
         budget.deadline = time.time() + left
         return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung=last_rung), study=study,
-                               checkpoint_dir=ckpt, ladder=ladder, budget=budget, multi=False,
+                               checkpoint_dir=ckpt, ladder=ladder, budget=budget, multi=False, first_trial=0,
                                data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
 
     return study, ctx

@@ -138,7 +138,7 @@ def enqueue_closing(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
 
 
 def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int | None,
-            close: bool = False) -> list[optuna.trial.FrozenTrial]:
+            close: bool = False, since: int = 0) -> list[optuna.trial.FrozenTrial]:
     """The trials the search's closing runs continue to the end, best first; none when none is due.
 
     Under a time budget (``leader_rung``: the rung below the last), until the last rung holds
@@ -147,21 +147,22 @@ def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int |
     given), as many as the last rung lacks. The leader rule (``close`` False) owes one only where the last rung
     holds a run (a leader ran it alone; with none there :func:`enqueue_closing` continues the best paused trial);
     ``close`` owes them all. The study keeps their time while the search runs (``TimeBudget.stop_search``'s
-    ``closing``) and :func:`enqueue_closers` queues them when the search stops.
+    ``closing``) and :func:`enqueue_closers` queues them when the search stops. ``since``: the first trial of this
+    session (a resumed study screens again and closes again; runs and closing runs before it do not count).
     """
     if leader_rung is None:
         return []
     trials = study.get_trials(deepcopy=False)
-    if any(CLOSING_ATTR in t.user_attrs for t in trials):
-        return []  # one closing per study, whatever became of it
-    table = rung_table(trials)
+    recent = [t for t in trials if t.number >= since]
+    if any(CLOSING_ATTR in t.user_attrs for t in recent):
+        return []  # one closing per study (per session), whatever became of it
     paused_at = {t.number: t.user_attrs.get(PAUSED_ATTR) for t in trials}
-    on_way = [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs
+    on_way = [t for t in recent if t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs
               and paused_at.get(int(t.user_attrs[PROMOTE_ATTR])) == leader_rung]
-    runs = len(table.get(leader_rung + 1, {})) + len(on_way)
+    runs = len(rung_table(recent).get(leader_rung + 1, {})) + len(on_way)
     if (runs == 0 and not close) or runs >= LAST_RUNG_RUNS:
         return []
-    scores = table.get(leader_rung, {})
+    scores = rung_table(trials).get(leader_rung, {})
     waiting = [t for t in _waiting(trials, checkpoint_dir)
                if t.user_attrs.get(PAUSED_ATTR) == leader_rung and t.number in scores]
     return sorted(waiting, key=lambda t: (-scores[t.number], t.number))[:LAST_RUNG_RUNS - runs]

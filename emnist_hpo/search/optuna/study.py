@@ -129,6 +129,7 @@ class StudyContext:
     budget: TimeBudget
     no_skill: float  # accuracy of always answering the most frequent validation class
     sampler_seed: int = 0  # this process's sampler seed (--seed, offset per worker and per session)
+    first_trial: int = 0  # the study's trial count when this process opened it (this session's trials come after)
 
     @functools.cached_property
     def checkpoint_dir(self) -> Path:
@@ -162,7 +163,8 @@ def open_study(opts: StudyOptions, progress: bool) -> StudyContext:
     # Concurrent workers must not draw the same parameters, nor a resumed run replay the first run's draws:
     # the first process to open a study uses --seed itself, the n-th seed + 1000 * n.
     ctx = StudyContext(opts, space, seeds, base, data, storage_url, storage, tracker, study, lock, ladder,
-                       _budget(opts), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session))
+                       _budget(opts), no_skill, sampler_seed=opts.seed + 1000 * (opts.worker + session),
+                       first_trial=len(study.trials))
     # the final fit kept time for is the champion's: with the one-standard-error rule, maybe not the best score's
     ctx.budget.scored = 0 if ctx.multi else _scored(ctx)
     set_sampler(ctx, opts.startup_trials or DEFAULT_STARTUP)
@@ -241,6 +243,12 @@ def search_room(ctx: StudyContext) -> float:
     return left - ctx.budget.reserve(costs, left) - closing_fit(ctx, costs)
 
 
+def _since(ctx: StudyContext) -> int:
+    """The first trial of this session, for ``--last-rung close`` (:func:`~emnist_hpo.search.optuna.promotions.closers`:
+    a resumed study closes again); 0 under the leader rule (one closing run per study)."""
+    return ctx.first_trial if closes(ctx) else 0
+
+
 def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Throughput | None = None) -> float:
     """Seconds kept for the final fit of a closing run while no trial is complete (``--last-rung close``: the
     budget's reserve prices the final fit from the complete trials, and there are none until the closing runs end):
@@ -251,8 +259,9 @@ def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Th
     costs = costs_of(ctx.study, ctx.ladder) if costs is None else costs
     if any(c.complete for c in costs):
         return 0.0
-    trials = [t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
-              if CLOSING_ATTR in t.user_attrs] or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True)
+    trials = ([t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
+               if CLOSING_ATTR in t.user_attrs]
+              or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx)))
     if not trials:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
@@ -272,7 +281,7 @@ def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughp
     leader rung they need, another pruner; the leader rule: the last rung empty or holding two runs)."""
     if ctx.opts.pruner != "successive-halving":
         return 0.0
-    picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), closes(ctx))
+    picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), closes(ctx), _since(ctx))
     if not picks:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
@@ -380,7 +389,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         """``--last-rung close``: the search has stopped; the best of the rung below go on to the end, those whose
         last rungs fit before the finalists and the final fit (the best at least, while no trial is complete:
         its rung check decides)."""
-        picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True)
+        picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx))
         if not picks:
             return []
         speed = Throughput.of_study(ctx.study)
