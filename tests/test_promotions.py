@@ -288,7 +288,7 @@ def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_f
         budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=False, val_fraction=0.2)
         budget.deadline = time.time() + left
         return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung="leaders"), study=study,
-                               checkpoint_dir=ckpt,
+                               checkpoint_dir=ckpt, first_trial=0,
                                ladder=ladder, budget=budget, multi=False,
                                data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
 
@@ -415,7 +415,7 @@ def test_with_last_rung_close_the_hook_queues_the_closing_runs_that_fit_and_runs
     second does not (and says so), and on each later call hands back the closing runs still queued, so that the
     loop runs every one."""
     from emnist_hpo.search.budget import Throughput, climb_seconds
-    from emnist_hpo.search.optuna.study import _promotions, closing_fit
+    from emnist_hpo.search.optuna.study import _promotions, closing_fit, stop_search
 
     study, ctx = _close_ctx(tmp_path)
     c = ctx(1500.0)
@@ -429,6 +429,8 @@ def test_with_last_rung_close_the_hook_queues_the_closing_runs_that_fit_and_runs
     assert "the best 1 of rung 1 (trial(s) 1) go on to the end" in said[-1]
     queued = closing_queued(study)
     assert len(queued) == 1 and _promotions(ctx(1500.0), said.append)["finish"]() == queued  # still to run
+    # and the search has stopped for good, however much time the closing runs leave
+    assert stop_search(ctx(1500.0)).startswith("the search has stopped: its closing run(s)")
 
     study, ctx = _close_ctx(tmp_path / "both")
     said.clear()

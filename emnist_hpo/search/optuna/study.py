@@ -291,7 +291,13 @@ def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughp
 
 def stop_search(ctx: StudyContext) -> str | None:
     """Why the search must start no more trials (:meth:`TimeBudget.stop_search`, the closing runs' time kept, and
-    their final fit's while no trial is complete: :func:`closing_fit`)."""
+    their final fit's while no trial is complete: :func:`closing_fit`). Once this session's closing runs are queued
+    the search has stopped for good: the first closing run ran past its price, the second no longer fitted, and
+    the time the budget then kept for the final fit let a new trial start after them (a letters study)."""
+    closing = [t.number for t in ctx.study.get_trials(deepcopy=False)
+               if CLOSING_ATTR in t.user_attrs and t.number >= ctx.first_trial]
+    if closing:
+        return f"the search has stopped: its closing run(s) (trial(s) {', '.join(map(str, closing))}) are queued or done"
     costs = costs_of(ctx.study, ctx.ladder)
     return ctx.budget.stop_search(costs, closing=closing_seconds(ctx, CLOSING_MARGIN) + closing_fit(ctx, costs))
 
