@@ -450,7 +450,7 @@ def test_a_real_study_with_last_rung_close_runs_the_last_rung_only_for_the_best_
                      "dense_units: 32\nlearning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nbatch_size: 64\n")
     lines: list[str] = []
     res = run_study(StudyOptions(
-        split="digits", trials=7, epochs=3, fidelity="epochs", max_train_samples=1500, data_dir=str(sample_dir),
+        split="digits", trials=6, epochs=3, fidelity="epochs", max_train_samples=1000, data_dir=str(sample_dir),
         storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
         checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
         search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0, last_rung="close",

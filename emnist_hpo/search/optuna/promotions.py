@@ -159,8 +159,9 @@ def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int |
     paused_at = {t.number: t.user_attrs.get(PAUSED_ATTR) for t in trials}
     on_way = [t for t in recent if t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs
               and paused_at.get(int(t.user_attrs[PROMOTE_ATTR])) == leader_rung]
-    runs = len(rung_table(recent).get(leader_rung + 1, {})) + len(on_way)
-    if (runs == 0 and not close) or runs >= LAST_RUNG_RUNS:
+    done = len(rung_table(recent).get(leader_rung + 1, {}))  # full-length runs made
+    runs = done + len(on_way)
+    if (done == 0 and not close) or runs >= LAST_RUNG_RUNS:
         return []
     scores = rung_table(trials).get(leader_rung, {})
     waiting = [t for t in _waiting(trials, checkpoint_dir)
@@ -189,7 +190,8 @@ def enqueue_runner_up(study: optuna.Study, checkpoint_dir: Path, leader_rung: in
 
 def closing_queued(study: optuna.Study) -> list[int]:
     """The closing runs queued and not begun (the search has stopped; each is still run)."""
-    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)) if CLOSING_ATTR in t.user_attrs]
+    return [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if CLOSING_ATTR in t.user_attrs]
 
 
 def _enqueue(study: optuna.Study, t: optuna.trial.FrozenTrial, closing: bool = False) -> int:
