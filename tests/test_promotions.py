@@ -176,11 +176,9 @@ def test_a_study_of_fewer_trials_than_eta_still_crowns_the_best_paused_one(tmp_p
     assert list((tmp_path / "ckpt").rglob("running_*")) == []  # the search is over: no paused checkpoint is kept
 
 
-@pytest.mark.slow
-def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_when_it_went_on(tmp_path, sample_dir):
-    """A real study with --timeout (one process: trials run in their numbers' order): whoever trained the last
-    rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so.
-    But the closing run: where one leader ran the last rung alone, the best trial left waiting below it did too."""
+def _timeout_study(tmp_path, sample_dir, trials: int, max_train_samples: int, **extra):
+    """A real digits study under a 900 s --timeout (one process, two rungs: --fidelity epochs, --epochs 3) over
+    one-block models; its result and its log."""
     from emnist_hpo.search.optuna.study import StudyOptions, run_study
 
     space = tmp_path / "space.yaml"
@@ -188,11 +186,21 @@ def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_whe
                      "dense_units: 32\nlearning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nbatch_size: 64\n")
     lines: list[str] = []
     res = run_study(StudyOptions(
-        split="digits", trials=9, epochs=3, fidelity="epochs", max_train_samples=1500, data_dir=str(sample_dir),
-        storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
-        checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
-        search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0,
+        split="digits", trials=trials, epochs=3, fidelity="epochs", max_train_samples=max_train_samples,
+        data_dir=str(sample_dir), storage=f"sqlite:///{tmp_path}/optuna.db",
+        tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False, checkpoint_dir=str(tmp_path / "ckpt"),
+        finalists=0, warm_start=False, final_fit=False, register=False, search_space=str(space), timeout=900,
+        trial_plots=False, early_stopping_patience=0, **extra,
     ), log=lines.append)
+    return res, lines
+
+
+@pytest.mark.slow
+def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_when_it_went_on(tmp_path, sample_dir):
+    """A real study with --timeout (one process: trials run in their numbers' order): whoever trained the last
+    rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so.
+    But the closing run: where one leader ran the last rung alone, the best trial left waiting below it did too."""
+    res, lines = _timeout_study(tmp_path, sample_dir, trials=9, max_train_samples=1500)
     assert any("to the last rung only the best" in ln for ln in lines)
     # a new storage under a budget: the plan's speed is this machine's, measured by a probe, not a guess
     assert any("this machine" in ln and "probe before the first rung" in ln for ln in lines), lines
@@ -443,18 +451,7 @@ def test_a_real_study_with_last_rung_close_runs_the_last_rung_only_for_the_best_
                                                                                                     sample_dir):
     """A real study with --timeout and --last-rung close (one process): no trial trains the last rung until every
     configuration is screened; then the two best of the rung below do, as closing runs, and one of them is crowned."""
-    from emnist_hpo.search.optuna.study import StudyOptions, run_study
-
-    space = tmp_path / "space.yaml"
-    space.write_text("conv_blocks: 1\nfilters: {choices: [2, 4, 8, 16]}\nkernel: 3\ndense_layers: 0\n"
-                     "dense_units: 32\nlearning_rate: {low: 1.0e-4, high: 1.0e-2, log: true}\nbatch_size: 64\n")
-    lines: list[str] = []
-    res = run_study(StudyOptions(
-        split="digits", trials=6, epochs=3, fidelity="epochs", max_train_samples=1000, data_dir=str(sample_dir),
-        storage=f"sqlite:///{tmp_path}/optuna.db", tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", progress=False,
-        checkpoint_dir=str(tmp_path / "ckpt"), finalists=0, warm_start=False, final_fit=False, register=False,
-        search_space=str(space), timeout=900, trial_plots=False, early_stopping_patience=0, last_rung="close",
-    ), log=lines.append)
+    res, lines = _timeout_study(tmp_path, sample_dir, trials=6, max_train_samples=1000, last_rung="close")
     assert any("to the last rung nobody until the search stops" in ln for ln in lines), lines
     trials = res.study.trials
     last = 1  # --fidelity epochs, --epochs 3, eta 3: rungs at epochs 1 and 3
