@@ -466,3 +466,21 @@ def test_a_real_study_with_last_rung_close_runs_the_last_rung_only_for_the_best_
     assert picked == best and len(picked) == min(2, len(scores)), (picked, scores)
     assert res.champion_trial is not None and CLOSING_ATTR in res.champion_trial.user_attrs
     assert any("go on to the end" in ln and "the closing runs" in ln for ln in lines)
+
+
+def test_with_last_rung_close_the_first_closing_run_is_not_refused_for_time(tmp_path):
+    """The first closing run is the study's only way to a champion: its last rung starts however little time is
+    left (a 150 s digits study refused it and ended with nothing to register); a rung below the last, or a last
+    rung once a trial is complete, is refused as before."""
+    from emnist_hpo.search.budget import rung_work
+    from emnist_hpo.search.optuna.study import _rung_budget
+
+    study, ctx = _close_ctx(tmp_path)
+    c = ctx(5.0)
+    check = _rung_budget(c)
+    last = len(c.ladder.rungs) - 1
+    work = rung_work(c.ladder.images(len(c.data.y_train))[last], 5e6, 3_609)
+    assert check(c.ladder, last, work) is None
+    assert check(c.ladder, last - 1, work).startswith("time budget: rung 1 would take")
+    _add(study, COMPLETE, [(1, 0.86), (2, 0.9)], {PROMOTE_ATTR: 1, CLOSING_ATTR: 1}, value=0.9, trained_by={1: 1})
+    assert check(c.ladder, last, work).startswith("time budget: rung 2 would take")

@@ -220,6 +220,12 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
         return None
 
     def check(ladder: Ladder, index: int, work: float, norm: float = 0.0) -> str | None:
+        if index == len(ladder.rungs) - 1 and closes(ctx) and not ctx.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE,)):
+            # --last-rung close: the first closing run is the study's only way to a champion; refused for time, a
+            # 150 s digits study ended with no trial complete and nothing to register. It runs; the final fit
+            # that no longer fits is then the trial's own model (the final fit's grace)
+            return None
         throughput = Throughput.of_study(ctx.study)
         need = throughput.seconds(work, norm)
         # a rung below the last leaves the closing run its time; the last rung is the closing run's, or a new
