@@ -159,11 +159,12 @@ def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int |
     paused_at = {t.number: t.user_attrs.get(PAUSED_ATTR) for t in trials}
     on_way = [t for t in recent if t.state in (TrialState.RUNNING, TrialState.WAITING) and PROMOTE_ATTR in t.user_attrs
               and paused_at.get(int(t.user_attrs[PROMOTE_ATTR])) == leader_rung]
-    done = len(rung_table(recent).get(leader_rung + 1, {}))  # full-length runs made
+    table = rung_table(trials)
+    done = sum(n >= since for n in table.get(leader_rung + 1, {}))  # full-length runs made (by the trial that ran them)
     runs = done + len(on_way)
     if (done == 0 and not close) or runs >= LAST_RUNG_RUNS:
         return []
-    scores = rung_table(trials).get(leader_rung, {})
+    scores = table.get(leader_rung, {})
     waiting = [t for t in _waiting(trials, checkpoint_dir)
                if t.user_attrs.get(PAUSED_ATTR) == leader_rung and t.number in scores]
     return sorted(waiting, key=lambda t: (-scores[t.number], t.number))[:LAST_RUNG_RUNS - runs]

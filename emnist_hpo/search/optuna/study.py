@@ -255,7 +255,12 @@ def _since(ctx: StudyContext) -> int:
     return ctx.first_trial if closes(ctx) else 0
 
 
-def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Throughput | None = None) -> float:
+def _climb(ctx: StudyContext, trial: optuna.trial.FrozenTrial, speed: Throughput, start: int | None = None) -> float:
+    """:func:`~emnist_hpo.search.budget.climb_seconds` of ``trial`` on this study's ladder and data."""
+    return climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), speed, start=start)
+
+
+def closing_fit(ctx: StudyContext, costs: Sequence | None = None) -> float:
     """Seconds kept for the final fit of a closing run while no trial is complete (``--last-rung close``: the
     budget's reserve prices the final fit from the complete trials, and there are none until the closing runs end):
     the longest of the closing runs' (queued, running, or due: :func:`closers`), every rung from scratch on
@@ -270,9 +275,8 @@ def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Th
               or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx)))
     if not trials:
         return 0.0
-    speed = Throughput.of_study(ctx.study) if throughput is None else throughput
-    n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
-    return ctx.budget.final_fit_scale * max(climb_seconds(t, ctx.ladder, n, nv, speed, start=0) for t in trials)
+    speed = Throughput.of_study(ctx.study)
+    return ctx.budget.final_fit_scale * max(_climb(ctx, t, speed, start=0) for t in trials)
 
 
 #: What the search keeps for its closing run, in multiples of its price: the last trial's rungs run past their own
@@ -291,8 +295,7 @@ def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughp
     if not picks:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
-    n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
-    return margin * sum(climb_seconds(t, ctx.ladder, n, nv, speed) for t in picks)
+    return margin * sum(_climb(ctx, t, speed) for t in picks)
 
 
 def stop_search(ctx: StudyContext) -> str | None:
@@ -405,10 +408,9 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         if not picks:
             return []
         speed = Throughput.of_study(ctx.study)
-        n, nv = len(ctx.data.y_train), len(ctx.data.y_val)
         room, spent, chosen = search_room(ctx), 0.0, []
         for t in picks:
-            need = climb_seconds(t, ctx.ladder, n, nv, speed)
+            need = _climb(ctx, t, speed)
             if spent + need > room and chosen:
                 log(f"no time for trial {t.number}'s closing run: ~{need:.0f} s, and {max(room - spent, 0):.0f} s are "
                     "left before the finalists and the final fit")
