@@ -57,6 +57,25 @@ def test_the_plan_says_early_stopping_at_the_last_rung_only_when_it_is_on():
     assert ladder.describe(13_385, 3_346, patience=3).endswith("each epoch, early stopping after 3 epochs without gain")
 
 
+def test_the_last_rung_is_priced_and_recorded_with_a_validation_each_epoch():
+    """A screening rung scores its validation images once, at its end; the last rung scores the whole validation
+    set after every epoch (its best epoch, early stopping). The work a rung records, which the study's speed is
+    fitted to and a closing run is priced by, counts what it scored: a resumed last rung only its epochs left."""
+    n, nv = 13_385, 3_347
+    ladder = make_ladder("data", 10, n, 47)
+    last = len(ladder.rungs) - 1
+    vals = ladder.val_sizes(nv)
+    assert ladder.scored(n, nv) == vals[:-1] + [10 * nv]
+    assert ladder.scored_at(last, n, nv, images=4 * n) == 4 * nv  # 4 of its 10 epochs left
+    assert ladder.scored_at(0, n, nv, images=ladder.images(n)[0]) == vals[0]
+    study = optuna.create_study(direction="maximize")
+    control = OptunaRungs(_trial(study), ladder, ModelCost(1000, 10**6), pruner="successive-halving",
+                          no_skill=NO_SKILL, report=True, data_sizes=(n, nv))
+    control.after(RungResult(last, 0.9, 10 * n, 100.0, 10), final=True)
+    work = control.trial.user_attrs["rungs"][-1]["work"]
+    assert work == 10 * n * 3 * 10**6 + 10 * nv * 10**6  # training forward and backward, and 10 validations
+
+
 def test_every_prefix_of_the_nested_order_is_stratified():
     labels = np.repeat(np.arange(10), [500, 300, 200, 100, 100, 100, 100, 100, 50, 450])
     order = nested_order(labels, seed=1)

@@ -229,6 +229,6 @@ def planned_cost(cost: ModelCost, ladder: Ladder, n_train: int, n_val: int, thro
     """Expected seconds of a trial of ``cost`` on ``ladder`` (each rung weighted by the share of trials reaching it)."""
     reach = ladder.reach() if reach is None else reach
     total = 0.0
-    for i, (images, vs) in enumerate(zip(ladder.images(n_train), ladder.val_sizes(n_val))):
+    for i, (images, vs) in enumerate(zip(ladder.images(n_train), ladder.scored(n_train, n_val))):
         total += reach[i] * throughput.seconds(rung_work(images, cost.flops, vs), rung_norm(images, cost.normalized))
     return total

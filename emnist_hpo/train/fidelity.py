@@ -86,6 +86,20 @@ class Ladder:
                 out.append(min(n_val, max(MIN_RUNG_VAL, math.ceil(r.fraction * self.eta * n_val))))
         return out
 
+    def scored(self, n: int, n_val: int) -> list[int]:
+        """Validation images scored over each rung's whole run (:meth:`scored_at`)."""
+        return [self.scored_at(i, n, n_val) for i in range(len(self.rungs))]
+
+    def scored_at(self, index: int, n: int, n_val: int, images: int | None = None) -> int:
+        """Validation images rung ``index`` scores while it trains on ``images`` training images (its whole run by
+        default): a screening rung validates once, at its end; the last rung every epoch, for its early stopping
+        and its best epoch. Counted once at the last rung, a letters closing run of 15 epochs was priced ~8% short
+        of its validation work alone."""
+        rung, size, vs = self.rungs[index], self.sizes(n)[index], self.val_sizes(n_val)[index]
+        if not rung.final:
+            return vs
+        return vs * (rung.epochs if images is None else max(1, round(images / max(size, 1))))
+
     def images(self, n: int) -> list[int]:
         """Training images seen at each rung (epochs x share)."""
         return [size * r.epochs for size, r in zip(self.sizes(n), self.rungs)]

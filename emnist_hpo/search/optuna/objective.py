@@ -69,7 +69,7 @@ class OptunaRungs(RungControl):
         self.close = close
 
     def _work(self, index: int, images: int) -> float:
-        return rung_work(images, self.cost.flops, self.ladder.val_sizes(self.n_val)[index])
+        return rung_work(images, self.cost.flops, self.ladder.scored_at(index, self.n_train, self.n_val, images))
 
     def before(self, index: int, rung: Rung, images: int) -> str | None:
         if self.limits is not None:
