@@ -163,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="TPE: after its random start, draw this share of the configurations at random (evenly "
                         "spaced; BOHB's random fraction, a third there) so that the search keeps exploring (default: 0, "
                         "off)")
-    s.add_argument("--last-rung", default="leaders", metavar="RULE",
+    s.add_argument("--last-rung", default=None, metavar="RULE",
                    help="under --timeout (one objective, successive halving): who trains the last, full-length rung. "
+                        "close: nobody while the search screens, then the best two of the rung below when it stops; "
                         "leaders: the best of the rung below, as soon as it leads (and, where one ran it alone, the "
-                        "best left waiting as the search closes); close: nobody while the search screens, then the "
-                        "best two of the rung below when it stops (more configurations screened; default: leaders)")
+                        "best left waiting as the search closes; fewer configurations screened) (default: close)")
     s.add_argument("--pruner", default="successive-halving",
                    help="successive-halving (the best 1/eta of each rung go on), hyperband, median (one objective "
                         "only), none; all but none also end a trial still under twice the no-skill accuracy at a rung")
@@ -291,7 +291,7 @@ def _study_options(args: argparse.Namespace):
         search_space=args.search_space,
         sampler=args.sampler,
         random_fraction=args.random_fraction,
-        last_rung=args.last_rung,
+        last_rung=args.last_rung or StudyOptions.last_rung,
         pruner=args.pruner,
         seed=args.seed,
         timeout=args.timeout,
@@ -317,7 +317,7 @@ def _study_options(args: argparse.Namespace):
     opts.validate()
     if args.tuner is not None and args.engine != "keras-tuner":
         raise ConfigError(f"--tuner applies to --engine keras-tuner (engine={args.engine!r}, tuner={args.tuner!r})")
-    if opts.last_rung != "leaders" and args.engine != "optuna":
+    if args.last_rung is not None and args.engine != "optuna":
         raise ConfigError(f"--last-rung is the Optuna engine's successive halving (engine={args.engine!r}, "
                           f"last_rung={opts.last_rung!r})")
     if opts.random_fraction and args.engine != "optuna":

@@ -60,9 +60,9 @@ class StudyOptions:
     deadline: float | None = None  # internal: the budget's end as time.time(), handed from a study to its workers
     startup_trials: int | None = None  # internal: TPE's random trials before it models (from the study's plan), for workers
     random_fraction: float = 0.0  # TPE: share of its draws after the random start made at random (keeps exploring)
-    # under --timeout, one objective: who enters the last rung. "leaders": the best of the rung below as it leads (and
-    # a closing run where one led alone); "close": nobody until the search stops, then the best two of the rung below
-    last_rung: str = "leaders"
+    # under --timeout, one objective: who enters the last rung. "close": nobody until the search stops, then the best
+    # two of the rung below; "leaders": the best of the rung below as it leads (and a closing run where one led alone)
+    last_rung: str = "close"
     objectives: tuple[str, ...] = ("accuracy",)  # accuracy, or accuracy,params / accuracy,flops (a Pareto front)
     warm_start: bool = True  # enqueue the seed experiments as the first trials
     seed_experiments: tuple[str, ...] = ("two_conv", "one_conv", "compact")  # experiments/<name>.yaml to enqueue

@@ -233,6 +233,8 @@ CASES = [
     ("random-fraction-pareto", lambda r: [*STUDY, "--random-fraction", "0.3", "--objectives", "accuracy,params"],
      ["--random-fraction is TPE's", "'nsga2'"]),
     ("last-rung", lambda r: [*STUDY, "--last-rung", "later"], ["--last-rung must be one of leaders, close", "'later'"]),
+    ("last-rung-engine", lambda r: [*STUDY, "--engine", "keras-tuner", "--last-rung", "leaders"],
+     ["--last-rung is the Optuna engine's successive halving", "'keras-tuner'", "'leaders'"]),
     ("pruner", lambda r: [*STUDY, "--pruner", "always"], ["--pruner must be one of successive-halving", "'always'"]),
     ("objectives", lambda r: [*STUDY, "--objectives", "params"], ["--objectives must be 'accuracy', 'accuracy,params' or 'accuracy,flops'", "'params'"]),
     ("timeout", lambda r: [*STUDY, "--timeout", "-5"], ["--timeout must be > 0", "-5"]),

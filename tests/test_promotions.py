@@ -200,7 +200,7 @@ def test_under_a_timeout_each_full_length_run_was_the_best_of_the_rung_below_whe
     """A real study with --timeout (one process: trials run in their numbers' order): whoever trained the last
     rung had, at the rung below, a score no trial numbered before the deciding one had beaten; the plan says so.
     But the closing run: where one leader ran the last rung alone, the best trial left waiting below it did too."""
-    res, lines = _timeout_study(tmp_path, sample_dir, trials=9, max_train_samples=1500)
+    res, lines = _timeout_study(tmp_path, sample_dir, trials=9, max_train_samples=1500, last_rung="leaders")
     assert any("to the last rung only the best" in ln for ln in lines)
     # a new storage under a budget: the plan's speed is this machine's, measured by a probe, not a guess
     assert any("this machine" in ln and "probe before the first rung" in ln for ln in lines), lines
