@@ -231,7 +231,7 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
         # a rung below the last leaves the closing run its time; the last rung is the closing run's, or a new
         # leader's, whose run gives the last rung its second run as well
         closing = closing_seconds(ctx, CLOSING_MARGIN, throughput) if index < len(ladder.rungs) - 1 else 0.0
-        room = search_room(ctx) - closing
+        room = search_room(ctx, throughput) - closing
         if need > room:
             kept = "the closing full-length run, " if closing > 0 else ""
             return (f"time budget: rung {index} would take ~{need:.0f} s and {max(room, 0):.0f} s are left for the "
@@ -241,12 +241,12 @@ def _rung_budget(ctx: StudyContext) -> Callable[[Ladder, int, float, float], str
     return check
 
 
-def search_room(ctx: StudyContext) -> float:
+def search_room(ctx: StudyContext, throughput: Throughput | None = None) -> float:
     """Seconds of the time budget left before the finalists and the final fit (:meth:`TimeBudget.reserve`, and
-    :func:`closing_fit` while no trial is complete)."""
+    :func:`closing_fit` while no trial is complete, at ``throughput``: the study's speed, fitted if not given)."""
     left = ctx.budget.left()
     costs = costs_of(ctx.study, ctx.ladder)
-    return left - ctx.budget.reserve(costs, left) - closing_fit(ctx, costs)
+    return left - ctx.budget.reserve(costs, left) - closing_fit(ctx, costs, throughput)
 
 
 def _since(ctx: StudyContext) -> int:
@@ -260,7 +260,7 @@ def _climb(ctx: StudyContext, trial: optuna.trial.FrozenTrial, speed: Throughput
     return climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), speed, start=start)
 
 
-def closing_fit(ctx: StudyContext, costs: Sequence | None = None) -> float:
+def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Throughput | None = None) -> float:
     """Seconds kept for the final fit of a closing run while no trial is complete (``--last-rung close``: the
     budget's reserve prices the final fit from the complete trials, and there are none until the closing runs end):
     the longest of the closing runs' (queued, running, or due: :func:`closers`), every rung from scratch on
@@ -275,7 +275,7 @@ def closing_fit(ctx: StudyContext, costs: Sequence | None = None) -> float:
               or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx)))
     if not trials:
         return 0.0
-    speed = Throughput.of_study(ctx.study)
+    speed = Throughput.of_study(ctx.study) if throughput is None else throughput
     return ctx.budget.final_fit_scale * max(_climb(ctx, t, speed, start=0) for t in trials)
 
 
@@ -307,8 +307,9 @@ def stop_search(ctx: StudyContext) -> str | None:
                if CLOSING_ATTR in t.user_attrs and t.number >= ctx.first_trial]
     if closing:
         return f"the search has stopped: its closing run(s) (trial(s) {', '.join(map(str, closing))}) are queued or done"
-    costs = costs_of(ctx.study, ctx.ladder)
-    return ctx.budget.stop_search(costs, closing=closing_seconds(ctx, CLOSING_MARGIN) + closing_fit(ctx, costs))
+    costs, speed = costs_of(ctx.study, ctx.ladder), Throughput.of_study(ctx.study)
+    return ctx.budget.stop_search(costs, closing=closing_seconds(ctx, CLOSING_MARGIN, speed)
+                                  + closing_fit(ctx, costs, speed))
 
 
 # --------------------------------------------------------------------------- champion selection
@@ -408,7 +409,7 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         if not picks:
             return []
         speed = Throughput.of_study(ctx.study)
-        room, spent, chosen = search_room(ctx), 0.0, []
+        room, spent, chosen = search_room(ctx, speed), 0.0, []
         for t in picks:
             need = _climb(ctx, t, speed)
             if spent + need > room and chosen:
