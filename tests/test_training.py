@@ -176,6 +176,22 @@ def test_a_trained_model_does_not_keep_its_training_images_alive(digits):
     assert predict_proba(r.model, digits.x_val[:10]).shape == (10, digits.num_classes)  # the model still works
 
 
+def test_a_model_is_collected_when_the_next_one_starts_and_the_heap_before_is_frozen(digits):
+    """A study trains hundreds of models in one process: each is freed when the next starts (its graph holds
+    reference cycles, so only a collection frees it). The first release freezes the heap it found (the imported
+    modules) out of every later collection's scan, never a model."""
+    import gc
+    import weakref
+
+    r = train(_cfg(epochs=1), digits.x_train[:256], digits.y_train[:256], None, None, digits.num_classes)
+    model = weakref.ref(r.model)
+    del r
+    assert model() is not None  # a cycle: not freed by its last reference
+    train(_cfg(epochs=1), digits.x_train[:256], digits.y_train[:256], None, None, digits.num_classes)
+    assert model() is None
+    assert gc.get_freeze_count() > 0
+
+
 def test_prepared_data_releases_training_images_and_keeps_its_fingerprint(digits):
     import copy as _copy
 
