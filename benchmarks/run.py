@@ -3,6 +3,7 @@
 Sections (each also runs alone: ``python benchmarks/bench_<section>.py``):
   throughput  the trial trainer against a plain Keras fit, same model and data, same process
   tracking    MLflow tracking overhead per trial, as seconds and as a share of the trial
+  release     the garbage collections between trials, with the imported heap frozen and as before
   data        load time of every split, peak memory of a bymerge study, full-bymerge estimate
   study       Hyperband against no pruning: wall time, best accuracy, time to the seed's accuracy
   scaling     trials per hour with 1 and 2 workers
@@ -29,6 +30,7 @@ from _common import DEFAULT_DATA, RESULTS, log  # noqa: E402
 SECTIONS = {
     "throughput": ("bench_throughput", "Training throughput: trial trainer vs plain Keras fit"),
     "tracking": ("bench_tracking", "Tracking overhead per trial"),
+    "release": ("bench_release", "Releasing memory between trials: garbage collections"),
     "data": ("bench_data", "Data loading and peak memory"),
     "study": ("bench_study", "Study efficiency: pruners against no pruning"),
     "fidelity": ("bench_fidelity", "Low-fidelity scores against the full-budget score (rank correlation)"),
