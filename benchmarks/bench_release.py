@@ -2,8 +2,8 @@
 
 A study trains hundreds of models in one process and frees each before the next (``release_memory``: Keras'
 ``clear_session``, which runs a full garbage collection, and Optuna's ``gc_after_trial``, another). A full
-collection scans every object the process holds, ~470,000 of them once TensorFlow, Keras, MLflow and Optuna are
-imported. Since 80a5aa8 the first release freezes what is alive then (``gc.freeze``), so every later collection
+collection scans every object the process holds, ~650,000 of them in a study process (TensorFlow, Keras, MLflow
+and Optuna's modules, the stores). Since 80a5aa8 the first release freezes what is alive then (``gc.freeze``), so every later collection
 scans only what came after; before, a second collection ran in ``release_memory`` too.
 
 Each run is a child process running the same real study (``run_study``: sampled trials, TPE seeded alike, no

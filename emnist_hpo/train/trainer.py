@@ -54,9 +54,10 @@ def release_memory() -> None:
     15-40 MB behind (measured on full-size bymerge; ~7 MB with it).
 
     The first call, before the process's first model, freezes what is alive then (TensorFlow, Keras, MLflow and
-    Optuna's modules, ~470,000 objects) out of the garbage collector's reach: every later collection scans only
-    what came after. Each full collection had cost 0.2-0.3 s on the 2-core Intel machine, three of them per trial
-    (Keras' ``clear_session``, a second here, Optuna's ``gc_after_trial``): ~14% of a small CLI study's time.
+    Optuna's modules and the study's stores: ~650,000 objects in a study) out of the garbage collector's reach:
+    every later collection scans only what came after. A trial paid three full collections before (Keras'
+    ``clear_session``, a second here, Optuna's ``gc_after_trial``): 1.09 s a trial on the 2-core Intel machine, 0.16 s
+    since; a study of 12 small trials went from 52.9 s to 42.5 s (benchmarks/bench_release.py).
     """
     global _heap_frozen
     keras.backend.clear_session()  # collects Python garbage itself (free_memory=True)
