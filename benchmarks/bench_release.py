@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _common import DEFAULT_DATA, PYTHON, load_now, log, machine, run_child, table, write_results  # noqa: E402
+from _common import DEFAULT_DATA, PYTHON, load_now, log, machine, median, run_child, table, write_results  # noqa: E402
 
 VARIANTS = ("frozen", "before")
 
@@ -114,9 +113,8 @@ def main(argv=None) -> dict[str, Any]:
         for variant in VARIANTS:
             log(f"release benchmark: {variant}, repetition {rep + 1} of {reps}")
             runs.append(run_once(variant, args.data_dir, trials, args.samples))
-    summary = {v: {"span_s": statistics.median(r["span_s"] for r in runs if r["variant"] == v),
-                   "collect_s_per_trial": statistics.median(r["collect_s"] / r["trials"]
-                                                            for r in runs if r["variant"] == v)}
+    summary = {v: {"span_s": median(r["span_s"] for r in runs if r["variant"] == v),
+                   "collect_s_per_trial": median(r["collect_s"] / r["trials"] for r in runs if r["variant"] == v)}
                for v in VARIANTS}
     res = {"machine": machine(), "trials": trials, "samples": args.samples, "runs": runs, "summary": summary}
     md = markdown(res)

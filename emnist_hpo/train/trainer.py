@@ -43,10 +43,6 @@ from emnist_hpo.model.build import build_model, count_params
 logging.getLogger("tensorflow").setLevel(logging.ERROR)
 
 
-#: Whether :func:`release_memory` has frozen the heap it found (once per process).
-_heap_frozen = False
-
-
 def release_memory() -> None:
     """Give back what earlier models left: Keras' global state, Python garbage, and freed heap to the OS.
 
@@ -59,11 +55,9 @@ def release_memory() -> None:
     ``clear_session``, a second here, Optuna's ``gc_after_trial``): 1.09 s a trial on the 2-core Intel machine, 0.16 s
     since; a study of 12 small trials went from 52.9 s to 42.5 s (benchmarks/bench_release.py).
     """
-    global _heap_frozen
     keras.backend.clear_session()  # collects Python garbage itself (free_memory=True)
-    if not _heap_frozen:
+    if not gc.get_freeze_count():  # once per process: nothing else here freezes
         gc.freeze()
-        _heap_frozen = True
     with contextlib.suppress(Exception):  # glibc only; elsewhere the allocator keeps its own counsel
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
