@@ -295,7 +295,8 @@ def test_when_the_search_stops_the_closing_run_is_queued_only_if_its_last_rung_f
     def ctx(left: float):
         budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=False, val_fraction=0.2)
         budget.deadline = time.time() + left
-        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung="leaders"), study=study,
+        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung="leaders",
+                                                    prefer_smaller=True), study=study,
                                checkpoint_dir=ckpt, first_trial=0,
                                ladder=ladder, budget=budget, multi=False,
                                data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
@@ -360,6 +361,29 @@ def test_with_last_rung_close_the_closing_runs_are_the_best_two_waiting_below_th
     assert [t.number for t in closers(one, ckpt, 1, True)] == [2]  # the last rung holds one: one more
 
 
+def test_the_second_closing_run_is_the_smallest_rival_within_one_standard_error_of_the_rungs_best(tmp_path):
+    """With the rung's validation images the closing runs are its best and the smallest trial (parameters, then
+    FLOPs) within one standard error of it and no larger on either measure: the champion is crowned among the last
+    rung's runs by that rule, so a smaller model as good within the noise must have a run there. Without images
+    (``--no-prefer-smaller``), or with no such rival, the next best by score."""
+    study = optuna.create_study(direction="maximize")
+    for score, params, flops in ((0.80, 30_000, 5e6),  # the smallest, far below
+                                 (0.860, 150_000, 40e6),  # the best
+                                 (0.858, 50_000, 60e6),  # tied, fewer parameters, more FLOPs: not smaller
+                                 (0.855, 120_000, 30e6),  # tied and smaller
+                                 (0.851, 90_000, 20e6),  # tied and smaller still
+                                 (0.845, 60_000, 10e6)):  # more than one standard error below (0.011 on 1,000)
+        _add(study, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1, "params": params, "flops": flops})
+    ckpt = _checkpoint(tmp_path, *range(6))
+    assert [t.number for t in closers(study, ckpt, 1, True, images=1000)] == [1, 4]
+    assert [t.number for t in closers(study, ckpt, 1, True)] == [1, 2]  # by score alone
+    assert [t.number for t in closers(study, ckpt, 1, True, images=100_000)] == [1, 2]  # SE 0.001: nobody is tied
+    equal = optuna.create_study(direction="maximize")
+    for score in (0.86, 0.859, 0.858):  # tied but no smaller (the same size): the next best
+        _add(equal, PRUNED, [(0, 0.7), (1, score)], {PAUSED_ATTR: 1, "params": 100, "flops": 1e6})
+    assert [t.number for t in closers(equal, ckpt, 1, True, images=1000)] == [0, 1]
+
+
 def _close_ctx(tmp_path, last_rung: str = "close"):
     """A study paused at rung 1 of three (trials 0-2, rung 1 scores 0.80, 0.86, 0.84), none complete, and a context
     for the study's hooks under a time budget with a final fit."""
@@ -386,7 +410,8 @@ def _close_ctx(tmp_path, last_rung: str = "close"):
     def ctx(left: float):
         budget = TimeBudget.start(1800.0, finalists=0, folds=1, final_fit=True, val_fraction=0.2)
         budget.deadline = time.time() + left
-        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung=last_rung), study=study,
+        return SimpleNamespace(opts=SimpleNamespace(pruner="successive-halving", last_rung=last_rung,
+                                                    prefer_smaller=True), study=study,
                                checkpoint_dir=ckpt, ladder=ladder, budget=budget, multi=False, first_trial=0,
                                data=SimpleNamespace(y_train=np.zeros(n), y_val=np.zeros(nv)))
 
@@ -434,7 +459,7 @@ def test_with_last_rung_close_the_hook_queues_the_closing_runs_that_fit_and_runs
     said: list[str] = []
     assert _promotions(ctx(fit + first + second / 2), said.append)["finish"]() == [1]  # the second does not fit
     assert said[0].startswith("no time for trial 2's closing run")
-    assert "the best 1 of rung 1 (trial(s) 1) go on to the end" in said[-1]
+    assert "go on to the end, 1 closing run(s): trial 1 (0.8600" in said[-1]
     queued = closing_queued(study)
     assert len(queued) == 1 and _promotions(ctx(1500.0), said.append)["finish"]() == queued  # still to run
     # and the search has stopped for good, however much time the closing runs leave
@@ -443,7 +468,7 @@ def test_with_last_rung_close_the_hook_queues_the_closing_runs_that_fit_and_runs
     study, ctx = _close_ctx(tmp_path / "both")
     said.clear()
     assert _promotions(ctx(1500.0), said.append)["finish"]() == [1, 2]
-    assert "the best 2 of rung 1 (trial(s) 1, 2) go on to the end" in said[-1] and "closing runs" in said[-1]
+    assert "2 closing run(s): trial 1 (0.8600" in said[-1] and "trial 2 (0.8400" in said[-1]
 
 
 @pytest.mark.slow

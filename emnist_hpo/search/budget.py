@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from emnist_hpo.model.cost import run_flops
 from emnist_hpo.search.optuna.promotions import PAUSED_ATTR, records_of
+from emnist_hpo.search.noise import standard_error
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 
 if TYPE_CHECKING:
@@ -50,14 +51,6 @@ TIME_REFUSAL = "model would take"
 #: draws from this space. A 120 s letters study on the AVX2 machine drew 15 in a row (each ~0.5 s, an MLflow run
 #: apiece); the 30-minute studies' refusals came singly or in short runs among trained draws.
 REFUSED_RUN = 25
-
-
-def standard_error(accuracy: float, n: int) -> float:
-    """One standard error of an accuracy measured on ``n`` images, ``sqrt(p (1 - p) / n)``; 0 without images."""
-    if n < 1 or not math.isfinite(accuracy):
-        return 0.0
-    p = min(max(accuracy, 0.0), 1.0)
-    return math.sqrt(p * (1.0 - p) / n)
 
 
 @dataclass(frozen=True)

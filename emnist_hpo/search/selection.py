@@ -30,7 +30,7 @@ from sklearn.model_selection import StratifiedKFold
 from emnist_hpo.config import ExperimentConfig
 from emnist_hpo.data.prepared import PreparedData, Rows
 from emnist_hpo.model.cost import model_cost
-from emnist_hpo.search.budget import standard_error
+from emnist_hpo.search.noise import no_larger, standard_error
 from emnist_hpo.search.optuna.repeats import REPEAT_ATTR
 from emnist_hpo.train.fidelity import Ladder
 from emnist_hpo.train.trainer import train
@@ -133,11 +133,6 @@ def reevaluate(
             f"re-evaluated {f.mean:.4f} +/- {f.std:.4f} over {len(f.scores)} folds")
         out.append(f)
     return out
-
-
-def no_larger(size: Sequence[float], than: Sequence[float]) -> bool:
-    """Whether a model of ``size`` (parameters, FLOPs) is no larger than one of ``than`` on every measure."""
-    return all(a <= b for a, b in zip(size, than))
 
 
 def choose(finalists: Sequence[Finalist], multi: bool, tolerance: float, images: int = 0) -> Finalist:

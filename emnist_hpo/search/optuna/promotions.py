@@ -20,10 +20,11 @@ when the search stops it continues that trial to the end, so that the champion i
 
 With ``--last-rung close`` (the default since 2026-12-07; ``leaders`` is the rule above) nobody enters the last
 rung while the search screens (:func:`top`'s ``close``): every trial waits, paused, at the rung below, and when
-the search stops the best :data:`LAST_RUNG_RUNS` of them go on to the end (:func:`closers`), all of them closing
-runs. The leader rule sends each new leader of the rung below to the end as it arrives: a 30-minute letters study
-on the 2-core Zen 3 machine ran three successive leaders' last rungs (1,032 s of its 1,269 s of search) and
-screened 9 configurations; with ``close`` the same study screened 20 and its champion tested 1.2 pt higher.
+the search stops :data:`LAST_RUNG_RUNS` of them go on to the end (:func:`closers`), all of them closing runs: the
+best, and its smallest rival within one standard error (:func:`contenders`). The leader rule sends each new leader
+of the rung below to the end as it arrives: a 30-minute letters study on the 2-core Zen 3 machine ran three
+successive leaders' last rungs (1,032 s of its 1,269 s of search) and screened 9 configurations; with ``close`` the
+same study screened 20 and its champion tested 1.2 pt higher.
 
 Without pausing (the rule before), the first trials of a study went up every rung whatever their
 score, being "the best so far" of one or two: in a 30-minute study the first trained trial, 58% on
@@ -37,6 +38,8 @@ from typing import Any, Iterable, Mapping
 
 import optuna
 from optuna.trial import TrialState
+
+from emnist_hpo.search.noise import no_larger, size_of, standard_error
 
 #: Trial user attribute of a trial paused at the end of a rung (its index), its checkpoint kept.
 PAUSED_ATTR = "paused_at"
@@ -139,14 +142,16 @@ def enqueue_closing(study: optuna.Study, checkpoint_dir: Path) -> list[int]:
 
 
 def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int | None,
-            close: bool = False, since: int = 0) -> list[optuna.trial.FrozenTrial]:
+            close: bool = False, since: int = 0, images: int = 0) -> list[optuna.trial.FrozenTrial]:
     """The trials the search's closing runs continue to the end, best first; none when none is due.
 
     Under a time budget (``leader_rung``: the rung below the last), until the last rung holds
     :data:`LAST_RUNG_RUNS` full-length runs (those on their way counted) and while no closing run was made: the
-    best paused trials at ``leader_rung`` that nobody continues (checkpoint at hand, when ``checkpoint_dir`` is
-    given), as many as the last rung lacks. The leader rule (``close`` False) owes one only where the last rung
-    holds a run (a leader ran it alone; with none there :func:`enqueue_closing` continues the best paused trial);
+    paused trials at ``leader_rung`` that nobody continues (checkpoint at hand, when ``checkpoint_dir`` is
+    given), as many as the last rung lacks: the best, then its smallest rival (:func:`contenders`; ``images``:
+    the validation images of a score at ``leader_rung``, 0: by score alone). The leader rule (``close`` False) owes
+    one only where the last rung holds a run (a leader ran it alone; with none there :func:`enqueue_closing`
+    continues the best paused trial);
     ``close`` owes them all. The study keeps their time while the search runs (``TimeBudget.stop_search``'s
     ``closing``) and :func:`enqueue_closers` queues them when the search stops. ``since``: the first trial of this
     session (a resumed study screens again and closes again; runs and closing runs before it do not count).
@@ -168,7 +173,37 @@ def closers(study: optuna.Study, checkpoint_dir: Path | None, leader_rung: int |
     scores = table.get(leader_rung, {})
     waiting = [t for t in _waiting(trials, checkpoint_dir)
                if t.user_attrs.get(PAUSED_ATTR) == leader_rung and t.number in scores]
-    return sorted(waiting, key=lambda t: (-scores[t.number], t.number))[:LAST_RUNG_RUNS - runs]
+    ranked = sorted(waiting, key=lambda t: (-scores[t.number], t.number))
+    return contenders(ranked, scores, LAST_RUNG_RUNS - runs, images)
+
+
+def contenders(ranked: list[optuna.trial.FrozenTrial], scores: Mapping[int, float], k: int,
+               images: int = 0) -> list[optuna.trial.FrozenTrial]:
+    """``k`` of ``ranked`` (trials, best score first) to run the last rung: the best, then each time the smallest
+    of the others (parameters, then FLOPs: :func:`~emnist_hpo.search.noise.size_of`) whose score is within one
+    standard error of the best's on ``images`` validation images and that is smaller than the best on one measure
+    and larger on none; where none is, the next best. ``images`` 0: the first ``k`` by score.
+
+    The champion is crowned among the last rung's runs by the same one-standard-error rule; picked by score alone,
+    the runs were the rung's two highest scores, and a model as accurate within the rung's noise and smaller never
+    had the full-length run in which to be crowned (letters seed 1, seeds first: both closing runs cost ~53M FLOPs,
+    and the champion tied compact on test at 151% of its FLOPs).
+    """
+    if k <= 0 or not ranked:
+        return []
+    if images <= 0:
+        return list(ranked[:k])
+    best, rest = ranked[0], list(ranked[1:])
+    floor = scores[best.number] - standard_error(scores[best.number], images)
+    size = size_of(best.user_attrs)
+    picks = [best]
+    while len(picks) < k and rest:
+        rivals = [t for t in rest if scores[t.number] >= floor and size_of(t.user_attrs) != size
+                  and no_larger(size_of(t.user_attrs), size)]
+        pick = min(rivals, key=lambda t: (size_of(t.user_attrs), -scores[t.number], t.number)) if rivals else rest[0]
+        picks.append(pick)
+        rest.remove(pick)
+    return picks
 
 
 def runner_up(study: optuna.Study, checkpoint_dir: Path | None,

@@ -38,7 +38,7 @@ from emnist_hpo.model.cost import human
 from emnist_hpo.options import StudyOptions
 from emnist_hpo.paths import find_experiment, find_search_space
 from emnist_hpo.search.budget import (CROWN_SHARE, FinalistPacer, Throughput, TimeBudget, climb_seconds, cost_of,
-                                      costs_of, standard_error)
+                                      costs_of)
 from emnist_hpo.search.optuna.champion import finalize_once
 from emnist_hpo.search.optuna.objective import Objective, config_of
 from emnist_hpo.search.optuna.plan import (Plan, affordable, closes, finish_eta, leader_rung, plan,
@@ -60,7 +60,8 @@ from emnist_hpo.search.optuna.slots import StudyLock, close_orphan_runs, fail_de
 from emnist_hpo.search.optuna.storage import (DEFAULT_STARTUP, checkpoint_folder, finished_count, make_sampler,
                                               make_storage)
 from emnist_hpo.search.optuna.workers import run_workers
-from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, no_larger, reevaluate
+from emnist_hpo.search.noise import no_larger, size_of, standard_error
+from emnist_hpo.search.selection import Finalist, candidates_of, choose, finalists_of, reevaluate
 from emnist_hpo.search.space import SearchSpace
 from emnist_hpo.search.summary import format_summary, next_commands
 from emnist_hpo.search.trial import SEED_ATTR, WARM_ATTR, Limits, crown_time, directions, interrupt_reason
@@ -255,6 +256,15 @@ def _since(ctx: StudyContext) -> int:
     return ctx.first_trial if closes(ctx) else 0
 
 
+def _closers(ctx: StudyContext, close: bool = True) -> list[optuna.trial.FrozenTrial]:
+    """The trials this study's closing runs continue (:func:`~emnist_hpo.search.optuna.promotions.closers`): the
+    best waiting at the leader rung and, by the one-standard-error rule on that rung's validation images
+    (``--no-prefer-smaller``: by score alone), its smallest rival."""
+    rung = leader_rung(ctx)
+    images = ctx.ladder.val_sizes(len(ctx.data.y_val))[rung] if rung is not None and ctx.opts.prefer_smaller else 0
+    return closers(ctx.study, ctx.checkpoint_dir, rung, close, _since(ctx), images)
+
+
 def _climb(ctx: StudyContext, trial: optuna.trial.FrozenTrial, speed: Throughput, start: int | None = None) -> float:
     """:func:`~emnist_hpo.search.budget.climb_seconds` of ``trial`` on this study's ladder and data."""
     return climb_seconds(trial, ctx.ladder, len(ctx.data.y_train), len(ctx.data.y_val), speed, start=start)
@@ -272,7 +282,7 @@ def closing_fit(ctx: StudyContext, costs: Sequence | None = None, throughput: Th
         return 0.0
     trials = ([t for t in ctx.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING))
                if CLOSING_ATTR in t.user_attrs]
-              or closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx)))
+              or _closers(ctx))
     if not trials:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
@@ -291,7 +301,7 @@ def closing_seconds(ctx: StudyContext, margin: float = 1.0, throughput: Throughp
     leader rung they need, another pruner; the leader rule: the last rung empty or holding two runs)."""
     if ctx.opts.pruner != "successive-halving":
         return 0.0
-    picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), closes(ctx), _since(ctx))
+    picks = _closers(ctx, closes(ctx))
     if not picks:
         return 0.0
     speed = Throughput.of_study(ctx.study) if throughput is None else throughput
@@ -353,10 +363,7 @@ def _say_smaller(study: optuna.Study, champion: optuna.trial.FrozenTrial | None,
 
 def _size(t: optuna.trial.FrozenTrial) -> tuple[float, float]:
     """Parameters, then FLOPs (unknown: last)."""
-    def num(key: str) -> float:
-        v = t.user_attrs.get(key)
-        return float(v) if isinstance(v, (int, float)) else float("inf")
-    return num("params"), num("flops")
+    return size_of(t.user_attrs)
 
 
 def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
@@ -402,10 +409,10 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
         return numbers
 
     def close_last_rung() -> list[int]:
-        """``--last-rung close``: the search has stopped; the best of the rung below go on to the end, those whose
-        last rungs fit before the finalists and the final fit (the best at least, while no trial is complete:
-        its rung check decides)."""
-        picks = closers(ctx.study, ctx.checkpoint_dir, leader_rung(ctx), True, _since(ctx))
+        """``--last-rung close``: the search has stopped; the rung below's best and its smallest rival go on to the
+        end (:func:`_closers`), those whose last rungs fit before the finalists and the final fit (the best at least,
+        while no trial is complete: its rung check decides)."""
+        picks = _closers(ctx)
         if not picks:
             return []
         speed = Throughput.of_study(ctx.study)
@@ -419,8 +426,13 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
             chosen.append(t)
             spent += need
         numbers = enqueue_closers(ctx.study, chosen)
-        log(f"the search has stopped: the best {len(numbers)} of rung {leader_rung(ctx)} (trial(s) "
-            f"{', '.join(map(str, numbers))}) go on to the end (~{spent:.0f} s; the closing runs)")
+        scores = rung_table(ctx.study.get_trials(deepcopy=False)).get(leader_rung(ctx), {})
+        runs = ", ".join(f"trial {t.number} ({scores.get(t.number, float('nan')):.4f}, "
+                         f"{human(size_of(t.user_attrs)[0])} params, {human(size_of(t.user_attrs)[1])} FLOPs)"
+                         for t in chosen)
+        log(f"the search has stopped: rung {leader_rung(ctx)}'s best and, within one standard error of it, its "
+            f"smallest rival (else its next best) go on to the end, {len(numbers)} closing run(s): {runs} "
+            f"(~{spent:.0f} s)")
         return numbers
 
     return {"prepare": prepare, "finish": finish}
