@@ -35,7 +35,8 @@ class FakeTrial:
 def _result(val_history: list[float], rungs: int = 0) -> TrainResult:
     return TrainResult(model=None, history={"val_accuracy": val_history, "loss": [1.0] * len(val_history)},
                        params=12_345, best_epoch=1 + val_history.index(max(val_history)),
-                       best_val_accuracy=max(val_history), train_seconds=1.0, epoch_times=[0.5] * len(val_history),
+                       best_val_accuracy=max(val_history), val_score=val_history[-1], train_seconds=1.0,
+                       epoch_times=[0.5] * len(val_history),
                        rungs=[RungResult(i, val_history[-1], 100, 1.0, 1) for i in range(rungs)])
 
 
@@ -72,7 +73,7 @@ def test_existing_experiments_get_the_tags_they_lack_and_keep_what_a_person_set(
 
 
 @pytest.mark.parametrize("state, attrs, outcome, name", [
-    ("COMPLETE", {}, dict(result=[0.5, 0.81234, 0.8]), "trial-12 val=0.8123"),
+    ("COMPLETE", {}, dict(result=[0.5, 0.81234, 0.8]), "trial-12 val=0.8000"),  # its score: the model it ended with
     ("COMPLETE", {"seed_experiment": "two_conv"}, dict(result=[0.80111]), "trial-12 seed=two_conv val=0.8011"),
     ("PRUNED", {}, dict(result=[0.3, 0.41], reason="pruned at epoch 2 (val_accuracy 0.4100)"),
      "trial-12 pruned@epoch2 val=0.4100"),

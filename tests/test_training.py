@@ -9,6 +9,7 @@ feeds batches from the uint8 arrays without touching Keras' global state.
 from __future__ import annotations
 
 import copy
+import math
 import os
 
 import keras
@@ -19,7 +20,7 @@ from emnist_hpo.train import trainer as training
 from emnist_hpo.config import ConvBlock, DataConfig, ExperimentConfig, ModelConfig, TrainConfig, from_dict
 from emnist_hpo.data.prepared import Rows, prepare
 from emnist_hpo.errors import ConfigError
-from emnist_hpo.train.trainer import ArrayBatches, predict_proba, resolve_precision, train
+from emnist_hpo.train.trainer import ArrayBatches, predict_proba, resolve_precision, rung_score, train
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,18 @@ def test_float32_trainer_learns_digits(float32_run):
     assert float32_run.precision == "float32"
     assert float32_run.best_val_accuracy > 0.8, float32_run.history  # 10 classes: chance is 0.1
     assert float32_run.epochs_run == 2 and float32_run.stopped_reason is None
+
+
+def test_a_run_is_scored_by_the_model_it_ends_with_not_its_best_epoch(float32_run):
+    """What a trial is ranked by (``val_score``, the last rung's score) is its last epoch's validation accuracy:
+    the final fit delivers the whole schedule's last epoch, and a best-epoch score reads high for a run whose
+    validation swings. Early stopping restores the best epoch's weights: then the best."""
+    assert rung_score([0.90, 0.94, 0.92], final=True, restores_best=False) == 0.92
+    assert rung_score([0.90, 0.94, 0.92], final=True, restores_best=True) == 0.94
+    assert rung_score([0.90, 0.94, 0.92], final=False, restores_best=True) == 0.92  # a screening rung: at its end
+    assert math.isnan(rung_score([], final=True, restores_best=False))
+    assert float32_run.val_score == float32_run.history["val_accuracy"][-1] == float32_run.rungs[-1].score
+    assert float32_run.best_val_accuracy == max(float32_run.history["val_accuracy"])  # still logged
 
 
 @pytest.mark.parametrize("option", [

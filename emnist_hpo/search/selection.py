@@ -41,7 +41,7 @@ class Finalist:
     trial: int  # Optuna trial number
     original: float  # the trial's single validation score
     params: int  # parameter count
-    scores: list[float] = field(default_factory=list)  # best val accuracy on each re-evaluation fold
+    scores: list[float] = field(default_factory=list)  # val accuracy on each re-evaluation fold (trainer.rung_score)
     flops: float = float("inf")  # forward FLOPs per image (unknown: inf)
 
     @property
@@ -127,7 +127,7 @@ def reevaluate(
             cfg.train.seed = seed + 100_003 * (i + 1) + c.number
             r = train(cfg, Rows(x_pool, tr), y_pool[tr], Rows(x_pool, va), y_pool[va], data.num_classes,  # no copies
                       ladder=ladder)
-            f.scores.append(r.best_val_accuracy)
+            f.scores.append(r.val_score)
             f.params = r.params
         log(f"finalist {rank + 1}/{len(candidates)}: trial {c.number} original {f.original:.4f} -> "
             f"re-evaluated {f.mean:.4f} +/- {f.std:.4f} over {len(f.scores)} folds")

@@ -368,14 +368,15 @@ class MlflowMetricsCallback(keras.callbacks.Callback):
 
 
 def _shown_val(outcome: TrialOutcome) -> float | None:
-    """The validation accuracy a trial's name shows: its best when complete, the one it was pruned on otherwise."""
+    """The validation accuracy a trial's name shows: its score when complete (``val_score``), the one it was pruned
+    on otherwise."""
     r = outcome.result
     if r is None:
         return None
     if outcome.state == "PRUNED":
         values = [v for v in r.history.get("val_accuracy", []) if math.isfinite(v)]
         return values[-1] if values else None
-    return r.best_val_accuracy if math.isfinite(r.best_val_accuracy) else None
+    return r.val_score if math.isfinite(r.val_score) else None
 
 
 class MlflowTrialHooks(TrialHooks):
@@ -460,6 +461,7 @@ class MlflowTrialHooks(TrialHooks):
         if r is not None:
             summary = {
                 "best_val_accuracy": r.best_val_accuracy,
+                "val_score": r.val_score,
                 "params": r.params,
                 "best_epoch": r.best_epoch,
                 "train_seconds": r.train_seconds,

@@ -71,6 +71,19 @@ class RungResult:
     epochs: int  # epochs trained at this rung
 
 
+def rung_score(scores: Sequence[float], final: bool, restores_best: bool) -> float:
+    """A rung's score from its epochs' validation accuracies (finite, in order): that of the model the rung ends
+    with. A screening rung validates once, at its end. The last rung validates every epoch, and its model is the
+    last epoch's, which the final fit (the whole schedule on train+validation) delivers, unless early stopping
+    restored the best epoch's weights (``restores_best``). Ranked by its best epoch, a run whose validation swings
+    from epoch to epoch reads high: a letters champion at a constant learning rate peaked at 93.93% and ended at
+    93.43% (tested 92.54%), compact at a cosine schedule peaked at 93.88% and ended at 93.82% (tested 93.24%).
+    """
+    if not scores:
+        return float("nan")
+    return float(max(scores)) if final and restores_best else float(scores[-1])
+
+
 @dataclass
 class TrainResult:
     model: keras.Model  # the trained model (best weights when early stopping restored them)
@@ -85,6 +98,8 @@ class TrainResult:
     rungs: list[RungResult] = field(default_factory=list)  # one per rung trained
     stop_detail: str | None = None  # why a RungControl stopped training (pruned, out of time)
     images_seen: int = 0  # training images over all rungs
+    val_score: float = float("nan")  # what a trial is ranked by: the validation accuracy of the model training ended
+    # with, the last epoch's (the best epoch's where early stopping restored its weights; see ``rung_score``)
 
     @property
     def epochs_run(self) -> int:
@@ -591,7 +606,7 @@ def train(
         score_key = "val_accuracy" if has_val else "accuracy"
         scores = [history[score_key][i] for i in in_rung if i < len(history.get(score_key, []))]
         finite = [v for v in scores if math.isfinite(v)]
-        score = (max(finite) if rung.final else finite[-1]) if finite else float("nan")
+        score = rung_score(finite, rung.final, cfg.train.early_stopping_patience > 0)
         seconds = time.perf_counter() - r0 + (sum(history["epoch_time"][i] for i in in_rung[:first])
                                               if first and "epoch_time" in history else 0.0)
         result = RungResult(index, float(score), sizes[index] * len(in_rung), seconds, len(in_rung))
@@ -618,6 +633,7 @@ def train(
         params=count_params(model),
         best_epoch=in_last.index(best_i) + 1 if best_i is not None else 0,
         best_val_accuracy=float(values[best_i]) if best_i is not None else float("nan"),
+        val_score=rungs[-1].score if rungs else float("nan"),
         train_seconds=seconds,
         stopped_reason=reason,
         epoch_times=history.get("epoch_time", []),

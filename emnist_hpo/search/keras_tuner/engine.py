@@ -311,7 +311,7 @@ class SpaceTuner(kt.Tuner):
         rates.update({initial + e: r for e, r in result.last_rung_rates.items()})
         self._rates_file(trial.trial_id).write_text(json.dumps(sorted(rates.items())))
         return {
-            "val_accuracy": result.best_val_accuracy,
+            "val_accuracy": result.val_score,  # the model the trial ends with (trainer.rung_score)
             "best_epoch": float(initial + result.best_epoch),  # epochs from scratch to the best one
             "params": float(result.params),
             "train_seconds": result.train_seconds,

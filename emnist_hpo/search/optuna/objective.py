@@ -277,7 +277,7 @@ class Objective:
             return float(result.params)
         if objective == "flops":
             return float(trial.user_attrs["flops"])  # priced before training (run_trial)
-        return result.best_val_accuracy
+        return result.val_score
 
     def _keep(self, trial: optuna.Trial, result: TrainResult) -> None:
         """Keep the model file of a trial that beats every finished one (only those can be champions)."""
@@ -287,7 +287,7 @@ class Objective:
             best = trial.study.best_value
         except ValueError:
             best = -math.inf
-        if result.best_val_accuracy > best:
+        if result.val_score > best:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             tmp = self.checkpoint_dir / f".trial_{trial.number}.keras"
             result.model.save(tmp)
