@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         for r in res.rungs:
             row[f"rung{r.index}"] = r.score
             row[f"rung{r.index}_s"] = round(r.seconds, 2)
-        row["final"] = res.best_val_accuracy
+        row["final"] = res.val_score  # what the search ranks a full run by: its last epoch (its peak before db39fe8)
         for label, (key, lad) in variants.items():
             c = copy.deepcopy(cfg)
             old = training.PRECISE_BN_IMAGES
