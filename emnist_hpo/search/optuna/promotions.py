@@ -195,12 +195,13 @@ def contenders(ranked: list[optuna.trial.FrozenTrial], scores: Mapping[int, floa
         return list(ranked[:k])
     best, rest = ranked[0], list(ranked[1:])
     floor = scores[best.number] - standard_error(scores[best.number], images)
-    size = size_of(best.user_attrs)
+    size = {t.number: size_of(t.user_attrs) for t in ranked}
+    top = size[best.number]
     picks = [best]
     while len(picks) < k and rest:
-        rivals = [t for t in rest if scores[t.number] >= floor and size_of(t.user_attrs) != size
-                  and no_larger(size_of(t.user_attrs), size)]
-        pick = min(rivals, key=lambda t: (size_of(t.user_attrs), -scores[t.number], t.number)) if rivals else rest[0]
+        rivals = [t for t in rest if scores[t.number] >= floor and size[t.number] != top
+                  and no_larger(size[t.number], top)]
+        pick = min(rivals, key=lambda t: (size[t.number], -scores[t.number], t.number)) if rivals else rest[0]
         picks.append(pick)
         rest.remove(pick)
     return picks

@@ -427,9 +427,8 @@ def _promotions(ctx: StudyContext, log) -> dict[str, Callable[[], list[int]]]:
             spent += need
         numbers = enqueue_closers(ctx.study, chosen)
         scores = rung_table(ctx.study.get_trials(deepcopy=False)).get(leader_rung(ctx), {})
-        runs = ", ".join(f"trial {t.number} ({scores.get(t.number, float('nan')):.4f}, "
-                         f"{human(size_of(t.user_attrs)[0])} params, {human(size_of(t.user_attrs)[1])} FLOPs)"
-                         for t in chosen)
+        runs = ", ".join(f"trial {t.number} ({scores.get(t.number, float('nan')):.4f}, {human(params)} params, "
+                         f"{human(flops)} FLOPs)" for t in chosen for params, flops in [_size(t)])
         log(f"the search has stopped: rung {leader_rung(ctx)}'s best and, within one standard error of it, its "
             f"smallest rival (else its next best) go on to the end, {len(numbers)} closing run(s): {runs} "
             f"(~{spent:.0f} s)")
