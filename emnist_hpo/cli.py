@@ -196,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--early-stopping", type=_positive_int, default=0,
                    help="patience in epochs at the last rung and in re-evaluations; 0 = off: each trains the whole "
                         "schedule, as the final fit will")
+    s.add_argument("--average-epochs", type=_finite_float, default=None, metavar="EPOCHS",
+                   help="validate and deliver each run's weights averaged over about this many epochs (Polyak "
+                        "averaging, Keras' use_ema); 0 = off (default: 0.5)")
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")
@@ -299,6 +302,7 @@ def _study_options(args: argparse.Namespace):
         warm_start=not args.no_warm_start,
         seed_experiments=tuple(n.strip() for n in args.seed_experiments.split(",") if n.strip()),
         early_stopping_patience=args.early_stopping,
+        average_epochs=StudyOptions.average_epochs if args.average_epochs is None else args.average_epochs,
         final_fit=not args.no_final_fit,
         register=not args.no_register,
         prefer_smaller=not args.no_prefer_smaller,

@@ -134,6 +134,10 @@ class TrainConfig:
     warmup_epochs: int = 1  # warmup_cosine: epochs of linear warmup
     label_smoothing: float = 0.0  # cross-entropy label smoothing
     early_stopping_patience: int = 0  # stop after this many epochs without val_accuracy gain (0 = off)
+    # Polyak averaging of the weights over about this many epochs (an exponential moving average kept by the
+    # optimizer): validation scores the averaged weights and training ends on them. 0 = off; ignored with early
+    # stopping, which restores one epoch's raw weights
+    average_epochs: float = 0.0
     seed: int = 0  # seeds Keras, NumPy and Python for the run
     # Speed settings, each measured against a plain Keras fit for speed and accuracy (benchmarks/README.md):
     precision: str = "auto"  # float32 | mixed_bfloat16 | auto (bf16 compute, float32 weights, where the CPU has bf16 units)
@@ -191,6 +195,7 @@ class ExperimentConfig:
         _between(where, "train.early_stopping_patience", t.early_stopping_patience, 0,
                  LIMITS["early_stopping_patience"])
         _fraction(where, "train.label_smoothing", t.label_smoothing, upper_open=True)
+        _between(where, "train.average_epochs", t.average_epochs, 0, LIMITS["epochs"])
         _fraction(where, "train.momentum", t.momentum, upper_open=True)
         _choice(where, "train.precision", t.precision, PRECISIONS)
         _between(where, "train.steps_per_execution", t.steps_per_execution, 1, LIMITS["steps_per_execution"])

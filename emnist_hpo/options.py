@@ -70,6 +70,10 @@ class StudyOptions:
     # final fit trains every epoch, so a run stopped early is scored on a model the final fit never trains (byclass:
     # a plateau-schedule trial stopped at epoch 8 of 15 at 83.77%; its whole schedule reached 84.68%)
     early_stopping_patience: int = 0
+    # every trial's, re-evaluation's and final fit's weights averaged over about this many epochs (train.average_epochs):
+    # what is validated and delivered is the averaged model; 0 = off. A letters model at a constant learning rate
+    # swung 92.7-93.9% on validation between epochs and ended on a 92.54%-test model; averaged, 94.57% and 93.51%
+    average_epochs: float = 0.5
     final_fit: bool = True  # retrain the champion on train+validation before the test evaluation
     register: bool = True  # register the champion in the MLflow model registry
     tolerance: float = 0.005  # multi-objective: smallest model within this accuracy of the front's best
@@ -163,6 +167,9 @@ class StudyOptions:
             )
         _int_in("--early-stopping", "early_stopping", self.early_stopping_patience, 0,
                 LIMITS["early_stopping_patience"])
+        if not (0 <= self.average_epochs <= LIMITS["epochs"]):  # False for NaN
+            raise ConfigError(f"--average-epochs must be in [0, {LIMITS['epochs']}] epochs, 0 = off "
+                              f"(average_epochs={self.average_epochs})")
         if self.timeout is not None and not (self.timeout > 0 and math.isfinite(self.timeout)):
             raise ConfigError(f"--timeout must be > 0 seconds and finite (timeout={self.timeout})")
         if not (0 <= self.tolerance < 1):
@@ -175,7 +182,8 @@ class StudyOptions:
         """The experiment every trial of the study starts from (what the space samples then overrides)."""
         return ExperimentConfig(
             name=self.name,
-            train=TrainConfig(epochs=self.epochs, seed=self.seed, early_stopping_patience=self.early_stopping_patience),
+            train=TrainConfig(epochs=self.epochs, seed=self.seed, early_stopping_patience=self.early_stopping_patience,
+                              average_epochs=self.average_epochs),
             data=DataConfig(val_fraction=self.val_fraction, max_train_samples=self.max_train_samples, seed=self.seed),
         )
 

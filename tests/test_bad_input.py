@@ -242,6 +242,7 @@ CASES = [
     ("workers", lambda r: [*STUDY, "--workers", "0"], ["--workers must be >= 1 (workers=0)"]),
     ("seed", lambda r: [*STUDY, "--seed", "-3"], ["--seed must be >= 0 (seed=-3)"]),
     ("early-stopping", lambda r: [*STUDY, "--early-stopping", "-1"], ["--early-stopping must be >= 0", "=-1"]),
+    ("average-epochs", lambda r: [*STUDY, "--average-epochs", "-1"], ["--average-epochs must be in [0, 1000]", "=-1.0"]),
     ("other-split", lambda r: [*STUDY[:2], "letters", *STUDY[3:], "--study-name", "emnist-digits"],
      ["'emnist-digits'", "'digits'", "not 'letters'"]),
     # search-space and experiment YAML

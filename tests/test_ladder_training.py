@@ -168,3 +168,52 @@ def test_a_plateau_champions_final_fit_replays_the_learning_rates_its_trial_ran_
     _, _, held = final_model(Champion(0, cfg, 0.5, "optuna"), d, ladder, True, log=lambda m: None)
     assert held.history["learning_rate"] == pytest.approx([1e-3] * 4, rel=1e-4)  # nothing recorded: held
     assert cfg.train.schedule == "plateau" and fitted.train.schedule == "constant"  # the trial's config untouched
+
+
+class _Weights(keras.callbacks.Callback):
+    """Each rung's weights where its fit begins, and the raw weights and their moving average at each epoch's end."""
+
+    def __init__(self):
+        super().__init__()
+        self.begins, self.raw, self.averaged = [], [], []
+
+    def on_train_begin(self, logs=None):
+        self.begins.append(self.model.get_weights())
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.raw.append(self.model.get_weights())
+        with training.averaged_weights(self.model):
+            self.averaged.append(self.model.get_weights())
+
+
+def _same(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_averaged_weights_are_what_validation_scores_and_what_training_ends_on(balanced):
+    """With ``train.average_epochs`` the optimizer keeps a moving average of the weights: each validation scores
+    the average (batch-norm statistics recomputed for it), the run ends on that very model, and a rung that is not
+    the last hands its raw weights to the next (as a run that never stopped between rungs would)."""
+    d = balanced
+    ladder = Ladder((Rung(0.5, 1, 1), Rung(1.0, 2, 3, final=True)), 3, "data")
+    cfg = _bn_cfg(epochs=2)
+    cfg.train.average_epochs = 0.5
+    seen = _Weights()
+    r = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, callbacks=[seen])
+    steps = np.ceil(len(d.y_train) / 128)  # an epoch's steps: the average spans about half of them
+    assert r.model.optimizer.use_ema and r.model.optimizer.ema_momentum == pytest.approx(1 - 1 / (0.5 * steps))
+
+    delivered = r.model.get_weights()
+    assert _same(delivered, seen.averaged[-1]) and not _same(delivered, seen.raw[-1])
+    scores = r.model.evaluate(d.x_val, d.y_val, batch_size=1024, verbose=0, return_dict=True)
+    assert scores["accuracy"] == pytest.approx(r.val_score, abs=1e-6) and r.val_score > 0.3  # scored = delivered
+    # rung 1 began from rung 0's raw weights, not from the average fit ended on
+    assert _same(seen.begins[1], seen.raw[0]) and not _same(seen.begins[1], seen.averaged[0])
+
+
+def test_averaging_is_off_by_default_and_where_early_stopping_restores_one_epochs_weights():
+    from emnist_hpo.train.schedules import averaging_momentum
+
+    assert averaging_momentum(TrainConfig(), 100) is None
+    assert averaging_momentum(TrainConfig(average_epochs=0.5), 100) == pytest.approx(1 - 1 / 50)
+    assert averaging_momentum(TrainConfig(average_epochs=0.5, early_stopping_patience=3), 100) is None

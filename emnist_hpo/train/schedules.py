@@ -65,10 +65,22 @@ class ReplayLearningRate(keras.callbacks.Callback):
             self.model.optimizer.learning_rate = self.rates[epoch]
 
 
+def averaging_momentum(cfg: TrainConfig, steps_per_epoch: int) -> float | None:
+    """The per-step momentum of the weights' moving average over about ``cfg.average_epochs`` epochs
+    (``1 - 1 / steps``), or None where the run does not average (off, or early stopping restores raw weights)."""
+    if cfg.average_epochs <= 0 or cfg.early_stopping_patience > 0:
+        return None
+    return 1.0 - 1.0 / max(1.0, cfg.average_epochs * max(1, steps_per_epoch))
+
+
 def optimizer(cfg: TrainConfig, steps_per_epoch: int, total_steps: int | None = None) -> keras.optimizers.Optimizer:
+    """The optimizer of ``cfg``; with weight averaging (:func:`averaging_momentum`) it keeps the moving average
+    (Keras' ``use_ema``), which :class:`~emnist_hpo.train.trainer.Validation` scores and ``fit`` ends on."""
     lr = learning_rate(cfg, steps_per_epoch, total_steps)
+    momentum = averaging_momentum(cfg, steps_per_epoch)
+    ema = {"use_ema": True, "ema_momentum": momentum} if momentum is not None else {}
     if cfg.optimizer == "adam":
-        return keras.optimizers.Adam(lr)
+        return keras.optimizers.Adam(lr, **ema)
     if cfg.optimizer == "adamw":
-        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
-    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay or None)
+        return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay, **ema)
+    return keras.optimizers.SGD(lr, momentum=cfg.momentum, nesterov=True, weight_decay=cfg.weight_decay or None, **ema)

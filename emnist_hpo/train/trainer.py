@@ -389,13 +389,52 @@ class Validation(keras.callbacks.Callback):
         if loss is not None and not math.isfinite(float(loss)):
             logs["val_loss"], logs["val_accuracy"] = float("nan"), 0.0
             return
-        recalibrate_batch_norm(self.model, self.x_stats)
-        batches = ArrayBatches(self.x_val, self.y_val, EVAL_BATCH)
-        try:
-            scores = self.model.evaluate(batches, verbose=0, return_dict=True)
-        finally:
-            batches.release()
+        with averaged_weights(self.model):
+            recalibrate_batch_norm(self.model, self.x_stats)
+            batches = ArrayBatches(self.x_val, self.y_val, EVAL_BATCH)
+            try:
+                scores = self.model.evaluate(batches, verbose=0, return_dict=True)
+            finally:
+                batches.release()
         logs["val_loss"], logs["val_accuracy"] = float(scores["loss"]), float(scores["accuracy"])
+
+
+def averages_weights(model: keras.Model) -> bool:
+    """Whether ``model``'s optimizer keeps a moving average of its weights (``train.average_epochs``)."""
+    return bool(getattr(model.optimizer, "use_ema", False)) and bool(getattr(model.optimizer, "built", False))
+
+
+@contextlib.contextmanager
+def averaged_weights(model: keras.Model) -> Iterator[None]:
+    """Within the block ``model`` holds its optimizer's moving average of the weights (where it keeps one), and
+    its raw weights after: what is validated is the model training ends on, and training goes on unchanged."""
+    if not averages_weights(model):
+        yield
+        return
+    raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    model.optimizer.finalize_variable_values(model.trainable_variables)  # Keras' own: the averages into the model
+    try:
+        yield
+    finally:
+        for var, value in zip(model.trainable_variables, raw):
+            var.assign(value)
+
+
+class _RawWeights(keras.callbacks.Callback):
+    """The raw weights at each epoch's end: ``fit`` ends by putting the moving average into the model, and a rung
+    that is not the last continues from the raw weights (as a run that never stopped between rungs would)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.weights = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+
+    def restore(self) -> None:
+        if self.weights is not None:
+            for var, value in zip(self.model.trainable_variables, self.weights):
+                var.assign(value)
 
 
 # --------------------------------------------------------------------------- checkpoints of a running trial
@@ -586,12 +625,17 @@ def train(
             if checkpoint is not None:
                 cbs.append(_SaveEachEpoch(checkpoint, _Position(history, rungs, index, offset, cbs)))
             cbs += list(callbacks)
+            raw = _RawWeights() if getattr(model.optimizer, "use_ema", False) and not rung.final else None
+            if raw is not None:
+                cbs.append(raw)
             batches = ArrayBatches(xr, yr, batch, shuffle=True, seed=cfg.train.seed + 7919 * index + first)
             try:
                 hist = model.fit(batches, epochs=offset + rung.epochs, initial_epoch=offset + first, callbacks=cbs,
                                  verbose=verbose)
             finally:
                 batches.release()
+            if raw is not None:
+                raw.restore()  # fit ended on the averaged weights; the next rung trains on from the raw ones
             for k, vals in hist.history.items():
                 history.setdefault(k, []).extend(float(v) for v in vals)
             if nan_guard.hit:
