@@ -399,20 +399,16 @@ class Validation(keras.callbacks.Callback):
         logs["val_loss"], logs["val_accuracy"] = float(scores["loss"]), float(scores["accuracy"])
 
 
-def averages_weights(model: keras.Model) -> bool:
-    """Whether ``model``'s optimizer keeps a moving average of its weights (``train.average_epochs``)."""
-    return bool(getattr(model.optimizer, "use_ema", False)) and bool(getattr(model.optimizer, "built", False))
-
-
 @contextlib.contextmanager
 def averaged_weights(model: keras.Model) -> Iterator[None]:
     """Within the block ``model`` holds its optimizer's moving average of the weights (where it keeps one), and
     its raw weights after: what is validated is the model training ends on, and training goes on unchanged."""
-    if not averages_weights(model):
+    opt = model.optimizer
+    if not (getattr(opt, "use_ema", False) and getattr(opt, "built", False)):  # train.average_epochs
         yield
         return
     raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
-    model.optimizer.finalize_variable_values(model.trainable_variables)  # Keras' own: the averages into the model
+    opt.finalize_variable_values(model.trainable_variables)  # Keras' own: the averages into the model
     try:
         yield
     finally:
