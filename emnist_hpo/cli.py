@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "schedule, as the final fit will")
     s.add_argument("--average-epochs", type=_finite_float, default=None, metavar="EPOCHS",
                    help="validate and deliver each run's weights averaged over about this many epochs (Polyak "
-                        "averaging, Keras' use_ema); 0 = off (default: 0.5)")
+                        "averaging, Keras' use_ema), at most an eighth of the first rung's steps; 0 = off (default: 0.5)")
     s.add_argument("--no-final-fit", action="store_true",
                    help="register the champion trial's own model instead of retraining it on train+validation")
     s.add_argument("--no-register", action="store_true", help="do not register the champion")

@@ -200,8 +200,8 @@ def test_averaged_weights_are_what_validation_scores_and_what_training_ends_on(b
     cfg.train.average_epochs = 0.5
     seen = _Weights()
     r = train(cfg, d.x_train, d.y_train, d.x_val, d.y_val, d.num_classes, ladder=ladder, callbacks=[seen])
-    steps = np.ceil(len(d.y_train) / 128)  # an epoch's steps: the average spans about half of them
-    assert r.model.optimizer.use_ema and r.model.optimizer.ema_momentum == pytest.approx(1 - 1 / (0.5 * steps))
+    first = np.ceil(len(d.y_train) * 0.5 / 128)  # the first rung's steps: the average spans at most an eighth of them
+    assert r.model.optimizer.use_ema and r.model.optimizer.ema_momentum == pytest.approx(1 - 1 / (first / 8))
 
     delivered = r.model.get_weights()
     assert _same(delivered, seen.averaged[-1]) and not _same(delivered, seen.raw[-1])
@@ -211,9 +211,12 @@ def test_averaged_weights_are_what_validation_scores_and_what_training_ends_on(b
     assert _same(seen.begins[1], seen.raw[0]) and not _same(seen.begins[1], seen.averaged[0])
 
 
-def test_averaging_is_off_by_default_and_where_early_stopping_restores_one_epochs_weights():
+def test_averaging_is_off_by_default_where_early_stopping_restores_one_epochs_weights_and_short_on_a_short_first_rung():
     from emnist_hpo.train.schedules import averaging_momentum
 
     assert averaging_momentum(TrainConfig(), 100) is None
     assert averaging_momentum(TrainConfig(average_epochs=0.5), 100) == pytest.approx(1 - 1 / 50)
     assert averaging_momentum(TrainConfig(average_epochs=0.5, early_stopping_patience=3), 100) is None
+    # never longer than an eighth of the first rung: a short first rung is scored on its own late weights
+    assert averaging_momentum(TrainConfig(average_epochs=0.5), 100, first_rung_steps=160) == pytest.approx(1 - 1 / 20)
+    assert averaging_momentum(TrainConfig(average_epochs=0.5), 100, first_rung_steps=4000) == pytest.approx(1 - 1 / 50)

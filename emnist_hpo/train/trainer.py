@@ -311,7 +311,7 @@ EVAL_BATCH = 1024
 
 
 def compile_model(model: keras.Model, cfg: ExperimentConfig, num_classes: int, steps_per_epoch: int,
-                  total_steps: int | None = None) -> None:
+                  total_steps: int | None = None, first_rung_steps: int | None = None) -> None:
     t = cfg.train
     loss = (
         SparseSmoothedCrossEntropy(num_classes, t.label_smoothing)
@@ -319,7 +319,7 @@ def compile_model(model: keras.Model, cfg: ExperimentConfig, num_classes: int, s
         else keras.losses.SparseCategoricalCrossentropy()
     )
     model.compile(
-        optimizer=schedules.optimizer(t, steps_per_epoch, total_steps),
+        optimizer=schedules.optimizer(t, steps_per_epoch, total_steps, first_rung_steps),
         loss=loss,
         metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
         jit_compile="auto" if t.jit_compile is None else t.jit_compile,
@@ -576,7 +576,8 @@ def train(
     val_order = nested_order(y_val, cfg.train.seed + 1) if has_val and multi else None
     sizes, val_sizes = ladder.sizes(n), ladder.val_sizes(len(y_val) if has_val else 0)
     offsets = [sum(r.epochs for r in ladder.rungs[:i]) for i in range(len(ladder.rungs))]  # global epoch numbers
-    compile_model(model, cfg, num_classes, math.ceil(n / batch), ladder.total_steps(n, batch))
+    first_steps = math.ceil(sizes[0] / batch) * ladder.rungs[0].epochs
+    compile_model(model, cfg, num_classes, math.ceil(n / batch), ladder.total_steps(n, batch), first_steps)
 
     history: dict[str, list[float]] = {}
     rungs: list[RungResult] = []
