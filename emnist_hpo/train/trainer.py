@@ -407,13 +407,21 @@ def averaged_weights(model: keras.Model) -> Iterator[None]:
     if not (getattr(opt, "use_ema", False) and getattr(opt, "built", False)):  # train.average_epochs
         yield
         return
-    raw = [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+    raw = _trainable_values(model)
     opt.finalize_variable_values(model.trainable_variables)  # Keras' own: the averages into the model
     try:
         yield
     finally:
-        for var, value in zip(model.trainable_variables, raw):
-            var.assign(value)
+        _set_trainable(model, raw)
+
+
+def _trainable_values(model: keras.Model) -> list[np.ndarray]:
+    return [keras.ops.convert_to_numpy(v) for v in model.trainable_variables]
+
+
+def _set_trainable(model: keras.Model, values: Sequence[np.ndarray]) -> None:
+    for var, value in zip(model.trainable_variables, values):
+        var.assign(value)
 
 
 class _RawWeights(keras.callbacks.Callback):
@@ -425,12 +433,11 @@ class _RawWeights(keras.callbacks.Callback):
         self.weights: list[np.ndarray] | None = None
 
     def on_epoch_end(self, epoch, logs=None):
-        self.weights = [keras.ops.convert_to_numpy(v) for v in self.model.trainable_variables]
+        self.weights = _trainable_values(self.model)
 
     def restore(self) -> None:
         if self.weights is not None:
-            for var, value in zip(self.model.trainable_variables, self.weights):
-                var.assign(value)
+            _set_trainable(self.model, self.weights)
 
 
 # --------------------------------------------------------------------------- checkpoints of a running trial
