@@ -932,6 +932,38 @@ def test_a_plan_whose_budget_is_too_small_for_an_average_model_says_what_budget_
     assert enough.enough is None and enough.configs >= 1
 
 
+def test_a_plan_under_the_close_rule_keeps_time_for_the_final_fit_alone(tmp_path):
+    """``--last-rung close`` (the default) completes no trial before its closing runs, so the search keeps time
+    for the final fit alone and re-evaluates finalists only in what is left: the plan prices the same. Priced
+    with a re-evaluation, a letters study on the Zen 3 machine planned "search ~16 min, then finalists and final
+    fit ~14 min" and 7 configurations; it screened 20 and its final fit took ~6 min."""
+    from dataclasses import replace as with_
+
+    from emnist_hpo.search.budget import Throughput
+    from emnist_hpo.search.optuna import plan as planning
+    from emnist_hpo.search.trial import Limits
+
+    speed = Throughput(overhead=4.0, rate=75e9, measured=0, source="a probe")
+    priced = {}
+    for rule in ("close", "leaders"):
+        (tmp_path / rule).mkdir()
+        ctx = _plan_context(tmp_path / rule, trials=100_000, epochs=15, n_train=14_435, n_val=3_609, timeout=1800.0,
+                            name="emnist-letters")
+        ctx.opts = with_(ctx.opts, last_rung=rule)
+        priced[rule] = planning._priced(ctx, Limits(), 26.3e6, 0.0, speed)
+    close, leaders = priced["close"], priced["leaders"]
+    whole = close.finish_at(speed) / close.final_scale  # one run up the whole ladder
+    assert close.finalist_runs == 0 and close.finish_seconds == pytest.approx(whole * close.final_scale)
+    assert leaders.finish_seconds == pytest.approx(whole * leaders.final_scale + min(
+        whole * leaders.finalist_runs, leaders.reeval_cap)) and leaders.finish_seconds > close.finish_seconds
+    assert close.configs > leaders.configs >= 1  # the re-evaluation's time screens configurations instead
+    assert close.seconds + close.finish_seconds <= 1800.0
+    eta = [ln for ln in close.lines() if ln.startswith("  ETA")]
+    assert eta == [f"  ETA: search ~{planning.duration(close.seconds)}, then the final fit (the finalists "
+                   f"re-evaluated in what is left) ~{planning.duration(close.finish_seconds)}"]
+    assert any("then finalists and final fit" in ln for ln in leaders.lines())
+
+
 def _plan_context(tmp_path, *, trials: int, epochs: int, n_train: int, n_val: int, timeout: float | None = None,
                   name: str = "emnist-bymerge"):
     """What :func:`~emnist_hpo.search.optuna.plan.plan` reads of a study, without data or training."""
