@@ -227,7 +227,7 @@ def _priced(ctx: "StudyContext", limits: Limits, flops: float, normalized: float
     # fit alone (TimeBudget.reserve, closing_fit) and the finalists are re-evaluated only in what it leaves over
     # (none, in the Zen 3 machine's letters study: "516 s left, enough to re-evaluate 0 finalist(s)"). Priced
     # as a re-evaluation, the plan said "search ~16 min, then finalists and final fit ~14 min" and 7
-    # configurations; the search ran 22 min, screened 20, and the final fit took ~6.
+    # configurations; the search ran 22 min, screened 20, and the final fit took ~7.
     finalist_runs = 0.0 if close else float(opts.finalists * opts.folds)
     final_scale = 1 / (1 - opts.val_fraction) if opts.final_fit else 0.0
     reeval_cap = math.inf
