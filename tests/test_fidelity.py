@@ -76,6 +76,39 @@ def test_the_last_rung_is_priced_and_recorded_with_a_validation_each_epoch():
     assert work == 10 * n * 3 * 10**6 + 10 * nv * 10**6  # training forward and backward, and 10 validations
 
 
+def test_a_closing_run_is_not_stopped_as_too_slow_to_be_crowned_only_a_screened_trial_is():
+    """A closing run continues the trial the search chose to crown from; whether it still fits is the time
+    budget's check. Judged again as "too slow to be crowned" (its own rungs' speed against CROWN_SHARE of the
+    budget), a 480 s letters study's only closing run (~252 s against 240 s) stopped after 1 s and the study
+    ended at 205 s with nothing crowned. A trial still being screened is stopped as before."""
+    from emnist_hpo.search.optuna.promotions import CLOSING_ATTR
+    from emnist_hpo.search.trial import Limits
+
+    n, nv = 14_435, 3_609
+    ladder = make_ladder("data", 10, n, 26)
+    last = len(ladder.rungs) - 1
+    limits = Limits(max_seconds=240.0, seconds=lambda cost, measured=None: 252.0)
+    ran = [{"rung": 0, "score": 0.69, "images": 16_040, "seconds": 13.2, "work": 4.7e11, "norm": 0.0}]
+    study = optuna.create_study(direction="maximize")
+    fits = lambda *a: None  # noqa: E731 - the time budget: the rung fits
+
+    def control(closing: bool):
+        trial = _trial(study)
+        if closing:
+            trial.set_user_attr(CLOSING_ATTR, 12)
+        return OptunaRungs(trial, ladder, ModelCost(47_018, 9_077_888), pruner="successive-halving",
+                           no_skill=NO_SKILL, report=True, data_sizes=(n, nv), time_left=fits, resumed=ran,
+                           limits=limits)
+
+    screened = control(closing=False).before(1, ladder.rungs[1], n)
+    assert screened is not None and screened.startswith("too slow to be crowned") and "252 s" in screened
+    assert control(closing=True).before(last, ladder.rungs[last], n) is None
+    refused = lambda *a: "time budget: rung 2 would take ~300 s"  # noqa: E731 - the budget still decides
+    closing = control(closing=True)
+    closing.time_left = refused
+    assert closing.before(last, ladder.rungs[last], n) == "time budget: rung 2 would take ~300 s"
+
+
 def test_every_prefix_of_the_nested_order_is_stratified():
     labels = np.repeat(np.arange(10), [500, 300, 200, 100, 100, 100, 100, 100, 50, 450])
     order = nested_order(labels, seed=1)
