@@ -104,9 +104,13 @@ class Ladder:
         """Training images seen at each rung (epochs x share)."""
         return [size * r.epochs for size, r in zip(self.sizes(n), self.rungs)]
 
+    def rung_steps(self, n: int, batch_size: int) -> list[int]:
+        """Optimizer steps of each rung (its images in batches, times its epochs)."""
+        return [math.ceil(size / batch_size) * r.epochs for size, r in zip(self.sizes(n), self.rungs)]
+
     def total_steps(self, n: int, batch_size: int) -> int:
         """Optimizer steps over the whole ladder (the learning-rate schedule's horizon)."""
-        return sum(math.ceil(size / batch_size) * r.epochs for size, r in zip(self.sizes(n), self.rungs))
+        return sum(self.rung_steps(n, batch_size))
 
     def reach(self, promoted: float | None = None) -> list[float]:
         """Expected share of the trials that reach each rung (1, 1/eta, 1/eta**2 ...)."""

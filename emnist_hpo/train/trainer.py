@@ -583,8 +583,8 @@ def train(
     val_order = nested_order(y_val, cfg.train.seed + 1) if has_val and multi else None
     sizes, val_sizes = ladder.sizes(n), ladder.val_sizes(len(y_val) if has_val else 0)
     offsets = [sum(r.epochs for r in ladder.rungs[:i]) for i in range(len(ladder.rungs))]  # global epoch numbers
-    first_steps = math.ceil(sizes[0] / batch) * ladder.rungs[0].epochs
-    compile_model(model, cfg, num_classes, math.ceil(n / batch), ladder.total_steps(n, batch), first_steps)
+    steps = ladder.rung_steps(n, batch)  # the first rung's bound the weights' averaging window
+    compile_model(model, cfg, num_classes, math.ceil(n / batch), sum(steps), steps[0])
 
     history: dict[str, list[float]] = {}
     rungs: list[RungResult] = []
